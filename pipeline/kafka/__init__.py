@@ -1,0 +1,1 @@
+"""Kafka at the edge: clients are built here from settings and errors are wrapped."""

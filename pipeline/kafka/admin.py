@@ -1,0 +1,46 @@
+"""Creating topics idempotently."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError as _RdKafkaError
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipeline.kafka.exceptions import TopicAdminError
+from pipeline.settings import KafkaSettings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int = 3
+    replication_factor: int = 1
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def ensure_topics(
+    kafka: KafkaSettings, topics: Iterable[TopicSpec], timeout_s: float = 15.0
+) -> list[str]:
+    """Create the topics that do not exist yet; return the names that were created."""
+    specs = list(topics)
+    if not specs:
+        return []
+    admin = AdminClient(kafka.client_config())
+    new_topics = [
+        NewTopic(spec.name, spec.partitions, spec.replication_factor, config=spec.config)
+        for spec in specs
+    ]
+    created = []
+    for name, future in admin.create_topics(new_topics, request_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            created.append(name)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if isinstance(error, _RdKafkaError) and error.code() == _RdKafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise TopicAdminError(f"creating topic {name!r} failed: {error}") from exc
+    return created

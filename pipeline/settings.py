@@ -1,0 +1,262 @@
+"""One typed settings tree for every Sluiceway process.
+
+Sources, highest priority first:
+
+1. keyword arguments passed to :func:`load_settings` (the CLI's flags),
+2. environment variables with the prefix ``SLUICEWAY_`` and ``__`` between levels
+   (``SLUICEWAY_KAFKA__BOOTSTRAP_SERVERS``, ``SLUICEWAY_STACK__KAFKA_PORT``),
+3. an optional YAML file named by ``SLUICEWAY_CONFIG`` or ``--config``,
+4. the defaults below, which describe the native local stack.
+
+Secrets are :class:`~pydantic.SecretStr` and :meth:`Settings.as_dict` masks them unless asked
+not to, so printing settings never leaks a password.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from pipeline.errors import SluicewayError
+
+CONFIG_ENV_VAR = "SLUICEWAY_CONFIG"
+SECRET_MASK = "**********"
+
+
+class SettingsError(SluicewayError):
+    """The settings could not be read; the message names the file or the setting."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated ``host:port`` list of brokers."""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: Path | None = None
+    client_id: str = "sluiceway"
+
+    def client_config(self) -> dict[str, str]:
+        """Return the librdkafka configuration shared by every producer, consumer and admin."""
+        config = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+            "client.id": self.client_id,
+        }
+        if self.sasl_mechanism is not None:
+            config["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username is not None:
+            config["sasl.username"] = self.sasl_username
+        if self.sasl_password is not None:
+            config["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_ca_location is not None:
+            config["ssl.ca.location"] = str(self.ssl_ca_location)
+        return config
+
+
+class ObjectStoreSettings(_Section):
+    endpoint: str = "127.0.0.1:9000"
+    """``host:port`` of the S3 API, without a scheme (``secure`` decides http or https)."""
+    access_key: str = "sluiceway"
+    secret_key: SecretStr = SecretStr("sluiceway-dev-secret")
+    secure: bool = False
+    region: str = "us-east-1"
+    bucket: str = "sluiceway-results"
+
+
+class TritonSettings(_Section):
+    grpc_url: str = "127.0.0.1:8001"
+    http_url: str = "127.0.0.1:8000"
+    protocol: Literal["grpc", "http"] = "grpc"
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class VllmSettings(_Section):
+    base_url: str = "http://127.0.0.1:8080/v1"
+    api_key: SecretStr | None = None
+    max_concurrency: int = Field(default=32, ge=1)
+    timeout_s: float = Field(default=60.0, gt=0)
+
+
+class BackendSettings(_Section):
+    triton: TritonSettings = TritonSettings()
+    vllm: VllmSettings = VllmSettings()
+
+
+class WorkerSettings(_Section):
+    max_batch_size: int = Field(default=64, ge=1)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    max_in_flight_batches: int = Field(default=4, ge=1)
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class MonitorSettings(_Section):
+    window_s: float = Field(default=30.0, gt=0)
+    min_window_count: int = Field(default=200, ge=1)
+    consecutive_windows: int = Field(default=2, ge=1)
+    cooldown_s: float = Field(default=300.0, ge=0)
+    psi_threshold: float = Field(default=0.2, gt=0)
+
+
+class StackSettings(_Section):
+    """Where and how ``sluiceway stack`` runs the native Kafka, MinIO and Triton."""
+
+    state_dir: Path = Path(".sluiceway")
+    """Project-local folder for data, logs, pidfiles and generated configs."""
+    cache_dir: Path = Path.home() / ".cache" / "sluiceway"
+    """Downloads and builds shared by every checkout: Kafka jars, the MinIO binary, Triton."""
+    kafka_version: str = "4.1.1"
+    kafka_port: int = Field(default=9092, ge=1, le=65535)
+    kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
+    kafka_heap: str = "768m"
+    minio_version: str = "v0.0.0-20260212201848-7aac2a2c5b7c"
+    minio_port: int = Field(default=9000, ge=1, le=65535)
+    minio_console_port: int = Field(default=9001, ge=1, le=65535)
+    pytriton_version: str = "0.7.0"
+    triton_python: Path = Path("/usr/bin/python3.11")
+    """Interpreter for Triton's venv: the python backend stub links the system libpython3.11."""
+    triton_http_port: int = Field(default=8000, ge=1, le=65535)
+    triton_grpc_port: int = Field(default=8001, ge=1, le=65535)
+    triton_metrics_port: int = Field(default=8002, ge=1, le=65535)
+    model_repository: Path = Path("deploy/triton/models")
+    start_timeout_s: float = Field(default=90.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """The whole configuration tree of a Sluiceway process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICEWAY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    namespace: str = Field(default="inference", pattern=r"^[A-Za-z0-9._-]+$")
+    """Prefix of every topic: ``<namespace>.<model>.requests`` and so on."""
+    kafka: KafkaSettings = KafkaSettings()
+    object_store: ObjectStoreSettings = ObjectStoreSettings()
+    backends: BackendSettings = BackendSettings()
+    workers: WorkerSettings = WorkerSettings()
+    monitor: MonitorSettings = MonitorSettings()
+    stack: StackSettings = StackSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file is merged in by load_settings() as init data below the explicit
+        # overrides, so only explicit values and the environment are read here.
+        return (init_settings, env_settings)
+
+    def as_dict(self, *, reveal_secrets: bool = False) -> dict[str, Any]:
+        """Return the settings as plain data; secrets are masked unless ``reveal_secrets``."""
+        data: dict[str, Any] = self.model_dump(mode="json")
+        if reveal_secrets:
+            return _reveal(self, data)
+        return data
+
+
+def _reveal(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+    for name, value in model:
+        if isinstance(value, SecretStr):
+            data[name] = value.get_secret_value()
+        elif isinstance(value, BaseModel):
+            data[name] = _reveal(value, data[name])
+    return data
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"settings file {path}: cannot be read ({exc.strerror})") from exc
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SettingsError(f"settings file {path}:{where} invalid YAML ({problem})") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise SettingsError(f"settings file {path}: the top level must be a mapping of sections")
+    return loaded
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_paths() -> set[str]:
+    """Return the dotted setting paths the environment sets, so YAML values yield to them."""
+    return {
+        name.removeprefix("SLUICEWAY_").lower().replace("__", ".")
+        for name in os.environ
+        if name.startswith("SLUICEWAY_") and name != CONFIG_ENV_VAR
+    }
+
+
+def _drop_paths(data: dict[str, Any], paths: set[str], prefix: str = "") -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if path in paths:
+            continue
+        kept[key] = _drop_paths(value, paths, f"{path}.") if isinstance(value, dict) else value
+    return kept
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    """Render the first problem of a validation error as one line naming the setting."""
+    first = exc.errors()[0]
+    setting = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    given = first.get("input")
+    shown = "" if isinstance(given, dict) or first["type"] == "missing" else f", got {given!r}"
+    return f"setting {setting} from {source}: {first['msg']}{shown}{suffix}"
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings tree from overrides, the environment and an optional YAML file.
+
+    Raises :class:`SettingsError` with one line that names the file or setting at fault.
+    """
+    path_text = config_file if config_file is not None else os.environ.get(CONFIG_ENV_VAR)
+    file_data: dict[str, Any] = {}
+    source = "the environment"
+    if path_text:
+        path = Path(path_text)
+        file_data = _drop_paths(_read_yaml(path), _env_paths())
+        source = f"{path} or the environment"
+    try:
+        return Settings(**_deep_merge(file_data, overrides))
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc, source)) from None

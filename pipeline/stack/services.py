@@ -1,0 +1,318 @@
+"""The three servers of the native stack: how each is installed, configured, started and probed.
+
+Each service is a small object over the settings; :mod:`pipeline.stack.manager` drives them.
+Every service's command line contains the absolute state folder, which is how a pidfile's
+process is recognised as ours (see :class:`~pipeline.stack.process.ManagedProcess`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.settings import Settings
+from pipeline.stack.installers import (
+    PROJECT_ROOT,
+    Progress,
+    install_kafka,
+    install_minio,
+    install_triton,
+    triton_paths,
+)
+from pipeline.stack.process import ManagedProcess, port_open
+
+
+@dataclass(frozen=True)
+class Port:
+    number: int
+    setting: str
+    """The environment variable that moves this port, named in errors."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    env: dict[str, str]
+
+
+def resolve(path: Path) -> Path:
+    """Resolve a settings path: relative paths are relative to the project root."""
+    return path if path.is_absolute() else (PROJECT_ROOT / path).resolve()
+
+
+def _http_get(url: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (loopback URL built from settings)
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except OSError:
+        return 0, b""
+
+
+class Service(ABC):
+    """One server of the local stack."""
+
+    name: str
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stack = settings.stack
+        self.state_dir = resolve(self.stack.state_dir)
+        self.cache_dir = self.stack.cache_dir.expanduser()
+        self.process = ManagedProcess(
+            name=self.name,
+            pidfile=self.state_dir / "run" / f"{self.name}.pid",
+            logfile=self.state_dir / "logs" / f"{self.name}.log",
+            marker=str(self.state_dir),
+        )
+
+    @property
+    def home(self) -> Path:
+        """This service's data and generated configuration inside the state folder."""
+        return self.state_dir / self.name
+
+    @abstractmethod
+    def ports(self) -> list[Port]: ...
+
+    @abstractmethod
+    def install(self, progress: Progress) -> None:
+        """Make sure the server's binaries are in the cache (no-op when they are)."""
+
+    @abstractmethod
+    def prepare(self) -> Launch:
+        """Write configuration and initialise storage; return how to start the server."""
+
+    @abstractmethod
+    def healthy(self) -> bool: ...
+
+    @abstractmethod
+    def version(self) -> str: ...
+
+    @abstractmethod
+    def endpoint(self) -> str: ...
+
+
+class KafkaService(Service):
+    """Apache Kafka in KRaft mode: one combined broker and controller."""
+
+    name = "kafka"
+
+    def ports(self) -> list[Port]:
+        return [
+            Port(self.stack.kafka_port, "SLUICEWAY_STACK__KAFKA_PORT"),
+            Port(self.stack.kafka_controller_port, "SLUICEWAY_STACK__KAFKA_CONTROLLER_PORT"),
+        ]
+
+    def install(self, progress: Progress) -> None:
+        self._libs = install_kafka(self.cache_dir, self.stack.kafka_version, progress)
+
+    def _server_properties(self) -> str:
+        port, controller = self.stack.kafka_port, self.stack.kafka_controller_port
+        lines = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{controller}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.home / "data"),
+            "num.partitions": "3",
+            "auto.create.topics.enable": "true",
+            # One broker: every internal topic must live with a single replica.
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "10",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "5",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            # Tests and the demo form groups often; waiting 3 s for more members helps nobody.
+            "group.initial.rebalance.delay.ms": "0",
+            "log.retention.hours": "24",
+            "log.segment.bytes": str(64 * 1024 * 1024),
+        }
+        return "".join(f"{key}={value}\n" for key, value in lines.items())
+
+    def prepare(self) -> Launch:
+        self.home.mkdir(parents=True, exist_ok=True)
+        properties = self.home / "server.properties"
+        properties.write_text(self._server_properties(), encoding="utf-8")
+        log4j = self.home / "log4j2.properties"
+        log4j.write_text(_KAFKA_LOG4J, encoding="utf-8")
+        classpath = f"{self._libs}/*"
+        java = ["java", f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
+        if not (self.home / "data" / "meta.properties").is_file():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            subprocess.run(
+                [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties)],
+                check=True,
+                capture_output=True,
+            )
+        heap = self.stack.kafka_heap
+        argv = [
+            java[0],
+            f"-Xmx{heap}",
+            f"-Xms{heap}",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            *java[1:],
+            "kafka.Kafka",
+            str(properties),
+        ]
+        return Launch(argv, dict(os.environ))
+
+    def healthy(self) -> bool:
+        if not port_open(self.stack.kafka_port):
+            return False
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.endpoint(), "socket.timeout.ms": 2000})
+        try:
+            metadata = admin.list_topics(timeout=2)
+        except Exception:  # noqa: BLE001 (any failure here just means "not ready yet")
+            return False
+        return len(metadata.brokers) > 0
+
+    def version(self) -> str:
+        return f"Apache Kafka {self.stack.kafka_version} (KRaft)"
+
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.stack.kafka_port}"
+
+
+class MinioService(Service):
+    """MinIO, built from source, serving the S3 API and its console on loopback."""
+
+    name = "minio"
+
+    def ports(self) -> list[Port]:
+        return [
+            Port(self.stack.minio_port, "SLUICEWAY_STACK__MINIO_PORT"),
+            Port(self.stack.minio_console_port, "SLUICEWAY_STACK__MINIO_CONSOLE_PORT"),
+        ]
+
+    def install(self, progress: Progress) -> None:
+        self._binary = install_minio(self.cache_dir, self.stack.minio_version, progress)
+
+    def prepare(self) -> Launch:
+        data = self.home / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        store = self.settings.object_store
+        env = dict(
+            os.environ,
+            MINIO_ROOT_USER=store.access_key,
+            MINIO_ROOT_PASSWORD=store.secret_key.get_secret_value(),
+            MINIO_UPDATE="off",
+            MINIO_BROWSER_LOGIN_ANIMATION="off",
+        )
+        argv = [
+            str(self._binary),
+            "server",
+            str(data),
+            "--quiet",
+            "--address",
+            f"127.0.0.1:{self.stack.minio_port}",
+            "--console-address",
+            f"127.0.0.1:{self.stack.minio_console_port}",
+        ]
+        return Launch(argv, env)
+
+    def healthy(self) -> bool:
+        status, _ = _http_get(f"http://{self.endpoint()}/minio/health/ready")
+        return status == 200
+
+    def version(self) -> str:
+        return f"MinIO {self.stack.minio_version} (built from source)"
+
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.stack.minio_port}"
+
+
+class TritonService(Service):
+    """NVIDIA Triton Inference Server from the nvidia-pytriton wheel, python backend."""
+
+    name = "triton"
+
+    def ports(self) -> list[Port]:
+        return [
+            Port(self.stack.triton_http_port, "SLUICEWAY_STACK__TRITON_HTTP_PORT"),
+            Port(self.stack.triton_grpc_port, "SLUICEWAY_STACK__TRITON_GRPC_PORT"),
+            Port(self.stack.triton_metrics_port, "SLUICEWAY_STACK__TRITON_METRICS_PORT"),
+        ]
+
+    def install(self, progress: Progress) -> None:
+        self._root = install_triton(
+            self.cache_dir, self.stack.pytriton_version, self.stack.triton_python, progress
+        )
+
+    def prepare(self) -> Launch:
+        binary, backends, libs, venv_bin = triton_paths(self._root)
+        self.home.mkdir(parents=True, exist_ok=True)
+        library_path = os.pathsep.join(filter(None, [str(libs), os.environ.get("LD_LIBRARY_PATH")]))
+        env = dict(
+            os.environ,
+            # The python backend stub runs `python3` models with the venv's numpy: its bin/
+            # must come first on PATH (PYTHONPATH alone did not let the stub import numpy).
+            PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+            LD_LIBRARY_PATH=library_path,
+        )
+        argv = [
+            str(binary),
+            f"--id=sluiceway:{self.state_dir}",
+            f"--model-repository={resolve(self.stack.model_repository)}",
+            f"--backend-directory={backends}",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.stack.triton_http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.stack.triton_grpc_port}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self.stack.triton_metrics_port}",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+        ]
+        return Launch(argv, env)
+
+    def healthy(self) -> bool:
+        status, _ = _http_get(f"http://{self.endpoint()}/v2/health/ready")
+        return status == 200
+
+    def version(self) -> str:
+        status, body = _http_get(f"http://{self.endpoint()}/v2")
+        if status != 200:
+            return f"Triton (nvidia-pytriton {self.stack.pytriton_version})"
+        server = json.loads(body)
+        return f"Triton {server.get('version', '?')} (nvidia-pytriton {self.stack.pytriton_version})"
+
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.stack.triton_http_port}"
+
+    def grpc_endpoint(self) -> str:
+        return f"127.0.0.1:{self.stack.triton_grpc_port}"
+
+
+def all_services(settings: Settings) -> list[Service]:
+    return [KafkaService(settings), MinioService(settings), TritonService(settings)]
+
+
+_KAFKA_LOG4J = """\
+status = warn
+appender.console.type = Console
+appender.console.name = STDOUT
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.stdout.ref = STDOUT
+logger.statechange.name = state.change.logger
+logger.statechange.level = WARN
+"""

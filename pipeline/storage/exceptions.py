@@ -1,0 +1,9 @@
+"""Errors raised at the object-store boundary."""
+
+from __future__ import annotations
+
+from pipeline.errors import SluicewayError
+
+
+class ObjectStoreError(SluicewayError):
+    """An object-store operation failed; the message names the bucket and key."""

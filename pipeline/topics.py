@@ -1,0 +1,39 @@
+"""Topic names: one set of topics per model, under a configurable namespace.
+
+Per-model topics give each model its own ACLs, retention and consumer group, so one model's
+backlog never delays another's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelTopics:
+    namespace: str
+    model: str
+
+    @property
+    def requests(self) -> str:
+        return f"{self.namespace}.{self.model}.requests"
+
+    @property
+    def batch(self) -> str:
+        return f"{self.namespace}.{self.model}.batch"
+
+    @property
+    def results(self) -> str:
+        return f"{self.namespace}.{self.model}.results"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.namespace}.{self.model}.dlq"
+
+
+def control_topic(namespace: str) -> str:
+    return f"{namespace}.control"
+
+
+def drift_topic(namespace: str) -> str:
+    return f"{namespace}.drift"
