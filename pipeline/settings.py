@@ -29,7 +29,6 @@ from pydantic_settings import (
 from pipeline.errors import SluicewayError
 
 CONFIG_ENV_VAR = "SLUICEWAY_CONFIG"
-SECRET_MASK = "**********"
 
 
 class SettingsError(SluicewayError):
@@ -50,9 +49,9 @@ class KafkaSettings(_Section):
     ssl_ca_location: Path | None = None
     client_id: str = "sluiceway"
 
-    def client_config(self) -> dict[str, str]:
+    def client_config(self) -> dict[str, str | int | float | bool]:
         """Return the librdkafka configuration shared by every producer, consumer and admin."""
-        config = {
+        config: dict[str, str | int | float | bool] = {
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
             "client.id": self.client_id,

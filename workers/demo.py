@@ -96,9 +96,7 @@ def _publish(settings: Settings, topics: ModelTopics, run_id: str, count: int) -
     return time.monotonic() - started
 
 
-def _serve(
-    settings: Settings, topics: ModelTopics, report: DemoReport, progress: Progress
-) -> None:
+def _serve(settings: Settings, topics: ModelTopics, report: DemoReport, progress: Progress) -> None:
     """Consume this run's requests in micro-batches and answer each batch.
 
     Per batch:
@@ -126,7 +124,11 @@ def _serve(
         while report.served < report.published and time.monotonic() < deadline:
             messages = [m for m in consumer.consume(max_batch, timeout=1.0) if m.error() is None]
             requests = [json.loads(m.value() or b"{}") for m in messages]
-            mine = [(m, r) for m, r in zip(messages, requests, strict=True) if r.get("run_id") == report.run_id]
+            mine = [
+                (m, r)
+                for m, r in zip(messages, requests, strict=True)
+                if r.get("run_id") == report.run_id
+            ]
             if mine:
                 _answer_batch(mine, settings, topics, report, store, triton, producer)
             if messages:
@@ -162,7 +164,10 @@ def _answer_batch(
     ]
     segment = build_segment(MODEL, report.model_version, records, request_ids, now)
     store.put_object(
-        report.bucket, segment.key, io.BytesIO(segment.body), len(segment.body),
+        report.bucket,
+        segment.key,
+        io.BytesIO(segment.body),
+        len(segment.body),
         content_type="application/x-ndjson",
     )
     report.segments.append(segment.key)
@@ -184,7 +189,9 @@ def _answer_batch(
             },
         }
         producer.produce(
-            topics.results, key=message.key(), value=json.dumps(result).encode(),
+            topics.results,
+            key=message.key(),
+            value=json.dumps(result).encode(),
             on_delivery=on_delivery,
         )
     # Step 4 (the commit itself follows in the caller, after this flush).
@@ -212,11 +219,14 @@ def _verify(settings: Settings, start: list[TopicPartition], report: DemoReport)
     """Read this run's results back, check each output and one record by ranged GET."""
     scale = {"1": 2.0, "2": 3.0}[report.model_version]
     consumer = Consumer(
-        {**settings.kafka.client_config(), "group.id": f"sluiceway-demo-verify-{report.run_id}",
-         "enable.auto.commit": False}
+        {
+            **settings.kafka.client_config(),
+            "group.id": f"sluiceway-demo-verify-{report.run_id}",
+            "enable.auto.commit": False,
+        }
     )
     consumer.assign(start)
-    requests: dict[str, list[float]] = {}
+    segments: dict[str, list[dict[str, Any]]] = {}
     deadline = time.monotonic() + 30.0
     results: list[dict[str, Any]] = []
     try:
@@ -233,14 +243,14 @@ def _verify(settings: Settings, start: list[TopicPartition], report: DemoReport)
     for result in results:
         segment = result["segment"]
         key = segment["uri"].removeprefix(f"s3://{report.bucket}/")
-        if not requests.get(key):
+        if key not in segments:
             body = store.get_object(report.bucket, key)
             try:
-                requests[key] = [json.loads(line) for line in body.read().splitlines()]
+                segments[key] = [json.loads(line) for line in body.read().splitlines()]
             finally:
                 body.close()
                 body.release_conn()
-        record = next(r for r in requests[key] if r["request_id"] == result["request_id"])
+        record = next(r for r in segments[key] if r["request_id"] == result["request_id"])
         expected = [round(v * scale, 2) for v in record["inputs"]]
         if [round(v, 2) for v in result["outputs"]] == expected:
             report.results_correct += 1

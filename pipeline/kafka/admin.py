@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError as _RdKafkaError
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 from pipeline.kafka.exceptions import TopicAdminError
 from pipeline.settings import KafkaSettings
@@ -40,7 +41,10 @@ def ensure_topics(
             created.append(name)
         except KafkaException as exc:
             error = exc.args[0]
-            if isinstance(error, _RdKafkaError) and error.code() == _RdKafkaError.TOPIC_ALREADY_EXISTS:
+            if (
+                isinstance(error, _RdKafkaError)
+                and error.code() == _RdKafkaError.TOPIC_ALREADY_EXISTS
+            ):
                 continue
             raise TopicAdminError(f"creating topic {name!r} failed: {error}") from exc
     return created

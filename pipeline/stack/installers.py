@@ -124,7 +124,9 @@ def install_minio(cache_dir: Path, version: str, progress: Progress) -> Path:
     return binary
 
 
-def install_triton(cache_dir: Path, pytriton_version: str, python: Path, progress: Progress) -> Path:
+def install_triton(
+    cache_dir: Path, pytriton_version: str, python: Path, progress: Progress
+) -> Path:
     """Create Triton's venv from the ``nvidia-pytriton`` wheel and its python backend folder.
 
     Returns the install root, holding ``venv/`` and ``backends/python/``.

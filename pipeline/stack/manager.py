@@ -53,7 +53,7 @@ def _start(service: Service, progress: Progress) -> None:
         detail = (exc.stderr or exc.stdout or b"").decode(errors="replace").strip()
         last = detail.splitlines()[-1] if detail else f"exit code {exc.returncode}"
         raise StackError(f"{service.name}: preparing storage failed: {last}") from exc
-    pid = service.process.start(launch.argv, launch.env, cwd=service.home)
+    pid = service.process.start(launch.argv, launch.env)
     progress(f"started {service.name} (pid {pid}), log: {service.process.logfile}")
 
 

@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,24 +48,29 @@ class ManagedProcess:
             return None
         return pid
 
-    def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> int:
-        """Start ``argv`` in its own process group, appending output to the log."""
+    def start(self, argv: Sequence[str], env: Mapping[str, str]) -> int:
+        """Start ``argv`` detached, in its own session, appending its output to the log.
+
+        The server is spawned rather than held as a ``Popen`` child: it outlives the command
+        that started it, and ``down`` finds it again through the pidfile.
+        """
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         with self.logfile.open("ab") as log:
             log.write(f"\n=== sluiceway starting {self.name}: {' '.join(argv)}\n".encode())
-            log.flush()
-            process = subprocess.Popen(
-                list(argv),
-                cwd=cwd,
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.pidfile.write_text(f"{process.pid}\n", encoding="ascii")
-        return process.pid
+        pid = os.posix_spawnp(
+            argv[0],
+            list(argv),
+            dict(env),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, str(self.logfile), os.O_WRONLY | os.O_APPEND, 0),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+            ],
+            setsid=True,
+        )
+        self.pidfile.write_text(f"{pid}\n", encoding="ascii")
+        return pid
 
     def stop(
         self,

@@ -155,7 +155,15 @@ class KafkaService(Service):
         if not (self.home / "data" / "meta.properties").is_file():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(
-                [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties)],
+                [
+                    *java,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(properties),
+                ],
                 check=True,
                 capture_output=True,
             )
@@ -180,7 +188,7 @@ class KafkaService(Service):
         admin = AdminClient({"bootstrap.servers": self.endpoint(), "socket.timeout.ms": 2000})
         try:
             metadata = admin.list_topics(timeout=2)
-        except Exception:  # noqa: BLE001 (any failure here just means "not ready yet")
+        except Exception:
             return False
         return len(metadata.brokers) > 0
 
@@ -292,7 +300,9 @@ class TritonService(Service):
         if status != 200:
             return f"Triton (nvidia-pytriton {self.stack.pytriton_version})"
         server = json.loads(body)
-        return f"Triton {server.get('version', '?')} (nvidia-pytriton {self.stack.pytriton_version})"
+        return (
+            f"Triton {server.get('version', '?')} (nvidia-pytriton {self.stack.pytriton_version})"
+        )
 
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.stack.triton_http_port}"

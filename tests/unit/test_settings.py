@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.settings import SettingsError, load_settings
+
+
+def test_defaults_describe_the_local_stack() -> None:
+    settings = load_settings()
+    assert settings.namespace == "inference"
+    assert settings.kafka.bootstrap_servers == f"127.0.0.1:{settings.stack.kafka_port}"
+    assert settings.object_store.endpoint == f"127.0.0.1:{settings.stack.minio_port}"
+    assert settings.backends.triton.grpc_url == f"127.0.0.1:{settings.stack.triton_grpc_port}"
+
+
+def test_environment_overrides_yaml_and_explicit_values_override_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "sluiceway.yaml"
+    config.write_text("kafka:\n  bootstrap_servers: yaml:9092\n  client_id: from-yaml\n")
+    monkeypatch.setenv("SLUICEWAY_KAFKA__BOOTSTRAP_SERVERS", "env:9092")
+    settings = load_settings(config)
+    assert settings.kafka.bootstrap_servers == "env:9092"
+    assert settings.kafka.client_id == "from-yaml"
+    assert load_settings(config, kafka={"client_id": "flag"}).kafka.client_id == "flag"
+
+
+def test_config_file_named_by_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "s.yaml"
+    config.write_text("namespace: acme\nworkers:\n  max_batch_size: 128\n")
+    monkeypatch.setenv("SLUICEWAY_CONFIG", str(config))
+    settings = load_settings()
+    assert (settings.namespace, settings.workers.max_batch_size) == ("acme", 128)
+
+
+def test_secrets_are_masked_unless_revealed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICEWAY_KAFKA__SASL_PASSWORD", "hunter2")
+    monkeypatch.setenv("SLUICEWAY_OBJECT_STORE__SECRET_KEY", "s3-secret")
+    settings = load_settings()
+    shown = json.dumps(settings.as_dict())
+    assert "hunter2" not in shown
+    assert "s3-secret" not in shown
+    assert "hunter2" not in repr(settings)
+    assert "s3-secret" not in str(settings)
+    revealed = settings.as_dict(reveal_secrets=True)
+    assert revealed["kafka"]["sasl_password"] == "hunter2"
+    assert revealed["object_store"]["secret_key"] == "s3-secret"
+    assert settings.kafka.client_config()["sasl.password"] == "hunter2"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("stack:\n  kafka_port: nine\n", "setting stack.kafka_port from"),
+        ("stack:\n  kafka_port: 70000\n", "setting stack.kafka_port from"),
+        ("kafka:\n  security_protocol: TLS\n", "setting kafka.security_protocol from"),
+        ("stak:\n  kafka_port: 1\n", "setting stak from"),
+        ("stack: [1,\n  2", "invalid YAML"),
+        ("- just\n- a list\n", "the top level must be a mapping"),
+    ],
+)
+def test_broken_settings_file_names_the_problem(tmp_path: Path, text: str, expected: str) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text(text)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(config)
+    assert expected in str(caught.value)
+    assert str(config) in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_cli_reports_a_broken_settings_file_in_one_line_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text("stack:\n  minio_port: lots\n")
+    assert main(["--config", str(config), "stack", "status"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"sluiceway: error: setting stack.minio_port from {config}")
+    assert captured.err.count("\n") == 1
+    assert "Traceback" not in captured.err
+
+
+def test_cli_prints_settings_with_secrets_masked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SLUICEWAY_OBJECT_STORE__SECRET_KEY", "do-not-print")
+    assert main(["settings"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed)["object_store"]["secret_key"] == "**********"
+    assert "do-not-print" not in printed
