@@ -45,7 +45,7 @@ def _docker_answers() -> bool:
 
 
 @pytest.fixture(scope="session")
-def endpoints() -> Iterator[Endpoints]:
+def endpoints(pytestconfig: pytest.Config) -> Iterator[Endpoints]:
     from_env = endpoints_from_env(os.environ)
     if from_env is not None:
         yield from_env
@@ -55,7 +55,14 @@ def endpoints() -> Iterator[Endpoints]:
         with container_stack() as found:
             yield found
     else:
-        with native_stack() as found:
+        # A first run builds MinIO for minutes: show its progress past pytest's capture.
+        capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+        def progress(line: str) -> None:
+            with capture.global_and_fixture_disabled():
+                print(f"[stack] {line}", flush=True)
+
+        with native_stack(progress) as found:
             yield found
 
 

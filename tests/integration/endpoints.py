@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,10 +53,10 @@ def endpoints_from_env(environ: Mapping[str, str]) -> Endpoints | None:
 
 
 @contextlib.contextmanager
-def native_stack() -> Iterator[Endpoints]:
+def native_stack(progress: Callable[[str], None] = print) -> Iterator[Endpoints]:
     """Bring the native stack up; stop it afterwards only if this session started it."""
     settings = load_settings()
-    rows = manager.up(settings)
+    rows = manager.up(settings, progress)
     started_here = not any(row.reused for row in rows)
     stack = settings.stack
     try:
@@ -71,4 +71,4 @@ def native_stack() -> Iterator[Endpoints]:
         )
     finally:
         if started_here and not os.environ.get("SLUICEWAY_TEST_KEEP_STACK"):
-            manager.down(settings)
+            manager.down(settings, progress)

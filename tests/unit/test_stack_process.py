@@ -12,36 +12,24 @@ import pytest
 from pipeline.stack.exceptions import PortInUseError
 from pipeline.stack.manager import _check_ports_free
 from pipeline.stack.process import ManagedProcess, port_open, wait_until
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+from tests.unit.fakes import FakeClock
 
 
 def test_wait_until_gives_up_at_the_deadline() -> None:
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     assert not wait_until(lambda: False, 2.0, interval_s=0.5, clock=clock, sleep=clock.sleep)
     assert clock.now == 2.0
     assert clock.sleeps == [0.5] * 4
 
 
 def test_wait_until_returns_as_soon_as_the_condition_holds() -> None:
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     assert wait_until(lambda: clock.now >= 1.0, 10.0, 0.25, clock=clock, sleep=clock.sleep)
     assert clock.now == 1.0
 
 
 def test_wait_until_stops_early_when_aborted() -> None:
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     done = wait_until(lambda: False, 10.0, 0.25, clock, clock.sleep, abort=lambda: clock.now > 1)
     assert not done
     assert clock.now == 1.25

@@ -1,0 +1,150 @@
+"""The micro-batcher: one queue per (model, version), flushed at a size or a wait, whichever first.
+
+Pure and clock-driven: the worker adds items and asks which batches are due; nothing here
+sleeps or does I/O. Real-time items always go ahead of bulk (batch-job) items for the same
+key, and an item whose deadline has passed is handed back as expired instead of being sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+
+
+class Lane(IntEnum):
+    """Lower value is served first."""
+
+    REALTIME = 0
+    BULK = 1
+
+
+@dataclass(frozen=True)
+class Pending(Generic[T]):
+    item: T
+    enqueued_at: float
+    deadline: float | None = None
+    """Monotonic time after which the item must not be sent; ``None`` for no deadline."""
+    lane: Lane = Lane.REALTIME
+
+
+@dataclass(frozen=True)
+class Batch(Generic[K, T]):
+    key: K
+    items: tuple[Pending[T], ...]
+    formed_at: float
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class _Queues(Generic[T]):
+    lanes: dict[Lane, deque[Pending[T]]] = field(
+        default_factory=lambda: {lane: deque() for lane in Lane}
+    )
+
+    def __len__(self) -> int:
+        return sum(len(queue) for queue in self.lanes.values())
+
+    def oldest(self) -> float:
+        return min(queue[0].enqueued_at for queue in self.lanes.values() if queue)
+
+
+class MicroBatcher(Generic[K, T]):
+    """Collects items per key; :meth:`take_due` returns the batches ready to send.
+
+    A key's batch is due when it holds ``max_batch_size`` items or its oldest item has waited
+    ``max_wait_s``. Every returned batch holds at least one item and at most
+    ``max_batch_size``.
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self._clock = clock
+        self._queues: dict[K, _Queues[T]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(queues) for queues in self._queues.values())
+
+    def add(
+        self, key: K, item: T, *, lane: Lane = Lane.REALTIME, deadline: float | None = None
+    ) -> None:
+        queues = self._queues.setdefault(key, _Queues())
+        queues.lanes[lane].append(Pending(item, self._clock(), deadline, lane))
+
+    def next_due_in(self) -> float | None:
+        """Seconds until the next partial batch is due (0 if one is); ``None`` when empty."""
+        now = self._clock()
+        waits = [
+            0.0 if len(queues) >= self.max_batch_size else queues.oldest() + self.max_wait_s - now
+            for queues in self._queues.values()
+            if len(queues)
+        ]
+        return max(0.0, min(waits)) if waits else None
+
+    def take_due(
+        self, limit: int | None = None, *, flush: bool = False
+    ) -> tuple[list[Batch[K, T]], list[Pending[T]]]:
+        """Remove and return up to ``limit`` due batches, plus every expired item found.
+
+        ``flush`` treats every non-empty queue as due (used when draining on shutdown).
+        Keys whose oldest item waited longest go first, so no key starves another.
+        """
+        now = self._clock()
+        expired = self._drop_expired(now)
+        due_keys = sorted(
+            (key for key, queues in self._queues.items() if self._is_due(queues, now, flush)),
+            key=lambda key: self._queues[key].oldest(),
+        )
+        batches: list[Batch[K, T]] = []
+        for key in due_keys:
+            queues = self._queues[key]
+            while self._is_due(queues, now, flush) and (limit is None or len(batches) < limit):
+                batches.append(Batch(key, self._pop(queues), now))
+        self._queues = {key: queues for key, queues in self._queues.items() if len(queues)}
+        return batches, expired
+
+    def _is_due(self, queues: _Queues[T], now: float, flush: bool) -> bool:
+        if not len(queues):
+            return False
+        return (
+            flush
+            or len(queues) >= self.max_batch_size
+            or now - queues.oldest() >= self.max_wait_s
+        )
+
+    def _pop(self, queues: _Queues[T]) -> tuple[Pending[T], ...]:
+        taken: list[Pending[T]] = []
+        for lane in Lane:
+            queue = queues.lanes[lane]
+            while queue and len(taken) < self.max_batch_size:
+                taken.append(queue.popleft())
+        return tuple(taken)
+
+    def _drop_expired(self, now: float) -> list[Pending[T]]:
+        expired: list[Pending[T]] = []
+        for queues in self._queues.values():
+            for lane, queue in queues.lanes.items():
+                late = [p for p in queue if p.deadline is not None and p.deadline <= now]
+                if late:
+                    expired.extend(late)
+                    late_ids = {id(p) for p in late}
+                    queues.lanes[lane] = deque(p for p in queue if id(p) not in late_ids)
+        return expired
