@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -25,7 +26,11 @@ class TopicSpec:
 def ensure_topics(
     kafka: KafkaSettings, topics: Iterable[TopicSpec], timeout_s: float = 15.0
 ) -> list[str]:
-    """Create the topics that do not exist yet; return the names that were created."""
+    """Create the topics that do not exist yet; return the names that were created.
+
+    Returns only once every partition of every named topic has a leader, so the caller can
+    produce, fetch offsets or consume at once (a fresh topic answers NOT_LEADER for a moment).
+    """
     specs = list(topics)
     if not specs:
         return []
@@ -47,4 +52,24 @@ def ensure_topics(
             ):
                 continue
             raise TopicAdminError(f"creating topic {name!r} failed: {error}") from exc
+    _wait_for_leaders(admin, [spec.name for spec in specs], timeout_s)
     return created
+
+
+def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metadata = admin.list_topics(timeout=timeout_s)
+        leaderless = [
+            name
+            for name in names
+            if name not in metadata.topics
+            or metadata.topics[name].error is not None
+            or not metadata.topics[name].partitions
+            or any(p.leader < 0 for p in metadata.topics[name].partitions.values())
+        ]
+        if not leaderless:
+            return
+        if time.monotonic() > deadline:
+            raise TopicAdminError(f"topics without a leader after {timeout_s:.0f}s: {leaderless}")
+        time.sleep(0.05)
