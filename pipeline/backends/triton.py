@@ -1,0 +1,140 @@
+"""NVIDIA Triton over the KServe v2 protocol: gRPC aio (preferred) or HTTP aio.
+
+Each micro-batch is one multi-row request: every request's rows are stacked along the batch
+axis, and the outputs are cut back per request. Single-row requests leave most of a GPU idle
+(on an H100, ~9k rows/s at concurrency 256 against ~334k rows/s with 64-row requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from pipeline.backends.base import RowInput, RowOutput, split_rows, stack_rows
+from pipeline.backends.exceptions import (
+    BackendError,
+    PermanentBackendError,
+    TransientBackendError,
+)
+from pipeline.settings import TritonSettings
+
+# gRPC status names and HTTP status codes that a retry can cure.
+_TRANSIENT_STATUSES = {
+    "StatusCode.UNAVAILABLE",
+    "StatusCode.DEADLINE_EXCEEDED",
+    "StatusCode.RESOURCE_EXHAUSTED",
+    "StatusCode.ABORTED",
+    "StatusCode.CANCELLED",
+    "StatusCode.UNKNOWN",
+    "StatusCode.INTERNAL",
+    "429",
+    "500",
+    "502",
+    "503",
+    "504",
+}
+_NOT_FOUND_STATUSES = {"StatusCode.NOT_FOUND", "404"}
+
+
+def classify_triton_error(exc: InferenceServerException) -> BackendError:
+    """Turn a tritonclient error into ours: transient ones are retried, the rest dead-lettered."""
+    status = str(exc.status() or "")
+    message = f"triton: {exc.message() or exc}"
+    if status in _TRANSIENT_STATUSES or not status:
+        reason = "backend_timeout" if "DEADLINE" in status else "backend_unavailable"
+        return TransientBackendError(message, reason=reason, status=status)
+    if status in _NOT_FOUND_STATUSES:
+        return PermanentBackendError(message, reason="unknown_model", status=status)
+    return PermanentBackendError(message, reason="backend_bad_request", status=status)
+
+
+class TritonBackend:
+    """A :class:`~pipeline.backends.base.Backend` for one Triton endpoint."""
+
+    def __init__(
+        self,
+        url: str,
+        protocol: Literal["grpc", "http"] = "grpc",
+        timeout_s: float = 10.0,
+    ) -> None:
+        self._url = url
+        self._protocol = protocol
+        self._timeout_s = timeout_s
+        self._client: Any = None
+        if protocol == "grpc":
+            import tritonclient.grpc.aio as module
+        else:
+            import tritonclient.http.aio as module
+        self._module: Any = module
+
+    @classmethod
+    def from_settings(cls, settings: TritonSettings) -> TritonBackend:
+        url = settings.grpc_url if settings.protocol == "grpc" else settings.http_url
+        return cls(url, settings.protocol, settings.timeout_s)
+
+    @property
+    def endpoint(self) -> str:
+        return f"triton-{self._protocol}@{self._url}"
+
+    def _connection(self) -> Any:
+        # Created on first use, inside the running event loop that will own it.
+        if self._client is None:
+            self._client = self._module.InferenceServerClient(self._url)
+        return self._client
+
+    async def infer(
+        self, model: str, version: str | None, rows: Sequence[RowInput]
+    ) -> list[RowOutput | BackendError]:
+        stacked = stack_rows(rows)
+        inputs = []
+        for name, array in stacked.items():
+            tensor = self._module.InferInput(
+                name, list(array.shape), np_to_triton_dtype(array.dtype)
+            )
+            tensor.set_data_from_numpy(np.ascontiguousarray(array))
+            inputs.append(tensor)
+        try:
+            response = await self._call(model, version, inputs)
+        except InferenceServerException as exc:
+            raise classify_triton_error(exc) from exc
+        except TimeoutError as exc:
+            raise TransientBackendError(
+                f"triton: no answer within {self._timeout_s}s", reason="backend_timeout"
+            ) from exc
+        except OSError as exc:  # the HTTP client's connection errors
+            raise TransientBackendError(
+                f"triton: {type(exc).__name__}: {exc}", reason="backend_unavailable"
+            ) from exc
+        metadata = (
+            response.get_response(as_json=True)
+            if self._protocol == "grpc"
+            else response.get_response()
+        )
+        outputs = {out["name"]: response.as_numpy(out["name"]) for out in metadata["outputs"]}
+        try:
+            pieces = split_rows(outputs, [row.rows for row in rows])
+        except ValueError as exc:
+            raise PermanentBackendError(
+                f"triton: {model} answered the wrong number of rows: {exc}",
+                reason="backend_bad_response",
+            ) from exc
+        return [RowOutput(tensors=piece) for piece in pieces]
+
+    async def _call(self, model: str, version: str | None, inputs: list[Any]) -> Any:
+        client = self._connection()
+        if self._protocol == "grpc":
+            return await client.infer(
+                model, inputs, model_version=version or "", client_timeout=self._timeout_s
+            )
+        return await asyncio.wait_for(
+            client.infer(model, inputs, model_version=version or ""), self._timeout_s
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
