@@ -96,11 +96,34 @@ class BackendSettings(_Section):
     vllm: VllmSettings = VllmSettings()
 
 
+class ModelSettings(_Section):
+    """How one model is served: which backend, and how a request becomes backend inputs."""
+
+    backend: Literal["triton", "vllm"] = "triton"
+    default_version: str | None = None
+    """Serving version until a control event says otherwise; ``None`` lets Triton pick."""
+    input_name: str = "x"
+    """The Triton input tensor that a feature record is packed into (one FP32 row)."""
+    feature_order: tuple[str, ...] = ()
+    """Feature names in the order of the input tensor's columns."""
+    max_batch_size: int | None = Field(default=None, ge=1)
+    """Overrides ``workers.max_batch_size`` for this model."""
+
+
 class WorkerSettings(_Section):
     max_batch_size: int = Field(default=64, ge=1)
     max_wait_ms: float = Field(default=5.0, ge=0)
     max_in_flight_batches: int = Field(default=4, ge=1)
+    """Concurrent backend calls per backend endpoint."""
+    max_in_flight_records: int = Field(default=4096, ge=1)
+    """Consumed records without an acknowledged outcome; above it, partitions pause."""
+    max_message_bytes: int = Field(default=1_000_000, ge=1024)
+    commit_interval_ms: float = Field(default=500.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, gt=0)
+    exactly_once: bool = False
+    """Transactional producer and offsets sent in the transaction (read-committed results)."""
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    worker_id: str | None = None
 
 
 class MonitorSettings(_Section):
@@ -151,6 +174,14 @@ class Settings(BaseSettings):
     object_store: ObjectStoreSettings = ObjectStoreSettings()
     backends: BackendSettings = BackendSettings()
     workers: WorkerSettings = WorkerSettings()
+    models: dict[str, ModelSettings] = Field(
+        default_factory=lambda: {
+            "scaler": ModelSettings(
+                backend="triton", default_version="1", feature_order=("f0", "f1", "f2", "f3")
+            )
+        }
+    )
+    """Models this deployment serves, by name (the ``<model>`` in topic names)."""
     monitor: MonitorSettings = MonitorSettings()
     stack: StackSettings = StackSettings()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Generic, TypeVar
@@ -100,17 +100,26 @@ class MicroBatcher(Generic[K, T]):
         return max(0.0, min(waits)) if waits else None
 
     def take_due(
-        self, limit: int | None = None, *, flush: bool = False
+        self,
+        limit: int | None = None,
+        *,
+        flush: bool = False,
+        accept: Callable[[K], bool] | None = None,
     ) -> tuple[list[Batch[K, T]], list[Pending[T]]]:
         """Remove and return up to ``limit`` due batches, plus every expired item found.
 
-        ``flush`` treats every non-empty queue as due (used when draining on shutdown).
+        ``flush`` treats every non-empty queue as due (used when draining on shutdown);
+        ``accept`` skips keys that cannot be served now (their backend's breaker is open).
         Keys whose oldest item waited longest go first, so no key starves another.
         """
         now = self._clock()
         expired = self._drop_expired(now)
         due_keys = sorted(
-            (key for key, queues in self._queues.items() if self._is_due(queues, now, flush)),
+            (
+                key
+                for key, queues in self._queues.items()
+                if self._is_due(queues, now, flush) and (accept is None or accept(key))
+            ),
             key=lambda key: self._queues[key].oldest(),
         )
         batches: list[Batch[K, T]] = []
@@ -121,13 +130,27 @@ class MicroBatcher(Generic[K, T]):
         self._queues = {key: queues for key, queues in self._queues.items() if len(queues)}
         return batches, expired
 
+    def requeue(self, key: K, items: Sequence[Pending[T]]) -> None:
+        """Put items of a batch that could not be served back at the front of their queue."""
+        queues = self._queues.setdefault(key, _Queues())
+        for pending in reversed(items):
+            queues.lanes[pending.lane].appendleft(pending)
+
+    def discard(self, predicate: Callable[[T], bool]) -> list[Pending[T]]:
+        """Remove and return every queued item matching ``predicate`` (revoked partitions)."""
+        removed: list[Pending[T]] = []
+        for queues in self._queues.values():
+            for lane, queue in queues.lanes.items():
+                removed.extend(p for p in queue if predicate(p.item))
+                queues.lanes[lane] = deque(p for p in queue if not predicate(p.item))
+        self._queues = {key: queues for key, queues in self._queues.items() if len(queues)}
+        return removed
+
     def _is_due(self, queues: _Queues[T], now: float, flush: bool) -> bool:
         if not len(queues):
             return False
         return (
-            flush
-            or len(queues) >= self.max_batch_size
-            or now - queues.oldest() >= self.max_wait_s
+            flush or len(queues) >= self.max_batch_size or now - queues.oldest() >= self.max_wait_s
         )
 
     def _pop(self, queues: _Queues[T]) -> tuple[Pending[T], ...]:

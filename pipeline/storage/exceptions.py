@@ -7,3 +7,7 @@ from pipeline.errors import SluicewayError
 
 class ObjectStoreError(SluicewayError):
     """An object-store operation failed; the message names the bucket and key."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient

@@ -89,3 +89,30 @@ def test_in_flight_limit_and_flush_on_drain() -> None:
 def test_invalid_settings_are_refused(size: int, wait: float) -> None:
     with pytest.raises(ValueError, match="must be"):
         MicroBatcher(size, wait)
+
+
+def test_keys_not_accepted_wait_and_requeued_items_go_first() -> None:
+    clock = FakeClock()
+    batcher = _batcher(clock, size=2)
+    for i in range(3):
+        batcher.add("open-breaker", i)
+    batcher.add("fine", 10)
+    batcher.add("fine", 11)
+    batches, _ = batcher.take_due(accept=lambda key: key != "open-breaker")
+    assert [b.key for b in batches] == ["fine"]
+    batches, _ = batcher.take_due(limit=1)
+    assert [p.item for p in batches[0].items] == [0, 1]
+    batcher.requeue(batches[0].key, batches[0].items)
+    batches, _ = batcher.take_due(flush=True)
+    assert [[p.item for p in b.items] for b in batches] == [[0, 1], [2]]
+
+
+def test_discard_removes_items_of_revoked_partitions() -> None:
+    clock = FakeClock()
+    batcher = _batcher(clock, size=10)
+    for i in range(6):
+        batcher.add("m:1", i)
+    removed = batcher.discard(lambda item: item % 2 == 0)
+    assert [p.item for p in removed] == [0, 2, 4]
+    batches, _ = batcher.take_due(flush=True)
+    assert [p.item for p in batches[0].items] == [1, 3, 5]
