@@ -83,6 +83,10 @@ class MicroBatcher(Generic[K, T]):
     def __len__(self) -> int:
         return sum(len(queues) for queues in self._queues.values())
 
+    def has_lane(self, lane: Lane) -> bool:
+        """Whether any item of ``lane`` is waiting (bulk work yields while real-time waits)."""
+        return any(queues.lanes[lane] for queues in self._queues.values())
+
     def add(
         self, key: K, item: T, *, lane: Lane = Lane.REALTIME, deadline: float | None = None
     ) -> None:

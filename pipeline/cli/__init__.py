@@ -21,6 +21,8 @@ SUBCOMMAND_MODULES = (
     "pipeline.cli.stack_cmd",
     "pipeline.cli.settings_cmd",
     "pipeline.cli.demo_cmd",
+    "pipeline.cli.worker_cmd",
+    "pipeline.cli.control_cmd",
 )
 
 Handler = Callable[[argparse.Namespace, Settings], int]

@@ -13,6 +13,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from pipeline.kafka.exceptions import TopicAdminError
 from pipeline.settings import KafkaSettings
+from pipeline.topics import ModelTopics, control_topic
 
 
 @dataclass(frozen=True)
@@ -73,3 +74,22 @@ def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float) ->
         if time.monotonic() > deadline:
             raise TopicAdminError(f"topics without a leader after {timeout_s:.0f}s: {leaderless}")
         time.sleep(0.05)
+
+
+def model_topic_specs(topics: ModelTopics, partitions: int = 3) -> list[TopicSpec]:
+    """The four topics of one model; the DLQ keeps its records for two weeks."""
+    return [
+        TopicSpec(topics.requests, partitions),
+        TopicSpec(topics.batch, partitions),
+        TopicSpec(topics.results, partitions),
+        TopicSpec(topics.dlq, 1, config={"retention.ms": str(14 * 24 * 3600 * 1000)}),
+    ]
+
+
+def control_topic_spec(namespace: str) -> TopicSpec:
+    """Compacted, one partition: every worker reads the whole routing state in order."""
+    return TopicSpec(
+        control_topic(namespace),
+        1,
+        config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
+    )

@@ -1,0 +1,148 @@
+"""Publishing requests and reading outcomes for worker tests, through the real broker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+import schemas
+from pipeline.settings import Settings
+from schemas.models import DeadLetter, InferenceRequest, InferenceResult, Inputs
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def scaler_request(index: int, **fields: object) -> InferenceRequest:
+    features = {f"f{i}": float(index + i) for i in range(4)}
+    return InferenceRequest(
+        request_id=uuid.uuid4(), model="scaler", inputs=Inputs(features=features), **fields
+    )
+
+
+def publish(
+    settings: Settings, topic: str, values: Iterable[tuple[bytes | None, bytes]]
+) -> int:
+    producer = Producer({**settings.kafka.client_config(), "acks": "all", "linger.ms": 5})
+    errors: list[object] = []
+    count = 0
+    for key, value in values:
+        producer.produce(
+            topic, value, key=key, on_delivery=lambda e, _m: errors.append(e) if e else None
+        )
+        producer.poll(0)
+        count += 1
+    assert producer.flush(30) == 0
+    assert errors == []
+    return count
+
+
+def publish_requests(settings: Settings, topic: str, requests: Iterable[InferenceRequest]) -> int:
+    return publish(
+        settings, topic, ((str(r.request_id).encode(), schemas.encode(r)) for r in requests)
+    )
+
+
+@dataclass
+class Collected:
+    results: list[InferenceResult]
+    dead_letters: list[DeadLetter]
+
+
+def collect(
+    settings: Settings,
+    results_topic: str,
+    dlq_topic: str,
+    expected: int,
+    timeout_s: float,
+    read_committed: bool = True,
+) -> Collected:
+    """Read outcomes until ``expected`` distinct request outcomes arrived or time runs out."""
+    consumer = Consumer(
+        {
+            **settings.kafka.client_config(),
+            "group.id": f"collector-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+        }
+    )
+    consumer.subscribe([results_topic, dlq_topic])
+    results: list[InferenceResult] = []
+    letters: list[DeadLetter] = []
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(seen) < expected and time.monotonic() < deadline:
+            for message in consumer.consume(1000, 0.5):
+                if message.error() is not None:
+                    continue
+                if message.topic() == dlq_topic:
+                    letter = schemas.decode(message.value() or b"", DeadLetter)
+                    letters.append(letter)
+                    seen.add(f"dlq:{letter.original_topic}:{letter.original_partition}:"
+                             f"{letter.original_offset}")
+                else:
+                    result = schemas.decode(message.value() or b"", InferenceResult)
+                    results.append(result)
+                    seen.add(str(result.request_id))
+    finally:
+        consumer.close()
+    return Collected(results, letters)
+
+
+def committed_offsets(settings: Settings, group: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({**settings.kafka.client_config(), "group.id": group})
+    try:
+        committed = consumer.committed(
+            [TopicPartition(topic, p) for p in range(partitions)], timeout=10
+        )
+        return {tp.partition: tp.offset for tp in committed}
+    finally:
+        consumer.close()
+
+
+def end_offsets(settings: Settings, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({**settings.kafka.client_config(), "group.id": "end-offsets-probe"})
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in range(partitions)
+        }
+    finally:
+        consumer.close()
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment that points a worker subprocess at the test services and namespace."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEWAY_")}
+    env.update(
+        SLUICEWAY_NAMESPACE=settings.namespace,
+        SLUICEWAY_KAFKA__BOOTSTRAP_SERVERS=settings.kafka.bootstrap_servers,
+        SLUICEWAY_OBJECT_STORE__ENDPOINT=settings.object_store.endpoint,
+        SLUICEWAY_OBJECT_STORE__ACCESS_KEY=settings.object_store.access_key,
+        SLUICEWAY_OBJECT_STORE__SECRET_KEY=settings.object_store.secret_key.get_secret_value(),
+        SLUICEWAY_OBJECT_STORE__BUCKET=settings.object_store.bucket,
+        SLUICEWAY_BACKENDS__TRITON__GRPC_URL=settings.backends.triton.grpc_url,
+        SLUICEWAY_BACKENDS__TRITON__HTTP_URL=settings.backends.triton.http_url,
+        **extra,
+    )
+    return env
+
+
+def start_worker(settings: Settings, log_path: Path, **extra_env: str) -> subprocess.Popen[bytes]:
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "worker", "--model", "scaler"],
+        cwd=REPO_ROOT,
+        env=worker_env(settings, **extra_env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )

@@ -1,0 +1,333 @@
+"""Where the worker meets the event contracts: requests in, results and dead letters out.
+
+Everything that knows field names of ``InferenceRequest``, ``InferenceResult`` and
+``DeadLetter`` lives here, so the worker's loop deals only in records, rows and outcomes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Message
+
+import schemas
+from pipeline.backends import RowInput, RowOutput, TextPrompt
+from pipeline.settings import ModelSettings
+from schemas import AvroCodec, Limits, default_catalog, message_headers
+from schemas.exceptions import DecodeError
+from schemas.models import (
+    Attribution,
+    DeadLetter,
+    ExplanationSummary,
+    Header,
+    InferenceRequest,
+    InferenceResult,
+    Outputs,
+    ResultStatus,
+    SegmentRef,
+    Tensor,
+    TensorDatatype,
+    TextOutput,
+    Timings,
+    TokenLogprob,
+)
+
+Request = InferenceRequest
+INLINE_OUTPUT_BYTES = 1024
+"""Outputs up to this size also travel inside the result event (a score, a label)."""
+TOP_K_ATTRIBUTIONS = 5
+ATTRIBUTIONS_OUTPUT = "attributions"
+
+_NUMPY_TYPES: dict[TensorDatatype, str] = {
+    TensorDatatype.BOOL: "?",
+    TensorDatatype.UINT8: "<u1",
+    TensorDatatype.UINT16: "<u2",
+    TensorDatatype.UINT32: "<u4",
+    TensorDatatype.UINT64: "<u8",
+    TensorDatatype.INT8: "<i1",
+    TensorDatatype.INT16: "<i2",
+    TensorDatatype.INT32: "<i4",
+    TensorDatatype.INT64: "<i8",
+    TensorDatatype.FP16: "<f2",
+    TensorDatatype.FP32: "<f4",
+    TensorDatatype.FP64: "<f8",
+}
+_DATATYPES = {np.dtype(code): datatype for datatype, code in _NUMPY_TYPES.items()}
+
+
+class RejectedRecord(Exception):
+    """A record that can never be served; it goes to the DLQ with ``reason``."""
+
+    def __init__(self, reason: str, message: str, error_class: str = "RejectedRecord") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.error_class = error_class
+
+
+@functools.cache
+def _request_codec(max_message_bytes: int) -> AvroCodec:
+    return AvroCodec(default_catalog(), Limits(max_message_bytes=max_message_bytes))
+
+
+def decode_request(value: bytes, max_message_bytes: int) -> InferenceRequest:
+    try:
+        return _request_codec(max_message_bytes).decode(value, InferenceRequest)
+    except DecodeError as error:
+        raise RejectedRecord(str(error.reason), error.detail, type(error).__name__) from error
+
+
+def check_model(request: InferenceRequest, model: str) -> None:
+    if request.model != model:
+        raise RejectedRecord(
+            "unknown_model", f"request for model {request.model!r} arrived on {model!r}'s topic"
+        )
+
+
+def to_row(request: InferenceRequest, model: ModelSettings) -> RowInput:
+    """Turn one request's inputs into backend inputs, or reject it with a reason."""
+    inputs = request.inputs
+    if inputs.tensors is not None:
+        return RowInput(
+            tensors={t.name: _tensor_to_array(t) for t in inputs.tensors}, explain=request.explain
+        )
+    if inputs.features is not None:
+        if model.backend != "triton" or not model.feature_order:
+            raise RejectedRecord("unsupported_input", "this model takes no feature records")
+        row = np.empty((1, len(model.feature_order)), dtype=np.float32)
+        for column, name in enumerate(model.feature_order):
+            value = inputs.features.get(name)
+            if value is None or isinstance(value, str):
+                reason = "missing_feature" if value is None else "invalid_feature"
+                raise RejectedRecord(reason, f"feature {name!r} must be a number, got {value!r}")
+            row[0, column] = float(value)
+        return RowInput(tensors={model.input_name: row}, explain=request.explain)
+    text = inputs.text
+    assert text is not None  # the contract guarantees exactly one input shape
+    if model.backend != "vllm":
+        raise RejectedRecord("unsupported_input", "this model takes no text")
+    params = text.params
+    wants_logprobs = request.explain or (params is not None and params.logprobs is not None)
+    return RowInput(
+        text=TextPrompt(
+            prompt=text.prompt,
+            messages=tuple((m.role.value, m.content) for m in text.messages or ()),
+            max_tokens=(params.max_tokens if params and params.max_tokens else 64),
+            temperature=(params.temperature if params and params.temperature is not None else 0.0),
+            top_p=(params.top_p if params and params.top_p is not None else 1.0),
+            stop=tuple(params.stop or ()) if params else (),
+            logprobs=(
+                (params.logprobs if params and params.logprobs else 1) if wants_logprobs else None
+            ),
+        ),
+        explain=request.explain,
+    )
+
+
+def _tensor_to_array(tensor: Tensor) -> np.ndarray[Any, Any]:
+    code = _NUMPY_TYPES.get(tensor.datatype)
+    if code is None:
+        raise RejectedRecord("unsupported_datatype", f"tensor {tensor.name!r}: {tensor.datatype}")
+    array = np.frombuffer(tensor.data, dtype=code).reshape(tensor.shape)
+    if array.ndim == 0:
+        raise RejectedRecord("invalid_shape", f"tensor {tensor.name!r} needs a batch axis")
+    return array
+
+
+def _array_to_tensor(name: str, array: np.ndarray[Any, Any]) -> Tensor:
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    datatype = _DATATYPES[np.dtype(little.dtype.str)]
+    return Tensor(name=name, datatype=datatype, shape=list(array.shape), data=little.tobytes())
+
+
+def pinned_version(request: InferenceRequest) -> str | None:
+    return request.model_version
+
+
+def routing_key(request: InferenceRequest, message: Message) -> str:
+    key = message.key()
+    return key.decode(errors="replace") if isinstance(key, bytes) else str(request.request_id)
+
+
+def deadline_ms(request: InferenceRequest) -> int | None:
+    return None if request.deadline is None else int(request.deadline.timestamp() * 1000)
+
+
+def request_id(request: InferenceRequest) -> str:
+    return str(request.request_id)
+
+
+def reply_to(request: InferenceRequest) -> str | None:
+    return request.reply_to
+
+
+def full_record(
+    request: InferenceRequest, output: RowOutput, model: str, version: str
+) -> dict[str, Any]:
+    """The complete result as stored in the segment: every output, every attribution."""
+    record: dict[str, Any] = {
+        "request_id": str(request.request_id),
+        "model": model,
+        "model_version": version,
+        "outputs": {name: array.tolist() for name, array in output.tensors.items()},
+    }
+    if output.text is not None:
+        record["text"] = output.text
+        record["finish_reason"] = output.finish_reason
+    if output.token_logprobs:
+        record["token_logprobs"] = [
+            {"token": t.token, "logprob": t.logprob, "top": [list(pair) for pair in t.top]}
+            for t in output.token_logprobs
+        ]
+    if request.custom_id is not None:
+        record["custom_id"] = request.custom_id
+    return record
+
+
+def _inline_outputs(output: RowOutput) -> Outputs | None:
+    if output.text is not None:
+        return Outputs(
+            text=TextOutput(
+                text=output.text,
+                finish_reason=output.finish_reason,
+                prompt_tokens=output.usage.get("prompt_tokens"),
+                completion_tokens=output.usage.get("completion_tokens"),
+            )
+        )
+    small = {
+        name: array
+        for name, array in output.tensors.items()
+        if name != ATTRIBUTIONS_OUTPUT and array.nbytes <= INLINE_OUTPUT_BYTES
+    }
+    if not small:
+        return None
+    return Outputs(tensors=[_array_to_tensor(name, array) for name, array in small.items()])
+
+
+def _explanation(output: RowOutput, feature_names: Sequence[str]) -> ExplanationSummary | None:
+    if output.token_logprobs:
+        return ExplanationSummary(
+            method="token_logprobs",
+            token_logprobs=[
+                TokenLogprob(token=t.token, logprob=t.logprob) for t in output.token_logprobs
+            ],
+        )
+    attributions = output.tensors.get(ATTRIBUTIONS_OUTPUT)
+    if attributions is None or not feature_names:
+        return None
+    values = np.asarray(attributions, dtype=np.float64).reshape(-1)[: len(feature_names)]
+    top = np.argsort(-np.abs(values))[:TOP_K_ATTRIBUTIONS]
+    return ExplanationSummary(
+        method="attributions",
+        attributions=[Attribution(feature=feature_names[i], value=float(values[i])) for i in top],
+    )
+
+
+def ok_result(
+    request: InferenceRequest,
+    output: RowOutput,
+    *,
+    model: str,
+    version: str,
+    worker_id: str,
+    feature_names: Sequence[str] = (),
+    bucket: str,
+    key: str,
+    etag: str,
+    offset: int,
+    length: int,
+    queued_ms: float,
+    backend_ms: float,
+    total_ms: float,
+) -> InferenceResult:
+    return InferenceResult(
+        request_id=request.request_id,
+        correlation_id=request.correlation_id,
+        status=ResultStatus.OK,
+        model=model,
+        model_version=version,
+        outputs=_inline_outputs(output),
+        explanation=_explanation(output, feature_names) if request.explain else None,
+        payload_ref=SegmentRef(bucket=bucket, key=key, etag=etag, offset=offset, length=length),
+        timings=Timings(
+            queued_ms=max(queued_ms, 0.0),
+            backend_ms=max(backend_ms, 0.0),
+            total_ms=max(total_ms, 0.0),
+        ),
+        worker_id=worker_id,
+        batch_job_id=request.batch_job_id,
+        custom_id=request.custom_id,
+        trace=request.trace,
+    )
+
+
+def expired_result(request: InferenceRequest, *, model: str, worker_id: str) -> InferenceResult:
+    return InferenceResult(
+        request_id=request.request_id,
+        correlation_id=request.correlation_id,
+        status=ResultStatus.EXPIRED,
+        error_code="deadline_exceeded",
+        error_message="the request's deadline passed before it could be served",
+        model=model,
+        worker_id=worker_id,
+        batch_job_id=request.batch_job_id,
+        custom_id=request.custom_id,
+        trace=request.trace,
+    )
+
+
+def encode_result(result: InferenceResult) -> tuple[bytes, list[tuple[str, bytes]]]:
+    return schemas.encode(result), message_headers(result.AVRO_NAME)
+
+
+def encode_dead_letter(
+    message: Message,
+    reason: str,
+    detail: str,
+    error_class: str,
+    attempts: int,
+    now_ms: int,
+    *,
+    model: str,
+    worker_id: str,
+    request_id: str | None = None,
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The dead letter keeps the original bytes; its headers say why without decoding."""
+    now = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
+    _, timestamp_ms = message.timestamp()
+    raw_headers = message.headers() or []
+    pairs = raw_headers.items() if isinstance(raw_headers, dict) else raw_headers
+    original_headers = [
+        Header(key=name, value=value if isinstance(value, bytes) else None) for name, value in pairs
+    ]
+    key = message.key()
+    letter = DeadLetter(
+        original_topic=str(message.topic()),
+        original_partition=int(message.partition() or 0),
+        original_offset=int(message.offset() or 0),
+        original_key=key if isinstance(key, bytes) else None,
+        original_value=message.value(),
+        original_headers=original_headers or None,
+        original_timestamp=(
+            datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC) if timestamp_ms > 0 else None
+        ),
+        error_class=error_class[:200] or "Error",
+        reason_code=reason,
+        reason_message=detail[:4000] or reason,
+        attempts=attempts,
+        first_failure_at=now,
+        last_failure_at=now,
+        request_id=request_id,
+        model=model,
+        worker_id=worker_id,
+    )
+    headers = [
+        *message_headers(letter.AVRO_NAME),
+        ("sluiceway-dlq-reason", reason.encode()),
+        ("sluiceway-dlq-error-class", error_class.encode()),
+        ("sluiceway-dlq-attempts", str(attempts).encode()),
+    ]
+    return schemas.encode(letter), headers

@@ -1,0 +1,63 @@
+"""Building a worker from settings and running it until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+from pipeline.backends import Backend
+from pipeline.backends.triton import TritonBackend
+from pipeline.kafka.admin import control_topic_spec, ensure_topics, model_topic_specs
+from pipeline.settings import Settings
+from pipeline.storage.client import ensure_bucket, make_client
+from pipeline.storage.store import SegmentStore
+from pipeline.topics import ModelTopics
+from workers.inference.worker import InferenceWorker, WorkerStats
+
+
+def build_backends(settings: Settings, models: Sequence[str]) -> dict[str, Backend]:
+    kinds = {settings.models[model].backend for model in models}
+    backends: dict[str, Backend] = {}
+    if "triton" in kinds:
+        backends["triton"] = TritonBackend.from_settings(settings.backends.triton)
+    if "vllm" in kinds:
+        from pipeline.backends.vllm import VllmBackend
+
+        backends["vllm"] = VllmBackend.from_settings(settings.backends.vllm)
+    return backends
+
+
+def prepare_topics_and_bucket(settings: Settings, models: Sequence[str]) -> None:
+    specs = [control_topic_spec(settings.namespace)]
+    for model in models:
+        specs.extend(model_topic_specs(ModelTopics(settings.namespace, model)))
+    ensure_topics(settings.kafka, specs)
+    ensure_bucket(make_client(settings.object_store), settings.object_store.bucket)
+
+
+async def run_worker(settings: Settings, models: Sequence[str]) -> WorkerStats:
+    """Run one worker for ``models``; SIGTERM or SIGINT drains it and returns its stats."""
+    prepare_topics_and_bucket(settings, models)
+    backends = build_backends(settings, models)
+    store = SegmentStore(make_client(settings.object_store), settings.object_store.bucket)
+    worker = InferenceWorker(settings, models, backends, store)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.stop)
+    if settings.workers.metrics_port is not None:
+        worker.metrics.serve(settings.workers.metrics_port)
+    try:
+        return await worker.run()
+    finally:
+        for backend in backends.values():
+            await backend.close()
+        store.close()
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level,
+        format='%(asctime)s level="%(levelname)s" logger="%(name)s" %(message)s',
+    )

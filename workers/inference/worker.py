@@ -1,0 +1,688 @@
+"""The inference worker: Kafka requests in, micro-batches to a backend, outcomes out.
+
+One asyncio loop owns all state; confluent-kafka's consumer runs on one dedicated thread
+(every consumer call goes through it, rebalance callbacks included), the producer acknowledges
+through futures, and the object store writes on a small thread pool.
+
+Life of a record:
+
+1. Consumed: its offset is tracked in the partition's watermark.
+2. Decoded and validated; anything wrong goes to the DLQ with a reason at once.
+3. Queued in the micro-batcher under (model, serving version); real-time ahead of bulk.
+4. Served in a batch: one backend call (retried with backoff while transient, never past the
+   deadline), one segment object, one result per request (and one on ``reply_to``).
+5. Completed when every outcome is acknowledged; the committer then commits the partition's
+   low watermark. An expired request is answered ``expired``; a transient outage never
+   dead-letters: the breaker opens, partitions pause, and the batch waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from pipeline.backends import Backend, BackendError, RowOutput
+from pipeline.batching import Batch, Lane, MicroBatcher, Pending
+from pipeline.kafka.producer import AsyncProducer, DeliveryError
+from pipeline.kafka.watermark import OffsetTracker
+from pipeline.metrics import BREAKER_STATE_VALUES, WorkerMetrics
+from pipeline.resilience import BreakerState, CircuitBreaker, RetryPolicy
+from pipeline.routing import RoutingTable
+from pipeline.settings import Settings, SettingsError
+from pipeline.storage.exceptions import ObjectStoreError
+from pipeline.storage.segments import build_segment
+from pipeline.storage.store import SegmentStore
+from pipeline.topics import ModelTopics, control_topic
+from workers.inference import contracts
+from workers.inference.contracts import RejectedRecord
+from workers.inference.control import ControlFollower
+
+log = logging.getLogger("sluiceway.worker")
+
+BatchKey = tuple[str, str | None]  # (model, version)
+CONTROL_POLL_INTERVAL_S = 0.2
+
+
+@dataclass
+class Record:
+    """A consumed record on its way through the worker."""
+
+    message: Message
+    request: contracts.Request
+    row: Any
+    received_at: float
+    attempts: int = 0
+    first_failure_ms: int | None = None
+
+    @property
+    def position(self) -> tuple[str, int, int]:
+        return (
+            str(self.message.topic()),
+            int(self.message.partition() or 0),
+            int(self.message.offset() or 0),
+        )
+
+
+@dataclass
+class WorkerStats:
+    consumed: int = 0
+    results: int = 0
+    dead_lettered: int = 0
+    expired: int = 0
+    batches: int = 0
+    commits: int = 0
+    retries: int = 0
+    paused: set[tuple[str, int]] = field(default_factory=set)
+
+
+class InferenceWorker:
+    """Serves the named models until :meth:`stop` is called or the task is cancelled."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        models: Sequence[str],
+        backends: Mapping[str, Backend],
+        store: SegmentStore,
+        *,
+        routing: RoutingTable | None = None,
+        retry: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        group_id: str | None = None,
+    ) -> None:
+        unknown = [m for m in models if m not in settings.models]
+        if unknown:
+            raise SettingsError(f"models not in settings.models: {unknown}")
+        self.settings = settings
+        self.models = list(models)
+        self.backends = dict(backends)
+        self.store = store
+        self.routing = routing or RoutingTable(
+            {m: v for m in models if (v := settings.models[m].default_version) is not None}
+        )
+        self.retry = retry or RetryPolicy()
+        self.clock = clock
+        self.worker_id = settings.workers.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.group_id = group_id or f"{settings.namespace}.worker.{'-'.join(sorted(models))}"
+        self.topics = {m: ModelTopics(settings.namespace, m) for m in models}
+        self.metrics = WorkerMetrics()
+        self.stats = WorkerStats()
+        workers = settings.workers
+        self.batcher: MicroBatcher[BatchKey, Record] = MicroBatcher(
+            workers.max_batch_size, workers.max_wait_ms / 1000.0, clock
+        )
+        self.tracker = OffsetTracker()
+        self.breakers: dict[tuple[str, str], CircuitBreaker] = {}
+        self._in_flight_batches: dict[str, int] = dict.fromkeys(
+            {self._backend_name(m) for m in models}, 0
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._consumer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="consumer")
+        self._consumer: Consumer | None = None
+        self._producer: AsyncProducer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_commit = 0.0
+        self._last_control_poll = 0.0
+        self._control: ControlFollower | None = None
+        self._fatal: BaseException | None = None
+        self._assignment: set[tuple[str, int]] = set()
+
+    # ----------------------------------------------------------------- wiring
+
+    def _backend_name(self, model: str) -> str:
+        return self.settings.models[model].backend
+
+    def _breaker(self, model: str) -> CircuitBreaker:
+        backend = self.backends[self._backend_name(model)]
+        key = (backend.endpoint, model)
+        if key not in self.breakers:
+            name = f"{backend.endpoint}/{model}"
+            self.breakers[key] = CircuitBreaker(
+                name, clock=self.clock, on_state_change=self._on_breaker
+            )
+            self.metrics.breaker_state.labels(name).set(0)
+        return self.breakers[key]
+
+    def _on_breaker(self, name: str, old: BreakerState, new: BreakerState) -> None:
+        log.warning('breaker="%s" from="%s" to="%s"', name, old.value, new.value)
+        self.metrics.breaker_state.labels(name).set(BREAKER_STATE_VALUES[new.value])
+
+    def _consumer_config(self) -> dict[str, Any]:
+        return {
+            **self.settings.kafka.client_config(),
+            "group.id": self.group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "max.poll.interval.ms": 300_000,
+            "fetch.max.bytes": 16 * 1024 * 1024,
+        }
+
+    def _producer_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            **self.settings.kafka.client_config(),
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 2,
+            "compression.type": "lz4",
+            "message.max.bytes": self.settings.workers.max_message_bytes + 65536,
+        }
+        if self.settings.workers.exactly_once:
+            config["transactional.id"] = f"{self.group_id}-{self.worker_id}"
+            config["transaction.timeout.ms"] = 15_000
+        return config
+
+    async def _on_consumer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._consumer_thread, fn, *args)
+
+    # ------------------------------------------------------------- main loop
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> WorkerStats:
+        """Consume, batch, serve and commit until stopped; then drain and let go."""
+        self._loop = asyncio.get_running_loop()
+        self._producer = AsyncProducer(self._producer_config())
+        if self.settings.workers.exactly_once:
+            await self._on_consumer(self._producer.raw.init_transactions, 30)
+            self._producer.raw.begin_transaction()
+        self._control = ControlFollower(
+            self.settings.kafka.client_config(),
+            control_topic(self.settings.namespace),
+            self.routing,
+        )
+        await self._on_consumer(self._control.poll, 1.0)
+        self._consumer = Consumer(self._consumer_config())
+        topics = [t.requests for t in self.topics.values()] + [
+            t.batch for t in self.topics.values()
+        ]
+        self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        log.info(
+            'worker="%s" group="%s" topics="%s" starting', self.worker_id, self.group_id, topics
+        )
+        try:
+            while not self._stop.is_set():
+                await self._step()
+            if self._fatal is None:
+                await self._drain(flush_all=True)
+                await self._commit()
+        finally:
+            if self._fatal is None:
+                await self._on_consumer(self._consumer.close)
+            if self._control is not None:
+                await self._on_consumer(self._control.close)
+            remaining = self._producer.close(timeout_s=5 if self._fatal else 30)
+            self._consumer_thread.shutdown(wait=self._fatal is None)
+            log.info('worker="%s" stopped undelivered="%d"', self.worker_id, remaining)
+        if self._fatal is not None:
+            raise self._fatal
+        return self.stats
+
+    async def _step(self) -> None:
+        assert self._consumer is not None
+        wait = self.batcher.next_due_in()
+        timeout = 0.05 if wait is None else min(max(wait, 0.0), 0.05)
+        if self._saturated():
+            timeout = min(timeout, 0.01)
+        messages: list[Message] = await self._on_consumer(self._consumer.consume, 500, timeout)
+        for message in messages:
+            self._accept(message)
+        if self._control and self.clock() - self._last_control_poll >= CONTROL_POLL_INTERVAL_S:
+            self._last_control_poll = self.clock()
+            await self._on_consumer(self._control.poll, 0.0)
+        self._dispatch()
+        await self._apply_backpressure()
+        if self.clock() - self._last_commit >= self.settings.workers.commit_interval_ms / 1000:
+            await self._commit()
+
+    def _saturated(self) -> bool:
+        return self.tracker.in_flight() >= self.settings.workers.max_in_flight_records
+
+    # ------------------------------------------------------------ intake
+
+    def _accept(self, message: Message) -> None:
+        if message.error() is not None:
+            log.warning('consumer error="%s"', message.error())
+            return
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        assert topic is not None
+        assert partition is not None
+        assert offset is not None
+        self.tracker.track(topic, partition, offset)
+        self.stats.consumed += 1
+        self.metrics.consumed.labels(topic).inc()
+        model = self._model_of_topic(topic)
+        try:
+            request = contracts.decode_request(
+                message.value() or b"", self.settings.workers.max_message_bytes
+            )
+            contracts.check_model(request, model)
+            row = contracts.to_row(request, self.settings.models[model])
+        except RejectedRecord as rejected:
+            self._spawn(
+                self._dead_letter(
+                    [message], model, rejected.reason, str(rejected), rejected.error_class, 0
+                )
+            )
+            return
+        record = Record(message, request, row, self.clock())
+        version = contracts.pinned_version(request) or self.routing.version_for(
+            model, contracts.routing_key(request, message)
+        )
+        lane = Lane.BULK if topic == self.topics[model].batch else Lane.REALTIME
+        self.batcher.add((model, version), record, lane=lane, deadline=self._deadline(request))
+
+    def _model_of_topic(self, topic: str) -> str:
+        return topic[len(self.settings.namespace) + 1 :].rsplit(".", 1)[0]
+
+    def _deadline(self, request: contracts.Request) -> float | None:
+        deadline_ms = contracts.deadline_ms(request)
+        if deadline_ms is None:
+            return None
+        return self.clock() + (deadline_ms / 1000.0 - time.time())
+
+    # ---------------------------------------------------------- dispatch
+
+    def _dispatch(self, *, flush: bool = False) -> None:
+        limit = self.settings.workers.max_in_flight_batches
+
+        def servable(key: BatchKey) -> bool:
+            backend = self._backend_name(key[0])
+            return (
+                self._in_flight_batches[backend] < limit
+                and self._breaker(key[0]).state is not BreakerState.OPEN
+            )
+
+        while True:
+            batches, expired = self.batcher.take_due(limit=1, flush=flush, accept=servable)
+            if expired:
+                self._spawn(self._answer_expired([p.item for p in expired]))
+            if not batches:
+                return
+            batch = batches[0]
+            self._in_flight_batches[self._backend_name(batch.key[0])] += 1
+            self._spawn(self._serve(batch))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        # An outcome that could not be delivered must not be skipped: stop, and let the
+        # restart reprocess from the last committed offset.
+        log.error("worker task failed; stopping", exc_info=task.exception())
+        self._fatal = task.exception()
+        self._stop.set()
+
+    # ------------------------------------------------------------- serve
+
+    async def _serve(self, batch: Batch[BatchKey, Record]) -> None:
+        model, version = batch.key
+        backend_name = self._backend_name(model)
+        try:
+            await self._serve_batch(batch, model, version)
+        finally:
+            self._in_flight_batches[backend_name] -= 1
+
+    async def _serve_batch(
+        self, batch: Batch[BatchKey, Record], model: str, version: str | None
+    ) -> None:
+        backend = self.backends[self._backend_name(model)]
+        breaker = self._breaker(model)
+        records = [pending.item for pending in batch.items]
+        now = self.clock()
+        for pending in batch.items:
+            self.metrics.queue_wait.labels(model).observe(now - pending.enqueued_at)
+        self.metrics.batch_size.labels(model).observe(len(records))
+        started = self.clock()
+        attempts = 0
+        while True:
+            if not breaker.allow():
+                self.batcher.requeue(batch.key, batch.items)
+                return
+            attempts += 1
+            call_started = self.clock()
+            try:
+                outputs = await backend.infer(model, version, [r.row for r in records])
+            except BackendError as error:
+                duration = self.clock() - call_started
+                if not error.transient:
+                    breaker.record_success(duration)  # the backend answered; the input is wrong
+                    await self._dead_letter(
+                        [r.message for r in records],
+                        model,
+                        error.reason,
+                        str(error),
+                        type(error).__name__,
+                        attempts,
+                    )
+                    return
+                breaker.record_failure(duration)
+                delay = self.retry.next_delay(
+                    attempts, self.clock() - started, self._time_left(batch.items)
+                )
+                if delay is None:
+                    # Out of retries, not out of hope: the batch waits for the backend.
+                    self.batcher.requeue(batch.key, batch.items)
+                    return
+                self.stats.retries += 1
+                self.metrics.retries.labels(backend.endpoint, model).inc()
+                log.info(
+                    'model="%s" retry="%d" delay_s="%.3f" reason="%s"',
+                    model,
+                    attempts,
+                    delay,
+                    error.reason,
+                )
+                await asyncio.sleep(delay)
+                continue
+            breaker.record_success(self.clock() - call_started)
+            self.metrics.backend_latency.labels(backend.endpoint, model).observe(
+                self.clock() - call_started
+            )
+            break
+        served, retry_rows, rejected = self._split_outcomes(records, outputs)
+        if retry_rows:
+            retry_ids = {id(record) for record in retry_rows}
+            self.batcher.requeue(batch.key, [p for p in batch.items if id(p.item) in retry_ids])
+        for record, row_error in rejected:
+            self._spawn(
+                self._dead_letter(
+                    [record.message],
+                    model,
+                    row_error.reason,
+                    str(row_error),
+                    type(row_error).__name__,
+                    attempts,
+                )
+            )
+        if served:
+            await self._publish_results(model, version, served, backend_s=self.clock() - started)
+
+    def _time_left(self, items: Sequence[Pending[Record]]) -> float | None:
+        deadlines = [p.deadline for p in items if p.deadline is not None]
+        return min(deadlines) - self.clock() if deadlines else None
+
+    @staticmethod
+    def _split_outcomes(
+        records: Sequence[Record], outputs: Sequence[RowOutput | BackendError]
+    ) -> tuple[list[tuple[Record, RowOutput]], list[Record], list[tuple[Record, BackendError]]]:
+        if len(outputs) != len(records):
+            raise RuntimeError(f"backend returned {len(outputs)} outputs for {len(records)} rows")
+        served: list[tuple[Record, RowOutput]] = []
+        retry: list[Record] = []
+        rejected: list[tuple[Record, BackendError]] = []
+        for record, output in zip(records, outputs, strict=True):
+            if isinstance(output, BackendError):
+                (retry.append(record) if output.transient else rejected.append((record, output)))
+            else:
+                served.append((record, output))
+        return served, retry, rejected
+
+    async def _publish_results(
+        self,
+        model: str,
+        version: str | None,
+        served: Sequence[tuple[Record, RowOutput]],
+        backend_s: float,
+    ) -> None:
+        """Segment first, then results; the offsets complete only when both are acknowledged."""
+        assert self._producer is not None
+        served_version = version or "latest"
+        full = [contracts.full_record(r.request, out, model, served_version) for r, out in served]
+        ids = [contracts.request_id(r.request) for r, _ in served]
+        segment = build_segment(model, served_version, full, ids, datetime.now(UTC))
+        etag = await self._put_with_retry(segment)
+        now = self.clock()
+        sends = []
+        for (record, output), span in zip(served, segment.spans, strict=True):
+            result = contracts.ok_result(
+                record.request,
+                output,
+                model=model,
+                version=served_version,
+                worker_id=self.worker_id,
+                feature_names=self.settings.models[model].feature_order,
+                bucket=self.store.bucket,
+                key=segment.key,
+                etag=etag,
+                offset=span.offset,
+                length=span.length,
+                queued_ms=(now - record.received_at - backend_s) * 1000,
+                backend_ms=backend_s * 1000,
+                total_ms=(now - record.received_at) * 1000,
+            )
+            sends.append(self._send_outcome(record, model, result, "ok"))
+        await asyncio.gather(*sends)
+        self.stats.batches += 1
+
+    async def _put_with_retry(self, segment: Any) -> str:
+        attempts = 0
+        started = self.clock()
+        while True:
+            attempts += 1
+            try:
+                return await self.store.put(segment)
+            except ObjectStoreError as error:
+                delay = (
+                    self.retry.next_delay(attempts, self.clock() - started)
+                    if error.transient
+                    else None
+                )
+                if delay is None:
+                    delay = self.retry.max_delay_s  # the object store must come back; keep trying
+                log.warning(
+                    'segment="%s" put failed error="%s" retry_in_s="%.2f"',
+                    segment.key,
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _send_outcome(self, record: Record, model: str, result: Any, status: str) -> None:
+        assert self._producer is not None
+        value, headers = contracts.encode_result(result)
+        key = record.message.key()
+        sends = [self._producer.send(self.topics[model].results, value, key=key, headers=headers)]
+        reply_to = contracts.reply_to(record.request)
+        if reply_to:
+            sends.append(self._producer.send(reply_to, value, key=key, headers=headers))
+        await self._deliver(sends)
+        self.stats.results += 1
+        self.metrics.produced.labels(model, status).inc()
+        self.tracker.complete(*record.position)
+
+    async def _deliver(self, sends: list[Any]) -> None:
+        try:
+            await asyncio.gather(*sends)
+        except DeliveryError as error:
+            # librdkafka already retried within its delivery timeout: the broker is gone for
+            # long. The offset stays uncommitted and the task failure stops the worker.
+            log.error('delivery failed topic="%s" error="%s"', error.topic, error)
+            raise
+
+    async def _answer_expired(self, records: Sequence[Record]) -> None:
+        sends = []
+        for record in records:
+            model = self._model_of_topic(str(record.message.topic()))
+            result = contracts.expired_result(record.request, model=model, worker_id=self.worker_id)
+            sends.append(self._send_outcome(record, model, result, "expired"))
+            self.stats.expired += 1
+        await asyncio.gather(*sends)
+
+    async def _dead_letter(
+        self,
+        messages: Sequence[Message],
+        model: str,
+        reason: str,
+        detail: str,
+        error_class: str,
+        attempts: int,
+    ) -> None:
+        assert self._producer is not None
+        now_ms = int(time.time() * 1000)
+        sends = []
+        for message in messages:
+            value, headers = contracts.encode_dead_letter(
+                message,
+                reason,
+                detail,
+                error_class,
+                attempts,
+                now_ms,
+                model=model,
+                worker_id=self.worker_id,
+            )
+            sends.append(
+                self._producer.send(
+                    self.topics[model].dlq, value, key=message.key(), headers=headers
+                )
+            )
+        await self._deliver(sends)
+        for message in messages:
+            self.stats.dead_lettered += 1
+            self.metrics.dead_lettered.labels(model, reason).inc()
+            log.info(
+                'dlq model="%s" reason="%s" partition="%s[%s]" offset="%s"',
+                model,
+                reason,
+                message.topic(),
+                message.partition(),
+                message.offset(),
+            )
+            self.tracker.complete(
+                str(message.topic()), int(message.partition() or 0), int(message.offset() or 0)
+            )
+
+    # ----------------------------------------------------- back-pressure
+
+    async def _apply_backpressure(self) -> None:
+        """Pause what cannot be served now; resume it when it can.
+
+        1. Too many records without an outcome: pause every assigned partition.
+        2. A model whose breaker is open: pause that model's partitions.
+        3. Real-time work waiting: pause the bulk topics, so batch jobs only use spare capacity.
+        """
+        assert self._consumer is not None
+        saturated = self._saturated()
+        realtime_waiting = self.batcher.has_lane(Lane.REALTIME)
+        should_pause: set[tuple[str, int]] = set()
+        for topic, partition in self._assignment:
+            model = self._model_of_topic(topic)
+            open_breaker = self._breaker(model).state is BreakerState.OPEN
+            bulk = topic == self.topics[model].batch
+            if saturated or open_breaker or (bulk and realtime_waiting):
+                should_pause.add((topic, partition))
+        to_pause = should_pause - self.stats.paused
+        to_resume = self.stats.paused - should_pause
+        if to_pause:
+            await self._on_consumer(self._consumer.pause, _partitions(to_pause))
+        if to_resume:
+            await self._on_consumer(self._consumer.resume, _partitions(to_resume))
+        self.stats.paused = should_pause
+        self.metrics.paused_partitions.set(len(should_pause))
+        self.metrics.in_flight.set(self.tracker.in_flight())
+
+    # ------------------------------------------------------------ commit
+
+    async def _commit(self) -> None:
+        if self.settings.workers.exactly_once:
+            # Step 1 of the transactional commit: every consumed record gets its outcome.
+            await self._drain(flush_all=True)
+        await self._on_consumer(self._commit_on_consumer_thread)
+
+    def _commit_on_consumer_thread(self) -> None:
+        """Commit every partition whose watermark moved (runs on the consumer thread).
+
+        At-least-once: a plain synchronous offset commit. Exactly-once, after the drain:
+        2. send the positions into the open transaction and commit it,
+        3. begin the next transaction.
+        """
+        assert self._consumer is not None
+        assert self._producer is not None
+        self._last_commit = self.clock()
+        pending = self.tracker.pending_commits()
+        if self.settings.workers.exactly_once:
+            if pending:
+                producer = self._producer.raw
+                metadata = self._consumer.consumer_group_metadata()
+                producer.send_offsets_to_transaction(_partitions_at(pending), metadata, 30)
+                producer.commit_transaction(30)
+                producer.begin_transaction()
+        elif pending:
+            self._consumer.commit(offsets=_partitions_at(pending), asynchronous=False)
+        if pending:
+            self.tracker.mark_committed(pending)
+            self.stats.commits += 1
+
+    # ------------------------------------------------- drain, rebalance
+
+    async def _drain(self, *, flush_all: bool, timeout_s: float | None = None) -> bool:
+        """Serve everything queued and wait for every outcome (bounded by the drain timeout)."""
+        deadline = self.clock() + (timeout_s or self.settings.workers.drain_timeout_s)
+        while self.clock() < deadline:
+            self._dispatch(flush=flush_all)
+            if not self._tasks and len(self.batcher) == 0:
+                return True
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=0.05)
+            else:
+                await asyncio.sleep(0.01)  # queued work waits for a breaker or a slot
+        return False
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assignment |= {(tp.topic, tp.partition) for tp in partitions}
+        log.info('assigned="%s"', [f"{tp.topic}[{tp.partition}]" for tp in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Runs on the consumer thread inside ``consume``: finish the partitions' work, commit.
+
+        1. Drain in-flight work on the event loop (free while this thread is in a call).
+        2. Commit what completed.
+        3. Forget the partitions; their queued leftovers are redelivered to the new owner.
+        """
+        assert self._loop is not None
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        log.info('revoked="%s"', sorted(revoked))
+        # Step 1.
+        drained = asyncio.run_coroutine_threadsafe(
+            self._drain(flush_all=True, timeout_s=self.settings.workers.drain_timeout_s), self._loop
+        )
+        with contextlib.suppress(Exception):
+            drained.result(timeout=self.settings.workers.drain_timeout_s + 5)
+        # Step 2.
+        self._commit_on_consumer_thread()
+        # Step 3.
+        self.batcher.discard(lambda record: record.position[:2] in revoked)
+        self.tracker.forget(list(revoked))
+        self.stats.paused -= revoked
+        self._assignment -= revoked
+
+
+def _partitions(keys: set[tuple[str, int]]) -> list[TopicPartition]:
+    return [TopicPartition(topic, partition) for topic, partition in sorted(keys)]
+
+
+def _partitions_at(offsets: Mapping[tuple[str, int], int]) -> list[TopicPartition]:
+    return [
+        TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()
+    ]
