@@ -27,9 +27,7 @@ def scaler_request(index: int, **fields: object) -> InferenceRequest:
     )
 
 
-def publish(
-    settings: Settings, topic: str, values: Iterable[tuple[bytes | None, bytes]]
-) -> int:
+def publish(settings: Settings, topic: str, values: Iterable[tuple[bytes | None, bytes]]) -> int:
     producer = Producer({**settings.kafka.client_config(), "acks": "all", "linger.ms": 5})
     errors: list[object] = []
     count = 0
@@ -87,8 +85,10 @@ def collect(
                 if message.topic() == dlq_topic:
                     letter = schemas.decode(message.value() or b"", DeadLetter)
                     letters.append(letter)
-                    seen.add(f"dlq:{letter.original_topic}:{letter.original_partition}:"
-                             f"{letter.original_offset}")
+                    seen.add(
+                        f"dlq:{letter.original_topic}:{letter.original_partition}:"
+                        f"{letter.original_offset}"
+                    )
                 else:
                     result = schemas.decode(message.value() or b"", InferenceResult)
                     results.append(result)
@@ -98,7 +98,9 @@ def collect(
     return Collected(results, letters)
 
 
-def committed_offsets(settings: Settings, group: str, topic: str, partitions: int) -> dict[int, int]:
+def committed_offsets(
+    settings: Settings, group: str, topic: str, partitions: int
+) -> dict[int, int]:
     consumer = Consumer({**settings.kafka.client_config(), "group.id": group})
     try:
         committed = consumer.committed(
@@ -138,11 +140,11 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def start_worker(settings: Settings, log_path: Path, **extra_env: str) -> subprocess.Popen[bytes]:
-    log = log_path.open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "worker", "--model", "scaler"],
-        cwd=REPO_ROOT,
-        env=worker_env(settings, **extra_env),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker", "--model", "scaler"],
+            cwd=REPO_ROOT,
+            env=worker_env(settings, **extra_env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )

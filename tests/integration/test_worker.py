@@ -1,0 +1,176 @@
+"""The inference worker against the real Kafka, MinIO and Triton, run as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import schemas
+from pipeline.kafka.admin import control_topic_spec, ensure_topics, model_topic_specs
+from pipeline.settings import Settings
+from pipeline.storage.client import ensure_bucket, make_client
+from pipeline.topics import ModelTopics
+from schemas.models import InferenceRequest, Inputs, ResultStatus
+from tests.integration import traffic
+
+GROUP = "{namespace}.worker.scaler"
+
+
+@pytest.fixture
+def topics(settings: Settings) -> ModelTopics:
+    model_topics = ModelTopics(settings.namespace, "scaler")
+    ensure_topics(
+        settings.kafka,
+        [control_topic_spec(settings.namespace), *model_topic_specs(model_topics)],
+    )
+    ensure_bucket(make_client(settings.object_store), settings.object_store.bucket)
+    return model_topics
+
+
+class Workers:
+    """Worker subprocesses of one test; every one is stopped at the end."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, **env: str) -> subprocess.Popen[bytes]:
+        log = self.log_dir / f"worker-{len(self.processes)}.log"
+        process = traffic.start_worker(self.settings, log, **env)
+        self.processes.append(process)
+        return process
+
+    def stop(self, process: subprocess.Popen[bytes]) -> int:
+        process.send_signal(signal.SIGTERM)
+        return process.wait(60)
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(30)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.log_dir.glob("*.log"))
+
+
+@pytest.fixture
+def workers(settings: Settings, tmp_path: Path) -> Iterator[Workers]:
+    running = Workers(settings, tmp_path)
+    yield running
+    running.close()
+
+
+def _assert_stored(settings: Settings, results: list[schemas.InferenceResult]) -> None:
+    store = make_client(settings.object_store)
+    keys = {r.payload_ref.key for r in results if r.payload_ref is not None}
+    for key in keys:
+        assert store.stat_object(settings.object_store.bucket, key).size > 0
+    sample = next(r for r in results if r.payload_ref is not None)
+    ref = sample.payload_ref
+    assert ref is not None
+    body = store.get_object(ref.bucket, ref.key, offset=ref.offset, length=ref.length)
+    try:
+        assert str(sample.request_id) in body.read().decode()
+    finally:
+        body.close()
+        body.release_conn()
+
+
+def test_every_request_gets_exactly_one_result_and_offsets_are_committed(
+    settings: Settings, topics: ModelTopics, workers: Workers
+) -> None:
+    count = 10_000
+    requests = [traffic.scaler_request(i) for i in range(count)]
+    traffic.publish_requests(settings, topics.requests, requests)
+    worker = workers.start()
+
+    got = traffic.collect(settings, topics.results, topics.dlq, count, timeout_s=120)
+    assert workers.stop(worker) == 0, workers.logs()
+
+    per_request = Counter(str(r.request_id) for r in got.results)
+    assert set(per_request) == {str(r.request_id) for r in requests}
+    assert max(per_request.values()) == 1
+    assert got.dead_letters == []
+    assert {r.status for r in got.results} == {ResultStatus.OK}
+    by_id = {str(r.request_id): r for r in got.results}
+    first = by_id[str(requests[7].request_id)]
+    assert first.model_version == "1"
+    assert first.outputs is not None
+    assert first.outputs.tensors is not None
+    _assert_stored(settings, got.results)
+    group = GROUP.format(namespace=settings.namespace)
+    assert traffic.committed_offsets(settings, group, topics.requests, 3) == traffic.end_offsets(
+        settings, topics.requests, 3
+    )
+
+
+SMALL_MESSAGE_LIMIT = 64 * 1024
+
+
+def _poison_values() -> dict[str, bytes]:
+    wrong_model = InferenceRequest(
+        request_id=traffic.scaler_request(0).request_id,
+        model="fraud",
+        inputs=Inputs(features={"f0": 1.0}),
+    )
+    missing_feature = InferenceRequest(
+        request_id=traffic.scaler_request(0).request_id,
+        model="scaler",
+        inputs=Inputs(features={"f0": 1.0, "f1": 2.0}),
+    )
+    return {
+        "random_bytes": os.urandom(64),
+        "truncated": schemas.encode(traffic.scaler_request(1))[:-7],
+        "unknown_model": schemas.encode(wrong_model),
+        "missing_feature": schemas.encode(missing_feature),
+        "oversized": b"\xc3\x01" + b"x" * (SMALL_MESSAGE_LIMIT + 10),
+    }
+
+
+def test_poison_messages_go_to_the_dlq_with_reasons_and_good_ones_are_served(
+    settings: Settings, topics: ModelTopics, workers: Workers
+) -> None:
+    poison = _poison_values()
+    good = [traffic.scaler_request(i) for i in range(300)]
+    values: list[tuple[bytes | None, bytes]] = []
+    for index, request in enumerate(good):
+        values.append((str(index).encode(), schemas.encode(request)))
+        if index % 60 == 0:
+            for name, value in poison.items():
+                values.append((name.encode(), value))
+    traffic.publish(settings, topics.requests, values)
+    poison_count = len(values) - len(good)
+    worker = workers.start(SLUICEWAY_WORKERS__MAX_MESSAGE_BYTES=str(SMALL_MESSAGE_LIMIT))
+
+    got = traffic.collect(settings, topics.results, topics.dlq, len(values), timeout_s=90)
+    assert workers.stop(worker) == 0, workers.logs()
+
+    assert sorted(str(r.request_id) for r in got.results) == sorted(str(r.request_id) for r in good)
+    assert len(got.dead_letters) == poison_count
+    reasons = Counter(
+        (letter.original_key or b"").decode() + "->" + letter.reason_code
+        for letter in got.dead_letters
+    )
+    assert reasons == {
+        "random_bytes->bad_marker": 5,
+        "truncated->truncated": 5,
+        "unknown_model->unknown_model": 5,
+        "missing_feature->missing_feature": 5,
+        "oversized->too_large": 5,
+    }
+    # The dead letter keeps the original bytes, so nothing is lost.
+    letter = next(x for x in got.dead_letters if x.reason_code == "truncated")
+    assert letter.original_value == poison["truncated"]
+    # No partition stalls: every offset of the request topic is committed.
+    group = GROUP.format(namespace=settings.namespace)
+    assert traffic.committed_offsets(settings, group, topics.requests, 3) == traffic.end_offsets(
+        settings, topics.requests, 3
+    )
