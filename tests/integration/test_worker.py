@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +16,15 @@ import pytest
 
 import schemas
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, model_topic_specs
-from pipeline.settings import Settings
+from pipeline.settings import Settings, load_settings
+from pipeline.stack import manager
+from pipeline.stack.services import TritonService
 from pipeline.storage.client import ensure_bucket, make_client
 from pipeline.topics import ModelTopics
 from schemas.models import InferenceRequest, Inputs, ResultStatus
 from tests.integration import traffic
+from tests.integration.endpoints import Endpoints
+from tests.integration.waiting import wait_for
 
 GROUP = "{namespace}.worker.scaler"
 
@@ -174,3 +181,124 @@ def test_poison_messages_go_to_the_dlq_with_reasons_and_good_ones_are_served(
     assert traffic.committed_offsets(settings, group, topics.requests, 3) == traffic.end_offsets(
         settings, topics.requests, 3
     )
+
+
+SLOW_WORKER = {
+    # Small batches, one at a time: slow enough that "mid-stream" is a real moment.
+    "SLUICEWAY_WORKERS__MAX_BATCH_SIZE": "8",
+    "SLUICEWAY_WORKERS__MAX_IN_FLIGHT_BATCHES": "1",
+}
+
+
+@pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
+def test_sigkill_mid_stream_then_restart_loses_nothing(
+    settings: Settings, topics: ModelTopics, workers: Workers, exactly_once: bool
+) -> None:
+    count = 6000
+    requests = [traffic.scaler_request(i) for i in range(count)]
+    traffic.publish_requests(settings, topics.requests, requests)
+    env = {**SLOW_WORKER, "SLUICEWAY_WORKERS__WORKER_ID": "restartable"}
+    if exactly_once:
+        env["SLUICEWAY_WORKERS__EXACTLY_ONCE"] = "true"
+    first = workers.start(**env)
+    # Mid-stream: some results are out (committed or not), most are not.
+    traffic.collect(settings, topics.results, topics.dlq, 800, timeout_s=60, read_committed=False)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(30) == -signal.SIGKILL
+
+    second = workers.start(**{k: v for k, v in env.items() if k not in SLOW_WORKER})
+    got = traffic.collect(settings, topics.results, topics.dlq, count, timeout_s=120)
+    assert workers.stop(second) == 0, workers.logs()
+
+    per_request = Counter(str(r.request_id) for r in got.results)
+    assert set(per_request) == {str(r.request_id) for r in requests}, workers.logs()
+    duplicates = sum(n - 1 for n in per_request.values())
+    print(f"exactly_once={exactly_once} duplicates={duplicates} of {count}")
+    if exactly_once:
+        assert duplicates == 0
+    assert got.dead_letters == []
+
+
+def _metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} not exposed")
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_triton_outage_opens_the_breaker_pauses_and_recovers_without_dlq(
+    settings: Settings, topics: ModelTopics, workers: Workers, endpoints: Endpoints
+) -> None:
+    if endpoints.source != "native stack":
+        pytest.fail("the outage test stops and restarts the native stack's Triton")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    worker = workers.start(
+        SLUICEWAY_WORKERS__METRICS_PORT=str(metrics_port),
+        SLUICEWAY_WORKERS__MAX_IN_FLIGHT_RECORDS="1000",
+    )
+    before = [traffic.scaler_request(i) for i in range(1000)]
+    traffic.publish_requests(settings, topics.requests, before)
+    traffic.collect(settings, topics.results, topics.dlq, len(before), timeout_s=60)
+
+    triton = TritonService(load_settings())
+    assert triton.process.stop()
+    try:
+        during = [traffic.scaler_request(i) for i in range(5000)]
+        traffic.publish_requests(settings, topics.requests, during)
+        wait_for(
+            lambda: _metric(metrics_port, "sluiceway_breaker_state{") == 2.0,
+            60,
+            "the breaker to open",
+        )
+        wait_for(
+            lambda: _metric(metrics_port, "sluiceway_paused_partitions") > 0,
+            30,
+            "partitions to pause",
+        )
+        rss_open = _rss_kib(worker.pid)
+        in_flight_peak = 0.0
+        outage_end = time.monotonic() + 30
+        while time.monotonic() < outage_end:
+            in_flight_peak = max(in_flight_peak, _metric(metrics_port, "sluiceway_in_flight"))
+            traffic.collect(settings, topics.results, topics.dlq, 1, timeout_s=2)
+        rss_late = _rss_kib(worker.pid)
+    finally:
+        manager.up(load_settings(), progress=lambda _line: None)
+
+    got = traffic.collect(settings, topics.results, topics.dlq, 6000, timeout_s=120)
+    assert workers.stop(worker) == 0, workers.logs()
+    served = {str(r.request_id) for r in got.results}
+    assert served == {str(r.request_id) for r in before + during}
+    assert got.dead_letters == []
+    # Bounded: consumption stopped at the in-flight limit and memory did not keep growing.
+    assert in_flight_peak <= 1000 + 500  # the limit plus at most one fetch
+    assert rss_late - rss_open < 50 * 1024
+
+
+def test_workers_joining_and_leaving_mid_stream_lose_nothing(
+    settings: Settings, topics: ModelTopics, workers: Workers
+) -> None:
+    count = 8000
+    requests = [traffic.scaler_request(i) for i in range(count)]
+    first, _second = workers.start(**SLOW_WORKER), workers.start(**SLOW_WORKER)
+    traffic.publish_requests(settings, topics.requests, requests)
+    traffic.collect(settings, topics.results, topics.dlq, 1500, timeout_s=60)
+    workers.start(**SLOW_WORKER)
+    traffic.collect(settings, topics.results, topics.dlq, 3000, timeout_s=60)
+    assert workers.stop(first) == 0, workers.logs()
+
+    got = traffic.collect(settings, topics.results, topics.dlq, count, timeout_s=180)
+    per_request = Counter(str(r.request_id) for r in got.results)
+    assert set(per_request) == {str(r.request_id) for r in requests}, workers.logs()
+    print(f"duplicates after two rebalances: {sum(n - 1 for n in per_request.values())}")
+    assert got.dead_letters == []
