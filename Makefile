@@ -27,6 +27,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/sluiceway schemas check
 
 unit: venv
 	$(BIN)/pytest -m "not integration"

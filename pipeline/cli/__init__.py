@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     "pipeline.cli.demo_cmd",
     "pipeline.cli.worker_cmd",
     "pipeline.cli.control_cmd",
+    "pipeline.cli.schemas_cmd",
 )
 
 Handler = Callable[[argparse.Namespace, Settings], int]

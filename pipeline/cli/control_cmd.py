@@ -42,12 +42,13 @@ def send_control_event(args: argparse.Namespace, settings: Settings) -> int:
     )
     ensure_topics(settings.kafka, [control_topic_spec(settings.namespace)])
     producer = Producer({**settings.kafka.client_config(), "acks": "all"})
+    headers: list[tuple[str, str | bytes | None]] = list(schemas.message_headers(event.AVRO_NAME))
     failures: list[str] = []
     producer.produce(
         control_topic(settings.namespace),
         schemas.encode(event),
         key=args.model,
-        headers=schemas.message_headers(event.AVRO_NAME),
+        headers=headers,
         on_delivery=lambda err, _msg: failures.append(str(err)) if err else None,
     )
     if producer.flush(15) or failures:

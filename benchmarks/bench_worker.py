@@ -1,0 +1,347 @@
+"""Worker throughput and latency against its practical ceiling and a naive loop, in one run.
+
+Run on the local stack (``sluiceway stack up`` first, or let this script do it)::
+
+    .venv/bin/python benchmarks/bench_worker.py [--requests 50000]
+
+Figures, all measured in this process run on this machine (absolute numbers on shared
+machines drift; the ratios are the result):
+
+(a) ceiling: a direct async tritonclient load on the same model, same rows per request
+    (``workers.max_batch_size``) and same concurrency (``workers.max_in_flight_batches``);
+(b) ceiling: a Kafka pass-through: consume, decode, encode, produce the same messages with the
+    same client settings, no inference;
+worker: ``sluiceway worker`` serving pre-published requests end to end (Avro decode, batching,
+    Triton, segment objects in MinIO, results produced, offsets committed);
+naive: consume one record, call Triton with one row, produce, commit, repeat.
+Then end-to-end latency (publish -> result consumed) at half the worker's measured rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as triton_grpc
+import tritonclient.grpc.aio as triton_aio
+from confluent_kafka import Consumer, Producer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import schemas  # noqa: E402
+from pipeline.kafka.admin import (  # noqa: E402
+    TopicSpec,
+    control_topic_spec,
+    ensure_topics,
+    model_topic_specs,
+)
+from pipeline.settings import Settings, load_settings  # noqa: E402
+from pipeline.stack import manager  # noqa: E402
+from pipeline.storage.client import ensure_bucket, make_client  # noqa: E402
+from pipeline.topics import ModelTopics  # noqa: E402
+from schemas.models import InferenceRequest, InferenceResult, Inputs, ResultStatus  # noqa: E402
+from tests.integration.traffic import worker_env  # noqa: E402
+
+MODEL = "scaler"
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", flush=True)
+
+
+def make_requests(count: int) -> list[bytes]:
+    rng = np.random.default_rng(1)
+    values = rng.normal(100, 20, size=(count, 4))
+    return [
+        schemas.encode(
+            InferenceRequest(
+                request_id=uuid.uuid4(),
+                model=MODEL,
+                inputs=Inputs(features={f"f{i}": float(v) for i, v in enumerate(row)}),
+            )
+        )
+        for row in values
+    ]
+
+
+def publish_all(settings: Settings, topic: str, values: list[bytes]) -> None:
+    producer = Producer({**settings.kafka.client_config(), "linger.ms": 5, "acks": "all"})
+    for index, value in enumerate(values):
+        while True:
+            try:
+                producer.produce(topic, value, key=str(index).encode())
+                break
+            except BufferError:
+                producer.poll(0.01)
+        producer.poll(0)
+    producer.flush(60)
+
+
+def consumer_for(settings: Settings, topic: str, group: str) -> Consumer:
+    consumer = Consumer(
+        {
+            **settings.kafka.client_config(),
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "fetch.max.bytes": 16 * 1024 * 1024,
+        }
+    )
+    consumer.subscribe([topic])
+    return consumer
+
+
+# ------------------------------------------------------------------- (a) Triton direct
+
+
+async def triton_direct(settings: Settings, rows_total: int) -> float:
+    batch = settings.workers.max_batch_size
+    concurrency = settings.workers.max_in_flight_batches
+    client = triton_aio.InferenceServerClient(settings.backends.triton.grpc_url)
+    data = np.random.default_rng(2).normal(100, 20, size=(batch, 4)).astype(np.float32)
+    calls = rows_total // batch
+    next_call = 0
+
+    async def lane() -> None:
+        nonlocal next_call
+        while next_call < calls:
+            next_call += 1
+            tensor = triton_aio.InferInput("x", [batch, 4], "FP32")
+            tensor.set_data_from_numpy(data)
+            await client.infer(MODEL, [tensor], model_version="1")
+
+    try:
+        await lane()  # warm-up call
+        next_call = 0
+        started = time.perf_counter()
+        await asyncio.gather(*(lane() for _ in range(concurrency)))
+        return calls * batch / (time.perf_counter() - started)
+    finally:
+        await client.close()
+
+
+# ------------------------------------------------------------ (b) Kafka pass-through
+
+
+def kafka_passthrough(settings: Settings, source: str, sink: str, count: int) -> float:
+    consumer = consumer_for(settings, source, f"bench-pass-{uuid.uuid4().hex[:6]}")
+    producer = Producer(
+        {**settings.kafka.client_config(), "acks": "all", "linger.ms": 2, "compression.type": "lz4"}
+    )
+    done = 0
+    started: float | None = None
+    while done < count:
+        messages = consumer.consume(500, 1.0)
+        if messages and started is None:
+            started = time.perf_counter()
+        for message in messages:
+            if message.error() is not None:
+                continue
+            request = schemas.decode(message.value() or b"", InferenceRequest)
+            result = InferenceResult(
+                request_id=request.request_id, status=ResultStatus.OK, model=request.model
+            )
+            producer.produce(sink, schemas.encode(result), key=message.key())
+            producer.poll(0)
+            done += 1
+    producer.flush(60)
+    consumer.commit(asynchronous=False)
+    consumer.close()
+    assert started is not None
+    return count / (time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------- worker
+
+
+def count_results(settings: Settings, topic: str, count: int, timeout_s: float) -> list[int]:
+    """Broker timestamps (ms) of the first ``count`` results."""
+    consumer = consumer_for(settings, topic, f"bench-read-{uuid.uuid4().hex[:6]}")
+    stamps: list[int] = []
+    deadline = time.monotonic() + timeout_s
+    last_report = time.monotonic()
+    while len(stamps) < count and time.monotonic() < deadline:
+        for message in consumer.consume(1000, 0.5):
+            if message.error() is None:
+                stamps.append(message.timestamp()[1])
+        if time.monotonic() - last_report > 5:
+            progress(f"  {len(stamps)}/{count} results")
+            last_report = time.monotonic()
+    consumer.close()
+    if len(stamps) < count:
+        raise RuntimeError(f"only {len(stamps)} of {count} results within {timeout_s}s")
+    return stamps
+
+
+def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker", "--model", MODEL],
+            cwd=REPO_ROOT,
+            env=worker_env(settings),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def worker_throughput(settings: Settings, topics: ModelTopics, count: int, log: Path) -> float:
+    worker = start_worker(settings, log)
+    try:
+        stamps = count_results(settings, topics.results, count, timeout_s=600)
+    finally:
+        worker.terminate()
+        worker.wait(60)
+    return count / max((max(stamps) - min(stamps)) / 1000.0, 1e-3)
+
+
+# ------------------------------------------------------------------------ naive
+
+
+def naive_loop(settings: Settings, source: str, sink: str, count: int) -> float:
+    consumer = consumer_for(settings, source, f"bench-naive-{uuid.uuid4().hex[:6]}")
+    producer = Producer({**settings.kafka.client_config(), "acks": "all"})
+    client = triton_grpc.InferenceServerClient(settings.backends.triton.grpc_url)
+    done = 0
+    started: float | None = None
+    while done < count:
+        message = consumer.poll(1.0)
+        if message is None or message.error() is not None:
+            continue
+        started = started or time.perf_counter()
+        request = schemas.decode(message.value() or b"", InferenceRequest)
+        features = request.inputs.features or {}
+        row = np.array([[float(features[f"f{i}"] or 0.0) for i in range(4)]], dtype=np.float32)
+        tensor = triton_grpc.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(row)
+        client.infer(MODEL, [tensor], model_version="1")
+        result = InferenceResult(request_id=request.request_id, status=ResultStatus.OK, model=MODEL)
+        producer.produce(sink, schemas.encode(result), key=message.key())
+        producer.flush(10)
+        consumer.commit(message, asynchronous=False)
+        done += 1
+    client.close()
+    consumer.close()
+    assert started is not None
+    return count / (time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------- latency
+
+
+def latency_at(
+    settings: Settings, topics: ModelTopics, rate: float, seconds: float, log: Path
+) -> list[float]:
+    """Publish at ``rate`` req/s to a running worker; return publish->consume latencies (ms)."""
+    worker = start_worker(settings, log)
+    sent: dict[str, float] = {}
+    received: dict[str, float] = {}
+    reader = consumer_for(settings, topics.results, f"bench-lat-{uuid.uuid4().hex[:6]}")
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            for message in reader.consume(500, 0.2):
+                if message.error() is None:
+                    result = schemas.decode(message.value() or b"", InferenceResult)
+                    received[str(result.request_id)] = time.perf_counter()
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    try:
+        warm = make_requests(200)
+        publish_all(settings, topics.requests, warm)
+        time.sleep(3)  # let the worker join its group and serve the warm-up before timing
+        producer = Producer({**settings.kafka.client_config(), "linger.ms": 0, "acks": "all"})
+        total = int(rate * seconds)
+        bodies = make_requests(total)
+        ids = [str(schemas.decode(b, InferenceRequest).request_id) for b in bodies]
+        started = time.perf_counter()
+        for index, (request_id, body) in enumerate(zip(ids, bodies, strict=True)):
+            target = started + index / rate
+            while (now := time.perf_counter()) < target:
+                time.sleep(min(target - now, 0.001))
+            sent[request_id] = time.perf_counter()
+            producer.produce(topics.requests, body, key=request_id.encode())
+            producer.poll(0)
+        producer.flush(30)
+        deadline = time.monotonic() + 60
+        while len(set(ids) & received.keys()) < total and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(5)
+        reader.close()
+        worker.terminate()
+        worker.wait(60)
+    return [(received[i] - sent[i]) * 1000 for i in ids if i in received]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=50_000)
+    parser.add_argument("--naive-requests", type=int, default=1_000)
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    args = parser.parse_args()
+
+    base = load_settings()
+    manager.up(base, progress=progress)
+    settings = load_settings(namespace=f"bench-{uuid.uuid4().hex[:6]}")
+    topics = ModelTopics(settings.namespace, MODEL)
+    ensure_topics(
+        settings.kafka, [control_topic_spec(settings.namespace), *model_topic_specs(topics)]
+    )
+    ensure_bucket(make_client(settings.object_store), settings.object_store.bucket)
+    logs = REPO_ROOT / ".sluiceway" / "bench"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    progress(f"encoding and publishing {args.requests} requests")
+    bodies = make_requests(args.requests)
+    publish_all(settings, topics.requests, bodies)
+
+    progress("(a) direct async tritonclient load")
+    ceiling_triton = asyncio.run(triton_direct(settings, args.requests))
+    progress("(b) Kafka pass-through (consume, decode, encode, produce)")
+    passthrough_sink = f"{settings.namespace}.passthrough"
+    ceiling_kafka = kafka_passthrough(settings, topics.requests, passthrough_sink, args.requests)
+    progress("worker end to end")
+    worker_rate = worker_throughput(settings, topics, args.requests, logs / "worker.log")
+    progress(f"naive loop over {args.naive_requests} requests")
+    naive_topic = f"{settings.namespace}.naive"
+    ensure_topics(settings.kafka, [TopicSpec(naive_topic), TopicSpec(f"{naive_topic}.out")])
+    publish_all(settings, naive_topic, bodies[: args.naive_requests])
+    naive_rate = naive_loop(settings, naive_topic, f"{naive_topic}.out", args.naive_requests)
+    half = worker_rate / 2
+    progress(f"latency at half the worker's rate ({half:.0f} req/s for {args.latency_seconds}s)")
+    latencies = latency_at(settings, topics, half, args.latency_seconds, logs / "latency.log")
+
+    ceiling = min(ceiling_triton, ceiling_kafka)
+    bound = "Kafka pass-through (b)" if ceiling_kafka < ceiling_triton else "Triton direct (a)"
+    quantiles = statistics.quantiles(latencies, n=100)
+    print()
+    print(f"{'figure':<44}{'rows or req/s':>16}{'ratio':>10}")
+    print(f"{'(a) Triton direct, async, same batch':<44}{ceiling_triton:>16,.0f}")
+    print(f"{'(b) Kafka pass-through, decode+encode':<44}{ceiling_kafka:>16,.0f}")
+    print(
+        f"{'worker end to end':<44}{worker_rate:>16,.0f}{worker_rate / ceiling:>9.2f}x of ceiling"
+    )
+    print(f"{'naive consume-call-produce-commit loop':<44}{naive_rate:>16,.0f}")
+    print(f"{'worker vs naive':<44}{'':>16}{worker_rate / naive_rate:>9.1f}x")
+    print(f"ceiling bound by: {bound}")
+    print(
+        f"latency at {half:,.0f} req/s: p50 {quantiles[49]:.1f} ms, p99 {quantiles[98]:.1f} ms "
+        f"({len(latencies)} requests)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
