@@ -7,6 +7,7 @@ key, and an item whose deadline has passed is handed back as expired instead of 
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -79,6 +80,10 @@ class MicroBatcher(Generic[K, T]):
         self.max_wait_s = max_wait_s
         self._clock = clock
         self._queues: dict[K, _Queues[T]] = {}
+        # Items with a deadline, earliest first, so expiry costs nothing when none is due.
+        self._deadlines: list[tuple[float, int, K, Pending[T]]] = []
+        self._queued_with_deadline: set[int] = set()
+        self._sequence = 0
 
     def __len__(self) -> int:
         return sum(len(queues) for queues in self._queues.values())
@@ -91,7 +96,15 @@ class MicroBatcher(Generic[K, T]):
         self, key: K, item: T, *, lane: Lane = Lane.REALTIME, deadline: float | None = None
     ) -> None:
         queues = self._queues.setdefault(key, _Queues())
-        queues.lanes[lane].append(Pending(item, self._clock(), deadline, lane))
+        pending = Pending(item, self._clock(), deadline, lane)
+        queues.lanes[lane].append(pending)
+        self._watch_deadline(key, pending)
+
+    def _watch_deadline(self, key: K, pending: Pending[T]) -> None:
+        if pending.deadline is not None:
+            self._sequence += 1
+            heapq.heappush(self._deadlines, (pending.deadline, self._sequence, key, pending))
+            self._queued_with_deadline.add(id(pending))
 
     def next_due_in(self) -> float | None:
         """Seconds until the next partial batch is due (0 if one is); ``None`` when empty."""
@@ -139,6 +152,7 @@ class MicroBatcher(Generic[K, T]):
         queues = self._queues.setdefault(key, _Queues())
         for pending in reversed(items):
             queues.lanes[pending.lane].appendleft(pending)
+            self._watch_deadline(key, pending)
 
     def discard(self, predicate: Callable[[T], bool]) -> list[Pending[T]]:
         """Remove and return every queued item matching ``predicate`` (revoked partitions)."""
@@ -147,6 +161,8 @@ class MicroBatcher(Generic[K, T]):
             for lane, queue in queues.lanes.items():
                 removed.extend(p for p in queue if predicate(p.item))
                 queues.lanes[lane] = deque(p for p in queue if not predicate(p.item))
+        for pending in removed:
+            self._queued_with_deadline.discard(id(pending))
         self._queues = {key: queues for key, queues in self._queues.items() if len(queues)}
         return removed
 
@@ -162,16 +178,20 @@ class MicroBatcher(Generic[K, T]):
         for lane in Lane:
             queue = queues.lanes[lane]
             while queue and len(taken) < self.max_batch_size:
-                taken.append(queue.popleft())
+                pending = queue.popleft()
+                if pending.deadline is not None:
+                    self._queued_with_deadline.discard(id(pending))
+                taken.append(pending)
         return tuple(taken)
 
     def _drop_expired(self, now: float) -> list[Pending[T]]:
         expired: list[Pending[T]] = []
-        for queues in self._queues.values():
-            for lane, queue in queues.lanes.items():
-                late = [p for p in queue if p.deadline is not None and p.deadline <= now]
-                if late:
-                    expired.extend(late)
-                    late_ids = {id(p) for p in late}
-                    queues.lanes[lane] = deque(p for p in queue if id(p) not in late_ids)
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, key, pending = heapq.heappop(self._deadlines)
+            if id(pending) not in self._queued_with_deadline:
+                continue  # already batched, discarded, or watched again after a requeue
+            self._queued_with_deadline.discard(id(pending))
+            queue = self._queues[key].lanes[pending.lane]
+            self._queues[key].lanes[pending.lane] = deque(p for p in queue if p is not pending)
+            expired.append(pending)
         return expired

@@ -50,7 +50,7 @@ class AsyncProducer:
         while not self._stopping.is_set():
             self._producer.poll(self._poll_interval_s)
 
-    async def send(
+    def submit(
         self,
         topic: str,
         value: bytes,
@@ -58,8 +58,13 @@ class AsyncProducer:
         key: bytes | str | None = None,
         headers: Headers | None = None,
         partition: int | None = None,
-    ) -> Message:
-        """Produce one message and wait for the broker's acknowledgement."""
+    ) -> asyncio.Future[Message]:
+        """Produce one message; the returned future resolves on the broker's acknowledgement.
+
+        A plain call, not a coroutine, so a batch of results costs one future each rather
+        than one task each. When librdkafka's local queue is full, this waits for it to
+        drain (back-pressure) before queueing.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Message] = loop.create_future()
 
@@ -77,11 +82,21 @@ class AsyncProducer:
         while True:
             try:
                 self._producer.produce(topic, value, **kwargs)
-                break
+                return future
             except BufferError:
-                # The local queue is full: wait for acknowledgements to drain it (back-pressure).
-                await asyncio.sleep(self._poll_interval_s)
-        return await future
+                self._producer.poll(self._poll_interval_s)
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | str | None = None,
+        headers: Headers | None = None,
+        partition: int | None = None,
+    ) -> Message:
+        """Produce one message and wait for the broker's acknowledgement."""
+        return await self.submit(topic, value, key=key, headers=headers, partition=partition)
 
     def flush(self, timeout_s: float) -> int:
         """Wait for every queued message; return how many are still undelivered."""

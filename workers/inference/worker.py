@@ -350,8 +350,9 @@ class InferenceWorker:
         breaker = self._breaker(model)
         records = [pending.item for pending in batch.items]
         now = self.clock()
+        queue_wait = self.metrics.queue_wait.labels(model)
         for pending in batch.items:
-            self.metrics.queue_wait.labels(model).observe(now - pending.enqueued_at)
+            queue_wait.observe(now - pending.enqueued_at)
         self.metrics.batch_size.labels(model).observe(len(records))
         started = self.clock()
         attempts = 0
@@ -453,7 +454,7 @@ class InferenceWorker:
         segment = build_segment(model, served_version, full, ids, datetime.now(UTC))
         etag = await self._put_with_retry(segment)
         now = self.clock()
-        sends = []
+        outcomes = []
         for (record, output), span in zip(served, segment.spans, strict=True):
             result = contracts.ok_result(
                 record.request,
@@ -471,8 +472,8 @@ class InferenceWorker:
                 backend_ms=backend_s * 1000,
                 total_ms=(now - record.received_at) * 1000,
             )
-            sends.append(self._send_outcome(record, model, result, "ok"))
-        await asyncio.gather(*sends)
+            outcomes.append((record, result))
+        await self._send_outcomes(model, outcomes, "ok")
         self.stats.batches += 1
 
     async def _put_with_retry(self, segment: Any) -> str:
@@ -498,22 +499,29 @@ class InferenceWorker:
                 )
                 await asyncio.sleep(delay)
 
-    async def _send_outcome(self, record: Record, model: str, result: Any, status: str) -> None:
+    async def _send_outcomes(
+        self, model: str, outcomes: Sequence[tuple[Record, Any]], status: str
+    ) -> None:
+        """Produce each result (and its reply); complete the offsets once all are acked."""
         assert self._producer is not None
-        value, headers = contracts.encode_result(result)
-        key = record.message.key()
-        sends = [self._producer.send(self.topics[model].results, value, key=key, headers=headers)]
-        reply_to = contracts.reply_to(record.request)
-        if reply_to:
-            sends.append(self._producer.send(reply_to, value, key=key, headers=headers))
-        await self._deliver(sends)
-        self.stats.results += 1
-        self.metrics.produced.labels(model, status).inc()
-        self.tracker.complete(*record.position)
+        results_topic = self.topics[model].results
+        acks: list[asyncio.Future[Message]] = []
+        for record, result in outcomes:
+            value, headers = contracts.encode_result(result)
+            key = record.message.key()
+            acks.append(self._producer.submit(results_topic, value, key=key, headers=headers))
+            reply_to = contracts.reply_to(record.request)
+            if reply_to:
+                acks.append(self._producer.submit(reply_to, value, key=key, headers=headers))
+        await self._deliver(acks)
+        for record, _ in outcomes:
+            self.tracker.complete(*record.position)
+        self.stats.results += len(outcomes)
+        self.metrics.produced.labels(model, status).inc(len(outcomes))
 
-    async def _deliver(self, sends: list[Any]) -> None:
+    async def _deliver(self, acks: Sequence[asyncio.Future[Message]]) -> None:
         try:
-            await asyncio.gather(*sends)
+            await asyncio.gather(*acks)
         except DeliveryError as error:
             # librdkafka already retried within its delivery timeout: the broker is gone for
             # long. The offset stays uncommitted and the task failure stops the worker.
@@ -521,13 +529,14 @@ class InferenceWorker:
             raise
 
     async def _answer_expired(self, records: Sequence[Record]) -> None:
-        sends = []
+        by_model: dict[str, list[tuple[Record, Any]]] = {}
         for record in records:
             model = self._model_of_topic(str(record.message.topic()))
             result = contracts.expired_result(record.request, model=model, worker_id=self.worker_id)
-            sends.append(self._send_outcome(record, model, result, "expired"))
-            self.stats.expired += 1
-        await asyncio.gather(*sends)
+            by_model.setdefault(model, []).append((record, result))
+        for model, outcomes in by_model.items():
+            await self._send_outcomes(model, outcomes, "expired")
+        self.stats.expired += len(records)
 
     async def _dead_letter(
         self,
@@ -540,7 +549,7 @@ class InferenceWorker:
     ) -> None:
         assert self._producer is not None
         now_ms = int(time.time() * 1000)
-        sends = []
+        acks = []
         for message in messages:
             value, headers = contracts.encode_dead_letter(
                 message,
@@ -552,12 +561,12 @@ class InferenceWorker:
                 model=model,
                 worker_id=self.worker_id,
             )
-            sends.append(
-                self._producer.send(
+            acks.append(
+                self._producer.submit(
                     self.topics[model].dlq, value, key=message.key(), headers=headers
                 )
             )
-        await self._deliver(sends)
+        await self._deliver(acks)
         for message in messages:
             self.stats.dead_lettered += 1
             self.metrics.dead_lettered.labels(model, reason).inc()
