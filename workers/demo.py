@@ -1,334 +1,286 @@
-"""The foundation's end-to-end job: requests through Kafka, Triton and MinIO, and back.
+"""The end-to-end job ``make demo`` runs: requests through Kafka, the worker, Triton and MinIO.
 
-This is what ``make demo`` runs on the local stack. It publishes requests for the ``scaler``
-model, serves them in micro-batches (one multi-row Triton call and one segment object per
-batch), produces one result per request, commits offsets only after the results are acked,
-then reads every result back and checks it against the store and the model's arithmetic.
-The production worker (micro-batcher, breakers, DLQ, routing) replaces the serving loop here;
-the round trip and its guarantees stay the same.
+It starts the inference worker for the ``scaler`` model, publishes Avro ``InferenceRequest``
+events the way a connector would, reads every ``InferenceResult`` back from the results
+topic, checks each output against the model's arithmetic and one record against its segment
+object (fetched by byte range, as the SDK does), and summarises what happened.
 """
 
 from __future__ import annotations
 
-import io
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
-from pipeline.kafka.admin import TopicSpec, ensure_topics
+import schemas
 from pipeline.settings import Settings
-from pipeline.storage.client import ensure_bucket, make_client
-from pipeline.storage.segments import build_segment
+from pipeline.storage.client import make_client
+from pipeline.storage.store import SegmentStore
 from pipeline.topics import ModelTopics
+from schemas.models import InferenceRequest, InferenceResult, Inputs, ResultStatus
+from workers.inference.runner import build_backends, prepare_topics_and_bucket
+from workers.inference.worker import InferenceWorker
 
 Progress = Callable[[str], None]
 MODEL = "scaler"
-FEATURES = 4
+SCALE_BY_VERSION = {"1": 2.0, "2": 3.0}
 
 
 @dataclass
 class DemoReport:
     run_id: str
-    model_version: str
     requests_topic: str
     results_topic: str
     bucket: str
     published: int = 0
-    served: int = 0
-    batches: int = 0
-    segments: list[str] = field(default_factory=list)
     results_read: int = 0
     results_correct: int = 0
+    versions: dict[str, int] = field(default_factory=dict)
+    segments: set[str] = field(default_factory=set)
     ranged_get_matched: bool = False
+    batches: int = 0
+    commits: int = 0
+    dead_lettered: int = 0
     triton_inferences: int = 0
     triton_executions: int = 0
-    publish_s: float = 0.0
-    serve_s: float = 0.0
+    seconds: float = 0.0
     sample: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return (
-            self.published == self.served == self.results_read == self.results_correct
+            self.published == self.results_read == self.results_correct
             and self.ranged_get_matched
+            and self.dead_lettered == 0
         )
 
 
-def _delivery_checker(failures: list[str]) -> Callable[[Any, Message], None]:
-    def on_delivery(error: Any, message: Message) -> None:
-        if error is not None:
-            failures.append(f"{message.topic()}: {error}")
+def _requests(count: int, run_id: str) -> list[InferenceRequest]:
+    rng = np.random.default_rng(7)
+    rows = rng.normal(100.0, 25.0, size=(count, 4))
+    return [
+        InferenceRequest(
+            request_id=uuid.uuid4(),
+            model=MODEL,
+            inputs=Inputs(features={f"f{i}": round(float(v), 4) for i, v in enumerate(row)}),
+            correlation_id=f"{run_id}-{index}",
+            attributes={"demo_run": run_id},
+        )
+        for index, row in enumerate(rows)
+    ]
 
-    return on_delivery
 
-
-def _publish(settings: Settings, topics: ModelTopics, run_id: str, count: int) -> float:
+def _publish(settings: Settings, topic: str, requests: list[InferenceRequest]) -> None:
     producer = Producer({**settings.kafka.client_config(), "linger.ms": 5, "acks": "all"})
     failures: list[str] = []
-    on_delivery = _delivery_checker(failures)
-    rng = np.random.default_rng(7)
-    started = time.monotonic()
-    for index in range(count):
-        request = {
-            "request_id": str(uuid.uuid4()),
-            "run_id": run_id,
-            "model": MODEL,
-            "inputs": [round(float(v), 4) for v in rng.normal(100.0, 25.0, FEATURES)],
-        }
+    for index, request in enumerate(requests):
         producer.produce(
-            topics.requests,
+            topic,
+            schemas.encode(request),
             key=f"invoice-{index}",
-            value=json.dumps(request).encode(),
-            on_delivery=on_delivery,
+            headers=list(schemas.message_headers(request.AVRO_NAME)),
+            on_delivery=lambda err, _msg: failures.append(str(err)) if err else None,
         )
         producer.poll(0)
-    remaining = producer.flush(30)
-    if remaining or failures:
-        raise RuntimeError(f"{remaining} requests unacknowledged, failures: {failures[:3]}")
-    return time.monotonic() - started
-
-
-def _serve(settings: Settings, topics: ModelTopics, report: DemoReport, progress: Progress) -> None:
-    """Consume this run's requests in micro-batches and answer each batch.
-
-    Per batch:
-    1. One Triton call with the batch's rows stacked along the batch dimension.
-    2. One segment object in the store holding every full result of the batch.
-    3. One result event per request, naming its segment, offset and length.
-    4. Offsets committed only after the broker acked every result of the batch.
-    """
-    store = make_client(settings.object_store)
-    triton = triton_grpc.InferenceServerClient(settings.backends.triton.grpc_url)
-    consumer = Consumer(
-        {
-            **settings.kafka.client_config(),
-            "group.id": "sluiceway-demo",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    producer = Producer({**settings.kafka.client_config(), "linger.ms": 2, "acks": "all"})
-    consumer.subscribe([topics.requests])
-    max_batch = settings.workers.max_batch_size
-    deadline = time.monotonic() + 60.0
-    started = time.monotonic()
-    try:
-        while report.served < report.published and time.monotonic() < deadline:
-            messages = [m for m in consumer.consume(max_batch, timeout=1.0) if m.error() is None]
-            requests = [json.loads(m.value() or b"{}") for m in messages]
-            mine = [
-                (m, r)
-                for m, r in zip(messages, requests, strict=True)
-                if r.get("run_id") == report.run_id
-            ]
-            if mine:
-                _answer_batch(mine, settings, topics, report, store, triton, producer)
-            if messages:
-                consumer.commit(asynchronous=False)
-                progress(f"  served {report.served}/{report.published} requests")
-    finally:
-        consumer.close()
-        triton.close()
-    report.serve_s = time.monotonic() - started
-
-
-def _answer_batch(
-    batch: list[tuple[Message, dict[str, Any]]],
-    settings: Settings,
-    topics: ModelTopics,
-    report: DemoReport,
-    store: Any,
-    triton: triton_grpc.InferenceServerClient,
-    producer: Producer,
-) -> None:
-    # Step 1.
-    rows = np.array([request["inputs"] for _, request in batch], dtype=np.float32)
-    tensor = triton_grpc.InferInput("x", list(rows.shape), "FP32")
-    tensor.set_data_from_numpy(rows)
-    response = triton.infer(MODEL, [tensor], model_version=report.model_version)
-    outputs = response.as_numpy("y")
-    # Step 2.
-    now = datetime.now(UTC)
-    request_ids = [request["request_id"] for _, request in batch]
-    records = [
-        {"request_id": request["request_id"], "inputs": request["inputs"], "outputs": out.tolist()}
-        for (_, request), out in zip(batch, outputs, strict=True)
-    ]
-    segment = build_segment(MODEL, report.model_version, records, request_ids, now)
-    store.put_object(
-        report.bucket,
-        segment.key,
-        io.BytesIO(segment.body),
-        len(segment.body),
-        content_type="application/x-ndjson",
-    )
-    report.segments.append(segment.key)
-    # Step 3.
-    failures: list[str] = []
-    on_delivery = _delivery_checker(failures)
-    for (message, request), out, span in zip(batch, outputs, segment.spans, strict=True):
-        result = {
-            "request_id": request["request_id"],
-            "run_id": report.run_id,
-            "status": "ok",
-            "model": MODEL,
-            "model_version": report.model_version,
-            "outputs": [round(float(v), 4) for v in out],
-            "segment": {
-                "uri": f"s3://{report.bucket}/{segment.key}",
-                "offset": span.offset,
-                "length": span.length,
-            },
-        }
-        producer.produce(
-            topics.results,
-            key=message.key(),
-            value=json.dumps(result).encode(),
-            on_delivery=on_delivery,
-        )
-    # Step 4 (the commit itself follows in the caller, after this flush).
     if producer.flush(30) or failures:
-        raise RuntimeError(f"results not acknowledged: {failures[:3]}")
-    report.served += len(batch)
-    report.batches += 1
+        raise RuntimeError(f"requests not acknowledged: {failures[:3]}")
 
 
 def _end_offsets(settings: Settings, topic: str) -> list[TopicPartition]:
     consumer = Consumer({**settings.kafka.client_config(), "group.id": "sluiceway-demo-probe"})
     try:
-        metadata = consumer.list_topics(topic, timeout=10)
-        partitions = sorted(metadata.topics[topic].partitions)
-        ends = []
-        for partition in partitions:
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-            ends.append(TopicPartition(topic, partition, high))
-        return ends
+        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        return [
+            TopicPartition(
+                topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1]
+            )
+            for p in partitions
+        ]
     finally:
         consumer.close()
 
 
-def _verify(settings: Settings, start: list[TopicPartition], report: DemoReport) -> None:
-    """Read this run's results back, check each output and one record by ranged GET."""
-    scale = {"1": 2.0, "2": 3.0}[report.model_version]
+def _read_results(
+    settings: Settings,
+    start: list[TopicPartition],
+    wanted: set[str],
+    timeout_s: float,
+    progress: Progress,
+) -> dict[str, tuple[InferenceResult, float]]:
     consumer = Consumer(
         {
             **settings.kafka.client_config(),
-            "group.id": f"sluiceway-demo-verify-{report.run_id}",
+            "group.id": f"sluiceway-demo-reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
         }
     )
     consumer.assign(start)
-    segments: dict[str, list[dict[str, Any]]] = {}
-    deadline = time.monotonic() + 30.0
-    results: list[dict[str, Any]] = []
+    found: dict[str, tuple[InferenceResult, float]] = {}
+    deadline = time.monotonic() + timeout_s
+    shown = 0
     try:
-        while len(results) < report.published and time.monotonic() < deadline:
-            for message in consumer.consume(500, timeout=1.0):
-                if message.error() is None:
-                    result = json.loads(message.value() or b"{}")
-                    if result.get("run_id") == report.run_id:
-                        results.append(result)
+        while len(found) < len(wanted) and time.monotonic() < deadline:
+            for message in consumer.consume(500, 0.5):
+                if message.error() is not None:
+                    continue
+                result = schemas.decode(message.value() or b"", InferenceResult)
+                if str(result.request_id) in wanted:
+                    found[str(result.request_id)] = (result, time.monotonic())
+            if len(found) - shown >= max(len(wanted) // 4, 1):
+                shown = len(found)
+                progress(f"  {shown}/{len(wanted)} results")
     finally:
         consumer.close()
-    store = make_client(settings.object_store)
-    report.results_read = len(results)
-    for result in results:
-        segment = result["segment"]
-        key = segment["uri"].removeprefix(f"s3://{report.bucket}/")
-        if key not in segments:
-            body = store.get_object(report.bucket, key)
+    return found
+
+
+def _triton_counts(settings: Settings) -> tuple[int, int]:
+    client = triton_grpc.InferenceServerClient(settings.backends.triton.grpc_url)
+    try:
+        inferences = executions = 0
+        for version in SCALE_BY_VERSION:
+            stats = client.get_inference_statistics(MODEL, version, as_json=True)
+            model = stats["model_stats"][0]
+            inferences += int(model.get("inference_count", 0))
+            executions += int(model.get("execution_count", 0))
+        return inferences, executions
+    finally:
+        client.close()
+
+
+def _check(
+    report: DemoReport,
+    requests: list[InferenceRequest],
+    found: dict[str, tuple[InferenceResult, float]],
+    settings: Settings,
+) -> None:
+    for request in requests:
+        entry = found.get(str(request.request_id))
+        if entry is None:
+            continue
+        result = entry[0]
+        report.results_read += 1
+        version = result.model_version or "?"
+        report.versions[version] = report.versions.get(version, 0) + 1
+        if result.payload_ref is not None:
+            report.segments.add(result.payload_ref.key)
+        tensors = result.outputs.tensors if result.outputs else None
+        features = request.inputs.features or {}
+        expected = np.array([[features[f"f{i}"] for i in range(4)]], dtype=np.float32)
+        if result.status is ResultStatus.OK and tensors:
+            got = np.frombuffer(tensors[0].data, dtype="<f4").reshape(tensors[0].shape)
+            if np.allclose(got, expected * SCALE_BY_VERSION.get(version, np.nan), rtol=1e-5):
+                report.results_correct += 1
+    if found:
+        sample_request = requests[len(requests) // 2]
+        sample = found[str(sample_request.request_id)][0]
+        ref = sample.payload_ref
+        if ref is not None:
+            store = make_client(settings.object_store)
+            body = store.get_object(ref.bucket, ref.key, offset=ref.offset, length=ref.length)
             try:
-                segments[key] = [json.loads(line) for line in body.read().splitlines()]
+                record = json.loads(body.read())
             finally:
                 body.close()
                 body.release_conn()
-        record = next(r for r in segments[key] if r["request_id"] == result["request_id"])
-        expected = [round(v * scale, 2) for v in record["inputs"]]
-        if [round(v, 2) for v in result["outputs"]] == expected:
-            report.results_correct += 1
-    if results:
-        sample = results[len(results) // 2]
-        segment = sample["segment"]
-        key = segment["uri"].removeprefix(f"s3://{report.bucket}/")
-        ranged = store.get_object(
-            report.bucket, key, offset=segment["offset"], length=segment["length"]
-        )
-        try:
-            record = json.loads(ranged.read())
-        finally:
-            ranged.close()
-            ranged.release_conn()
-        report.ranged_get_matched = record["request_id"] == sample["request_id"]
-        report.sample = {"result_event": sample, "segment_record": record}
+            report.ranged_get_matched = record["request_id"] == str(sample.request_id)
+            report.sample = {
+                "result_event": _readable(sample),
+                "segment_record": record,
+            }
 
 
-def _triton_counts(settings: Settings, version: str) -> tuple[int, int]:
-    client = triton_grpc.InferenceServerClient(settings.backends.triton.grpc_url)
-    try:
-        stats = client.get_inference_statistics(MODEL, version, as_json=True)
-    finally:
-        client.close()
-    model = stats["model_stats"][0]
-    return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
+def _readable(result: InferenceResult) -> dict[str, Any]:
+    """The event as a person reads it: tensors as numbers instead of raw bytes."""
+    readable = result.model_dump(mode="json", exclude_none=True, exclude={"outputs"})
+    tensors = result.outputs.tensors if result.outputs else None
+    if tensors:
+        readable["outputs"] = {
+            t.name: np.frombuffer(t.data, dtype="<f4").reshape(t.shape).round(4).tolist()
+            for t in tensors
+            if t.datatype.value == "FP32"
+        }
+    return readable
 
 
-def run_demo(
-    settings: Settings, count: int = 512, model_version: str = "1", progress: Progress = print
-) -> DemoReport:
-    """Run one round trip of ``count`` requests and return what happened."""
+async def _run(settings: Settings, count: int, progress: Progress) -> DemoReport:
     topics = ModelTopics(settings.namespace, MODEL)
     run_id = uuid.uuid4().hex[:12]
-    bucket = settings.object_store.bucket
-    report = DemoReport(run_id, model_version, topics.requests, topics.results, bucket)
-    ensure_topics(settings.kafka, [TopicSpec(topics.requests), TopicSpec(topics.results)])
-    ensure_bucket(make_client(settings.object_store), bucket)
-    results_start = _end_offsets(settings, topics.results)
-    inferences_before, executions_before = _triton_counts(settings, model_version)
-
-    progress(f"publishing {count} requests to {topics.requests} (run {run_id})")
-    report.publish_s = _publish(settings, topics, run_id, count)
-    report.published = count
-    progress(f"serving them with Triton model {MODEL} v{model_version} in micro-batches")
-    _serve(settings, topics, report, progress)
-    progress(f"reading {count} results back from {topics.results}")
-    _verify(settings, results_start, report)
-
-    inferences_after, executions_after = _triton_counts(settings, model_version)
+    report = DemoReport(run_id, topics.requests, topics.results, settings.object_store.bucket)
+    prepare_topics_and_bucket(settings, [MODEL])
+    start = _end_offsets(settings, topics.results)
+    inferences_before, executions_before = _triton_counts(settings)
+    backends = build_backends(settings, [MODEL])
+    store = SegmentStore(make_client(settings.object_store), settings.object_store.bucket)
+    worker = InferenceWorker(settings, [MODEL], backends, store)
+    progress(f"starting the inference worker (group {worker.group_id})")
+    serving = asyncio.ensure_future(worker.run())
+    loop = asyncio.get_running_loop()
+    try:
+        requests = _requests(count, run_id)
+        progress(f"publishing {count} Avro requests to {topics.requests} (run {run_id})")
+        started = time.monotonic()
+        await loop.run_in_executor(None, _publish, settings, topics.requests, requests)
+        wanted = {str(r.request_id) for r in requests}
+        found = await loop.run_in_executor(
+            None, _read_results, settings, start, wanted, 120.0, progress
+        )
+        report.seconds = time.monotonic() - started
+        report.published = count
+    finally:
+        worker.stop()
+        stats = await serving
+        for backend in backends.values():
+            await backend.close()
+        store.close()
+    report.batches, report.commits, report.dead_lettered = (
+        stats.batches,
+        stats.commits,
+        stats.dead_lettered,
+    )
+    _check(report, requests, found, settings)
+    inferences_after, executions_after = _triton_counts(settings)
     report.triton_inferences = inferences_after - inferences_before
     report.triton_executions = executions_after - executions_before
     return report
 
 
+def run_demo(settings: Settings, count: int = 2000, progress: Progress = print) -> DemoReport:
+    """Run one round trip of ``count`` requests through the real worker; return what happened."""
+    return asyncio.run(_run(settings, count, progress))
+
+
 def render_report(report: DemoReport) -> str:
     """A summary a person reads in ten seconds."""
     verdict = "OK" if report.ok else "FAILED"
+    versions = ", ".join(f"v{v}: {n}" for v, n in sorted(report.versions.items()))
+    rate = report.published / report.seconds if report.seconds else 0.0
     lines = [
-        f"Sluiceway round trip {verdict}: Kafka -> Triton -> MinIO -> Kafka (run {report.run_id})",
-        f"  published  {report.published} requests to {report.requests_topic} "
-        f"in {report.publish_s:.2f}s",
-        f"  served     {report.served} requests in {report.batches} micro-batches by Triton "
-        f"model {MODEL} v{report.model_version} in {report.serve_s:.2f}s "
-        f"(Triton counted {report.triton_inferences} rows in {report.triton_executions} "
-        "executions)",
-        f"  stored     {len(report.segments)} segment objects in s3://{report.bucket}/"
-        f"{MODEL}/{report.model_version}/...",
-        f"  produced   {report.served} results to {report.results_topic}; offsets committed "
-        "after the broker acked them",
-        f"  verified   {report.results_correct}/{report.results_read} results read back with "
-        "correct outputs; ranged GET of one record "
+        f"Sluiceway round trip {verdict}: Kafka -> worker -> Triton -> MinIO -> Kafka "
+        f"(run {report.run_id})",
+        f"  published  {report.published} Avro InferenceRequests to {report.requests_topic}",
+        f"  served     {report.results_read} in {report.batches} micro-batches "
+        f"({versions or 'none'}); Triton ran {report.triton_inferences} rows in "
+        f"{report.triton_executions} executions",
+        f"  stored     {len(report.segments)} segment objects under s3://{report.bucket}/{MODEL}/",
+        f"  results    {report.results_read} on {report.results_topic}, "
+        f"{report.results_correct} with correct outputs; {report.dead_lettered} dead-lettered; "
+        f"offsets committed {report.commits} times",
+        f"  took       {report.seconds:.2f}s publish-to-last-result ({rate:,.0f} requests/s)",
+        "  ranged GET of one result's record "
         + ("matched its event" if report.ranged_get_matched else "DID NOT match"),
     ]
     if report.sample:
         lines.append("  sample result event:")
-        lines.append("    " + json.dumps(report.sample["result_event"]))
-        lines.append("  its record in the segment (fetched by byte range):")
-        lines.append("    " + json.dumps(report.sample["segment_record"]))
+        lines.append("    " + json.dumps(report.sample["result_event"], default=str)[:600])
+        lines.append("  its full record in the segment (fetched by byte range):")
+        lines.append("    " + json.dumps(report.sample["segment_record"])[:600])
     return "\n".join(lines)

@@ -12,8 +12,7 @@ def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "demo", help="run the end-to-end job on the local stack and print what happened"
     )
-    parser.add_argument("--requests", type=int, default=512, help="how many requests to send")
-    parser.add_argument("--model-version", default="1", choices=["1", "2"])
+    parser.add_argument("--requests", type=int, default=2000, help="how many requests to send")
     parser.set_defaults(handler=run_demo_command)
 
 
@@ -21,7 +20,7 @@ def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
     # The demo lives with the workers; importing it lazily keeps `sluiceway --help` fast.
     from workers.demo import render_report, run_demo
 
-    report = run_demo(settings, count=args.requests, model_version=args.model_version)
+    report = run_demo(settings, count=args.requests)
     print()
     print(render_report(report))
     return 0 if report.ok else 1

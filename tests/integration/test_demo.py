@@ -7,15 +7,15 @@ from pipeline.storage.client import make_client
 from workers.demo import render_report, run_demo
 
 
-def test_round_trip_serves_every_request_in_micro_batches(settings: Settings) -> None:
-    report = run_demo(settings, count=200, progress=lambda _line: None)
+def test_round_trip_serves_every_request_through_the_worker(settings: Settings) -> None:
+    report = run_demo(settings, count=300, progress=lambda _line: None)
 
-    assert report.published == report.served == report.results_read == 200
-    assert report.results_correct == 200
+    assert report.published == report.results_read == report.results_correct == 300
+    assert report.versions == {"1": 300}
     assert report.ranged_get_matched
-    # 200 requests at 64 rows per batch is at least 4 Triton calls, one segment each.
-    assert report.batches == len(report.segments) >= 4
-    assert report.triton_inferences == 200
+    assert report.dead_lettered == 0
+    assert report.batches >= 300 // settings.workers.max_batch_size
+    assert report.triton_inferences == 300
     store = make_client(settings.object_store)
     for key in report.segments:
         assert store.stat_object(settings.object_store.bucket, key).size > 0
