@@ -302,3 +302,28 @@ def test_workers_joining_and_leaving_mid_stream_lose_nothing(
     assert set(per_request) == {str(r.request_id) for r in requests}, workers.logs()
     print(f"duplicates after two rebalances: {sum(n - 1 for n in per_request.values())}")
     assert got.dead_letters == []
+
+
+def test_expired_requests_are_answered_expired_and_never_served(
+    settings: Settings, topics: ModelTopics, workers: Workers
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    late = [
+        traffic.scaler_request(i, deadline=datetime.now(UTC) - timedelta(seconds=1))
+        for i in range(20)
+    ]
+    timely = [
+        traffic.scaler_request(i, deadline=datetime.now(UTC) + timedelta(minutes=5))
+        for i in range(20)
+    ]
+    traffic.publish_requests(settings, topics.requests, late + timely)
+    worker = workers.start()
+    got = traffic.collect(settings, topics.results, topics.dlq, 40, timeout_s=60)
+    assert workers.stop(worker) == 0, workers.logs()
+
+    status = {str(r.request_id): r.status for r in got.results}
+    assert {status[str(r.request_id)] for r in late} == {ResultStatus.EXPIRED}
+    assert {status[str(r.request_id)] for r in timely} == {ResultStatus.OK}
+    expired = [r for r in got.results if r.status is ResultStatus.EXPIRED]
+    assert all(r.payload_ref is None and r.error_code == "deadline_exceeded" for r in expired)
