@@ -106,8 +106,9 @@ class ModelSettings(_Section):
     """The Triton input tensor that a feature record is packed into (one FP32 row)."""
     feature_order: tuple[str, ...] = ()
     """Feature names in the order of the input tensor's columns."""
-    max_batch_size: int | None = Field(default=None, ge=1)
-    """Overrides ``workers.max_batch_size`` for this model."""
+    served_names: dict[str, str] = Field(default_factory=dict)
+    """vLLM only: version -> the name the server serves it under (``--served-model-name``,
+    a LoRA adapter); a version not listed is sent as the model's own name."""
 
 
 class WorkerSettings(_Section):

@@ -21,6 +21,7 @@ import tritonclient.grpc as triton_grpc
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 import schemas
+from pipeline.kafka.admin import end_offsets
 from pipeline.settings import Settings
 from pipeline.storage.client import make_client
 from pipeline.storage.store import SegmentStore
@@ -95,17 +96,10 @@ def _publish(settings: Settings, topic: str, requests: list[InferenceRequest]) -
 
 
 def _end_offsets(settings: Settings, topic: str) -> list[TopicPartition]:
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": "sluiceway-demo-probe"})
-    try:
-        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-        return [
-            TopicPartition(
-                topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1]
-            )
-            for p in partitions
-        ]
-    finally:
-        consumer.close()
+    return [
+        TopicPartition(topic, partition, offset)
+        for partition, offset in sorted(end_offsets(settings.kafka, topic).items())
+    ]
 
 
 def _read_results(

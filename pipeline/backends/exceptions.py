@@ -22,9 +22,24 @@ class BackendError(SluicewayError):
 
 
 class TransientBackendError(BackendError):
-    """Worth retrying: the backend was slow, overloaded or briefly unavailable."""
+    """Worth retrying: the backend was slow, overloaded or briefly unavailable.
+
+    ``retry_after_s`` is the server's own estimate (HTTP ``Retry-After``), when it sent one;
+    the next attempt waits at least that long.
+    """
 
     transient = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        status: int | str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, status=status)
+        self.retry_after_s = retry_after_s
 
 
 class PermanentBackendError(BackendError):

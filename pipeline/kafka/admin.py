@@ -7,13 +7,24 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError as _RdKafkaError
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._listoffsets import OffsetSpec
 from confluent_kafka.cimpl import NewTopic
 
 from pipeline.kafka.exceptions import TopicAdminError
 from pipeline.settings import KafkaSettings
 from pipeline.topics import ModelTopics, control_topic
+
+
+# What a partition answers while its new leader is still taking over.
+_LEADER_SETTLING = frozenset(
+    {
+        _RdKafkaError.NOT_LEADER_FOR_PARTITION,
+        _RdKafkaError.LEADER_NOT_AVAILABLE,
+        _RdKafkaError.UNKNOWN_TOPIC_OR_PART,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -29,8 +40,9 @@ def ensure_topics(
 ) -> list[str]:
     """Create the topics that do not exist yet; return the names that were created.
 
-    Returns only once every partition of every named topic has a leader, so the caller can
-    produce, fetch offsets or consume at once (a fresh topic answers NOT_LEADER for a moment).
+    Returns only once every partition of every named topic has a leader that answers offset
+    requests, so the caller can produce, fetch offsets or consume at once: a fresh topic's
+    leader shows in the metadata a moment before the broker serves it (NOT_LEADER meanwhile).
     """
     specs = list(topics)
     if not specs:
@@ -53,8 +65,40 @@ def ensure_topics(
             ):
                 continue
             raise TopicAdminError(f"creating topic {name!r} failed: {error}") from exc
+    deadline = time.monotonic() + timeout_s
     _wait_for_leaders(admin, [spec.name for spec in specs], timeout_s)
+    for spec in specs:
+        _list_end_offsets(admin, spec.name, max(deadline - time.monotonic(), 1.0))
     return created
+
+
+def end_offsets(kafka: KafkaSettings, topic: str, timeout_s: float = 15.0) -> dict[int, int]:
+    """The next offset to be written in each partition of ``topic``.
+
+    Retries while the broker answers with a retriable error (a leader still moving in).
+    """
+    return _list_end_offsets(AdminClient(kafka.client_config()), topic, timeout_s)
+
+
+def _list_end_offsets(admin: AdminClient, topic: str, timeout_s: float) -> dict[int, int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metadata = admin.list_topics(topic, timeout=timeout_s)
+        partitions = sorted(metadata.topics[topic].partitions)
+        try:
+            futures = admin.list_offsets(
+                {TopicPartition(topic, p): OffsetSpec.latest() for p in partitions},  # type: ignore[no-untyped-call]
+                request_timeout=timeout_s,
+            )
+            return {tp.partition: future.result().offset for tp, future in futures.items()}
+        except KafkaException as exc:
+            error = exc.args[0]
+            settling = isinstance(error, _RdKafkaError) and (
+                error.retriable() or error.code() in _LEADER_SETTLING
+            )
+            if not settling or time.monotonic() > deadline:
+                raise TopicAdminError(f"end offsets of {topic!r}: {error}") from exc
+        time.sleep(0.05)
 
 
 def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float) -> None:

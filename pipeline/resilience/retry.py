@@ -38,16 +38,20 @@ class RetryPolicy:
         elapsed_s: float,
         time_left_s: float | None = None,
         random: Callable[[], float] = _random.random,
+        not_before_s: float | None = None,
     ) -> float | None:
         """Seconds to wait before the next attempt, or ``None`` to give up.
 
         ``attempts_made`` counts attempts so far (>= 1); ``elapsed_s`` is the time since the
-        first attempt; ``time_left_s`` is what remains of the request's deadline, if any. A
-        retry that could not start before the budget or the deadline runs out is not made.
+        first attempt; ``time_left_s`` is what remains of the request's deadline, if any;
+        ``not_before_s`` is the backend's own ``Retry-After``, a floor for the wait. A retry
+        that could not start before the budget or the deadline runs out is not made.
         """
         if attempts_made >= self.max_attempts:
             return None
         delay = random() * self.backoff_cap(attempts_made)
+        if not_before_s is not None:
+            delay = max(delay, not_before_s)
         if elapsed_s + delay >= self.max_elapsed_s:
             return None
         if time_left_s is not None and delay >= time_left_s:

@@ -40,9 +40,8 @@ class ManagedProcess:
         pid = self.read_pid()
         if pid is None:
             return None
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
+        cmdline = _cmdline(pid)
+        if cmdline is None:
             return None
         if self.marker.encode() not in cmdline:
             return None
@@ -162,3 +161,20 @@ def wait_until(
         if abort() or clock() >= deadline:
             return False
         sleep(interval_s)
+
+
+def _cmdline(pid: int, exec_grace_s: float = 2.0) -> bytes | None:
+    """The process's argv as the kernel shows it, or ``None`` when it is gone.
+
+    A child that was just spawned shows an empty command line for a moment: the spawn returns
+    as soon as the exec has begun, before the kernel has set up the new argument area.
+    """
+    deadline = time.monotonic() + exec_grace_s
+    while True:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        if cmdline or time.monotonic() > deadline:
+            return cmdline
+        time.sleep(0.005)

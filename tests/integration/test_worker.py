@@ -115,7 +115,7 @@ def test_every_request_gets_exactly_one_result_and_offsets_are_committed(
     _assert_stored(settings, got.results)
     group = GROUP.format(namespace=settings.namespace)
     assert traffic.committed_offsets(settings, group, topics.requests, 3) == traffic.end_offsets(
-        settings, topics.requests, 3
+        settings, topics.requests
     )
 
 
@@ -179,7 +179,7 @@ def test_poison_messages_go_to_the_dlq_with_reasons_and_good_ones_are_served(
     # No partition stalls: every offset of the request topic is committed.
     group = GROUP.format(namespace=settings.namespace)
     assert traffic.committed_offsets(settings, group, topics.requests, 3) == traffic.end_offsets(
-        settings, topics.requests, 3
+        settings, topics.requests
     )
 
 

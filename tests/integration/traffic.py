@@ -14,6 +14,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 import schemas
+from pipeline.kafka import admin as kafka_admin
 from pipeline.settings import Settings
 from schemas.models import DeadLetter, InferenceRequest, InferenceResult, Inputs
 
@@ -111,15 +112,8 @@ def committed_offsets(
         consumer.close()
 
 
-def end_offsets(settings: Settings, topic: str, partitions: int) -> dict[int, int]:
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": "end-offsets-probe"})
-    try:
-        return {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in range(partitions)
-        }
-    finally:
-        consumer.close()
+def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    return kafka_admin.end_offsets(settings.kafka, topic)
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:

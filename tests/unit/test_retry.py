@@ -43,3 +43,10 @@ def test_never_waits_past_the_total_budget_or_the_deadline() -> None:
 def test_invalid_policies_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match=r"must be|need"):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_retry_after_from_the_server_is_a_floor_but_never_beats_the_deadline() -> None:
+    policy = RetryPolicy(base_delay_s=0.1, max_delay_s=1.0)
+    assert policy.next_delay(1, 0.0, random=lambda: 0.5, not_before_s=3.0) == 3.0
+    assert policy.next_delay(1, 0.0, random=lambda: 0.5, not_before_s=0.01) == pytest.approx(0.05)
+    assert policy.next_delay(1, 0.0, time_left_s=2.0, random=lambda: 0.5, not_before_s=3.0) is None

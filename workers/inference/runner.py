@@ -25,7 +25,12 @@ def build_backends(settings: Settings, models: Sequence[str]) -> dict[str, Backe
     if "vllm" in kinds:
         from pipeline.backends.vllm import VllmBackend
 
-        backends["vllm"] = VllmBackend.from_settings(settings.backends.vllm)
+        served: dict[tuple[str, str | None], str] = {
+            (model, version): name
+            for model in models
+            for version, name in settings.models[model].served_names.items()
+        }
+        backends["vllm"] = VllmBackend.from_settings(settings.backends.vllm, served)
     return backends
 
 

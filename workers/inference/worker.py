@@ -280,6 +280,16 @@ class InferenceWorker:
                 )
             )
             return
+        except Exception as error:
+            # A record that breaks the decoder in a way no rule foresaw is still bad input:
+            # it goes to the DLQ under its own reason, and the log keeps the trace for a fix.
+            log.exception('unforeseen decode failure topic="%s" offset="%s"', topic, offset)
+            self._spawn(
+                self._dead_letter(
+                    [message], model, "unprocessable", str(error), type(error).__name__, 0
+                )
+            )
+            return
         record = Record(message, request, row, self.clock())
         version = contracts.pinned_version(request) or self.routing.version_for(
             model, contracts.routing_key(request, message)
@@ -379,7 +389,10 @@ class InferenceWorker:
                     return
                 breaker.record_failure(duration)
                 delay = self.retry.next_delay(
-                    attempts, self.clock() - started, self._time_left(batch.items)
+                    attempts,
+                    self.clock() - started,
+                    self._time_left(batch.items),
+                    not_before_s=getattr(error, "retry_after_s", None),
                 )
                 if delay is None:
                     # Out of retries, not out of hope: the batch waits for the backend.
