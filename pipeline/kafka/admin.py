@@ -16,7 +16,6 @@ from pipeline.kafka.exceptions import TopicAdminError
 from pipeline.settings import KafkaSettings
 from pipeline.topics import ModelTopics, control_topic
 
-
 # What a partition answers while its new leader is still taking over.
 _LEADER_SETTLING = frozenset(
     {
