@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
@@ -113,20 +113,30 @@ class _Codec:
         Raises :class:`EncodeError` (``invalid``, ``too_large``, ``unknown_schema``, and for
         the registry ``registry_unavailable`` / ``registry_rejected``).
         """
-        schema, header = self._writer_for(type(event))
+        return self.encode_record(type(event), event.model_dump())
+
+    def encode_record(self, event_type: type[Event], record: Mapping[str, Any]) -> bytes:
+        """Encode a record already shaped like ``event_type``'s current schema.
+
+        The producer's fast path: no pydantic model is built or dumped, so the caller owns the
+        record's validity (fastavro still refuses a datum that does not fit the schema). Union
+        branches may be named with fastavro's ``(full_name, value)`` tuples, which skips the
+        branch search. Raises :class:`EncodeError` like :meth:`encode`.
+        """
+        schema, header = self._writer_for(event_type)
         out = io.BytesIO()
         out.write(header)
         try:
-            schemaless_writer(out, schema, event.model_dump())
+            schemaless_writer(out, schema, record)
         except Exception as exc:  # fastavro raises ValueError/TypeError/... for a bad datum
             raise EncodeError(
-                EncodeReason.INVALID, f"{event.AVRO_NAME}: {type(exc).__name__}: {exc}"
+                EncodeReason.INVALID, f"{event_type.AVRO_NAME}: {type(exc).__name__}: {exc}"
             ) from exc
         data = out.getvalue()
         if len(data) > self.limits.max_message_bytes:
             raise EncodeError(
                 EncodeReason.TOO_LARGE,
-                f"{event.AVRO_NAME}: {len(data)} bytes > max_message_bytes "
+                f"{event_type.AVRO_NAME}: {len(data)} bytes > max_message_bytes "
                 f"{self.limits.max_message_bytes}",
             )
         return data

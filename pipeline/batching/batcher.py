@@ -95,7 +95,9 @@ class MicroBatcher(Generic[K, T]):
     def add(
         self, key: K, item: T, *, lane: Lane = Lane.REALTIME, deadline: float | None = None
     ) -> None:
-        queues = self._queues.setdefault(key, _Queues())
+        queues = self._queues.get(key)
+        if queues is None:
+            queues = self._queues[key] = _Queues()
         pending = Pending(item, self._clock(), deadline, lane)
         queues.lanes[lane].append(pending)
         self._watch_deadline(key, pending)
@@ -149,7 +151,9 @@ class MicroBatcher(Generic[K, T]):
 
     def requeue(self, key: K, items: Sequence[Pending[T]]) -> None:
         """Put items of a batch that could not be served back at the front of their queue."""
-        queues = self._queues.setdefault(key, _Queues())
+        queues = self._queues.get(key)
+        if queues is None:
+            queues = self._queues[key] = _Queues()
         for pending in reversed(items):
             queues.lanes[pending.lane].appendleft(pending)
             self._watch_deadline(key, pending)

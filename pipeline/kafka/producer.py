@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaError as RdKafkaError
@@ -50,41 +51,34 @@ class AsyncProducer:
         while not self._stopping.is_set():
             self._producer.poll(self._poll_interval_s)
 
-    def submit(
-        self,
-        topic: str,
-        value: bytes,
-        *,
-        key: bytes | str | None = None,
-        headers: Headers | None = None,
-        partition: int | None = None,
-    ) -> asyncio.Future[Message]:
-        """Produce one message; the returned future resolves on the broker's acknowledgement.
+    def submit_all(self, messages: Sequence[OutgoingMessage]) -> asyncio.Future[int]:
+        """Produce several messages; the future resolves once the broker acknowledged them all.
 
-        A plain call, not a coroutine, so a batch of results costs one future each rather
-        than one task each. When librdkafka's local queue is full, this waits for it to
-        drain (back-pressure) before queueing.
+        One future and one wake-up of the event loop per call instead of per message: the
+        worker acknowledges a whole micro-batch of outcomes at once. The first failed delivery
+        fails the future with its :class:`DeliveryError`.
         """
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Message] = loop.create_future()
-
-        def on_delivery(error: RdKafkaError | None, message: Message) -> None:
-            outcome = DeliveryError(topic, error) if error is not None else message
-            loop.call_soon_threadsafe(_settle, future, outcome)
-
-        kwargs: dict[str, Any] = {
-            "key": key,
-            "headers": list(headers or ()),
-            "on_delivery": on_delivery,
-        }
-        if partition is not None:
-            kwargs["partition"] = partition
-        while True:
-            try:
-                self._producer.produce(topic, value, **kwargs)
-                return future
-            except BufferError:
-                self._producer.poll(self._poll_interval_s)
+        future: asyncio.Future[int] = loop.create_future()
+        if not messages:
+            future.set_result(0)
+            return future
+        acks = _BatchAcks(loop, future, len(messages))
+        for message in messages:
+            headers: Any = list(message.headers) if message.headers else None
+            while True:
+                try:
+                    self._producer.produce(
+                        message.topic,
+                        message.value,
+                        key=message.key,
+                        headers=headers,
+                        on_delivery=acks.on_delivery,
+                    )
+                    break
+                except BufferError:
+                    self._producer.poll(self._poll_interval_s)
+        return future
 
     async def send(
         self,
@@ -93,10 +87,9 @@ class AsyncProducer:
         *,
         key: bytes | str | None = None,
         headers: Headers | None = None,
-        partition: int | None = None,
-    ) -> Message:
+    ) -> None:
         """Produce one message and wait for the broker's acknowledgement."""
-        return await self.submit(topic, value, key=key, headers=headers, partition=partition)
+        await self.submit_all([OutgoingMessage(topic, value, key, headers)])
 
     def flush(self, timeout_s: float) -> int:
         """Wait for every queued message; return how many are still undelivered."""
@@ -109,7 +102,47 @@ class AsyncProducer:
         return remaining
 
 
-def _settle(future: asyncio.Future[Message], outcome: Message | DeliveryError) -> None:
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    topic: str
+    value: bytes
+    key: bytes | str | None = None
+    headers: Headers | None = None
+
+
+class _BatchAcks:
+    """Counts one batch's acknowledgements; settles its future once, from any thread."""
+
+    __slots__ = ("_count", "_failed", "_future", "_lock", "_loop", "_remaining")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[int], count: int
+    ) -> None:
+        self._loop = loop
+        self._future = future
+        self._count = count
+        self._remaining = count
+        self._failed = False
+        # Callbacks fire on the poll thread, and on the loop's thread while ``produce``
+        # waits for queue space, so the count needs a lock.
+        self._lock = threading.Lock()
+
+    def on_delivery(self, error: RdKafkaError | None, message: Message) -> None:
+        with self._lock:
+            if self._failed:
+                return
+            if error is not None:
+                self._failed = True
+                outcome: int | DeliveryError = DeliveryError(str(message.topic()), error)
+            else:
+                self._remaining -= 1
+                if self._remaining:
+                    return
+                outcome = self._count
+        self._loop.call_soon_threadsafe(_settle_batch, self._future, outcome)
+
+
+def _settle_batch(future: asyncio.Future[int], outcome: int | DeliveryError) -> None:
     if future.done():
         return
     if isinstance(outcome, DeliveryError):

@@ -17,22 +17,20 @@ from confluent_kafka import Message
 import schemas
 from pipeline.backends import RowInput, RowOutput, TextPrompt
 from pipeline.settings import ModelSettings
-from schemas import AvroCodec, Limits, default_catalog, message_headers
+from schemas import AvroCodec, Limits, default_catalog, default_codec, message_headers
 from schemas.exceptions import DecodeError
 from schemas.models import (
+    NAMESPACE,
     Attribution,
     DeadLetter,
     ExplanationSummary,
     Header,
     InferenceRequest,
     InferenceResult,
-    Outputs,
     ResultStatus,
-    SegmentRef,
     Tensor,
     TensorDatatype,
     TextOutput,
-    Timings,
     TokenLogprob,
 )
 
@@ -137,12 +135,6 @@ def _tensor_to_array(tensor: Tensor) -> np.ndarray[Any, Any]:
     return array
 
 
-def _array_to_tensor(name: str, array: np.ndarray[Any, Any]) -> Tensor:
-    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    datatype = _DATATYPES[np.dtype(little.dtype.str)]
-    return Tensor(name=name, datatype=datatype, shape=list(array.shape), data=little.tobytes())
-
-
 def pinned_version(request: InferenceRequest) -> str | None:
     return request.model_version
 
@@ -187,24 +179,38 @@ def full_record(
     return record
 
 
-def _inline_outputs(output: RowOutput) -> Outputs | None:
+def _named(record_name: str, value: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A union branch named for fastavro, so it skips trying each branch in turn."""
+    return (f"{NAMESPACE}.{record_name}", value)
+
+
+def _inline_outputs(output: RowOutput) -> tuple[str, dict[str, Any]] | None:
     if output.text is not None:
-        return Outputs(
-            text=TextOutput(
-                text=output.text,
-                finish_reason=output.finish_reason,
-                prompt_tokens=output.usage.get("prompt_tokens"),
-                completion_tokens=output.usage.get("completion_tokens"),
-            )
+        text = TextOutput(
+            text=output.text,
+            finish_reason=output.finish_reason,
+            prompt_tokens=output.usage.get("prompt_tokens"),
+            completion_tokens=output.usage.get("completion_tokens"),
         )
-    small = {
-        name: array
+        return _named("Outputs", {"tensors": None, "features": None, "text": text.model_dump()})
+    tensors = [
+        _tensor_record(name, array)
         for name, array in output.tensors.items()
         if name != ATTRIBUTIONS_OUTPUT and array.nbytes <= INLINE_OUTPUT_BYTES
-    }
-    if not small:
+    ]
+    if not tensors:
         return None
-    return Outputs(tensors=[_array_to_tensor(name, array) for name, array in small.items()])
+    return _named("Outputs", {"tensors": tensors, "features": None, "text": None})
+
+
+def _tensor_record(name: str, array: np.ndarray[Any, Any]) -> dict[str, Any]:
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return {
+        "name": name,
+        "datatype": _DATATYPES[np.dtype(little.dtype.str)].value,
+        "shape": list(array.shape),
+        "data": little.tobytes(),
+    }
 
 
 def _explanation(output: RowOutput, feature_names: Sequence[str]) -> ExplanationSummary | None:
@@ -226,6 +232,38 @@ def _explanation(output: RowOutput, feature_names: Sequence[str]) -> Explanation
     )
 
 
+ResultRecord = dict[str, Any]
+"""An ``InferenceResult`` shaped for its Avro schema, built without a pydantic round trip.
+
+Results are the worker's own output, produced once per request on the hot path; building the
+pydantic model and dumping it again cost more than everything else the worker does per
+record. ``tests/unit/test_result_records.py`` decodes these records with the validating codec,
+so a record that breaks the contract fails there.
+"""
+
+
+def _result_record(
+    request: InferenceRequest, *, status: ResultStatus, model: str, worker_id: str
+) -> ResultRecord:
+    return {
+        "request_id": request.request_id,
+        "correlation_id": request.correlation_id,
+        "status": status.value,
+        "error_code": None,
+        "error_message": None,
+        "model": model,
+        "model_version": None,
+        "outputs": None,
+        "explanation": None,
+        "payload_ref": None,
+        "timings": None,
+        "worker_id": worker_id,
+        "batch_job_id": request.batch_job_id,
+        "custom_id": request.custom_id,
+        "trace": None if request.trace is None else request.trace.model_dump(),
+    }
+
+
 def ok_result(
     request: InferenceRequest,
     output: RowOutput,
@@ -242,45 +280,39 @@ def ok_result(
     queued_ms: float,
     backend_ms: float,
     total_ms: float,
-) -> InferenceResult:
-    return InferenceResult(
-        request_id=request.request_id,
-        correlation_id=request.correlation_id,
-        status=ResultStatus.OK,
-        model=model,
-        model_version=version,
-        outputs=_inline_outputs(output),
-        explanation=_explanation(output, feature_names) if request.explain else None,
-        payload_ref=SegmentRef(bucket=bucket, key=key, etag=etag, offset=offset, length=length),
-        timings=Timings(
-            queued_ms=max(queued_ms, 0.0),
-            backend_ms=max(backend_ms, 0.0),
-            total_ms=max(total_ms, 0.0),
-        ),
-        worker_id=worker_id,
-        batch_job_id=request.batch_job_id,
-        custom_id=request.custom_id,
-        trace=request.trace,
+) -> ResultRecord:
+    record = _result_record(request, status=ResultStatus.OK, model=model, worker_id=worker_id)
+    explanation = _explanation(output, feature_names) if request.explain else None
+    record["model_version"] = version
+    record["outputs"] = _inline_outputs(output)
+    record["explanation"] = None if explanation is None else explanation.model_dump()
+    record["payload_ref"] = _named(
+        "SegmentRef",
+        {"bucket": bucket, "key": key, "etag": etag, "offset": offset, "length": length},
     )
-
-
-def expired_result(request: InferenceRequest, *, model: str, worker_id: str) -> InferenceResult:
-    return InferenceResult(
-        request_id=request.request_id,
-        correlation_id=request.correlation_id,
-        status=ResultStatus.EXPIRED,
-        error_code="deadline_exceeded",
-        error_message="the request's deadline passed before it could be served",
-        model=model,
-        worker_id=worker_id,
-        batch_job_id=request.batch_job_id,
-        custom_id=request.custom_id,
-        trace=request.trace,
+    record["timings"] = _named(
+        "Timings",
+        {
+            "queued_ms": max(queued_ms, 0.0),
+            "backend_ms": max(backend_ms, 0.0),
+            "total_ms": max(total_ms, 0.0),
+        },
     )
+    return record
 
 
-def encode_result(result: InferenceResult) -> tuple[bytes, list[tuple[str, bytes]]]:
-    return schemas.encode(result), message_headers(result.AVRO_NAME)
+def expired_result(request: InferenceRequest, *, model: str, worker_id: str) -> ResultRecord:
+    record = _result_record(request, status=ResultStatus.EXPIRED, model=model, worker_id=worker_id)
+    record["error_code"] = "deadline_exceeded"
+    record["error_message"] = "the request's deadline passed before it could be served"
+    return record
+
+
+_RESULT_HEADERS = message_headers(InferenceResult.AVRO_NAME)
+
+
+def encode_result(result: ResultRecord) -> tuple[bytes, list[tuple[str, bytes]]]:
+    return default_codec().encode_record(InferenceResult, result), _RESULT_HEADERS
 
 
 def encode_dead_letter(

@@ -34,7 +34,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from pipeline.backends import Backend, BackendError, RowOutput
 from pipeline.batching import Batch, Lane, MicroBatcher, Pending
-from pipeline.kafka.producer import AsyncProducer, DeliveryError
+from pipeline.kafka.producer import AsyncProducer, DeliveryError, OutgoingMessage
 from pipeline.kafka.watermark import OffsetTracker
 from pipeline.metrics import BREAKER_STATE_VALUES, WorkerMetrics
 from pipeline.resilience import BreakerState, CircuitBreaker, RetryPolicy
@@ -54,7 +54,7 @@ BatchKey = tuple[str, str | None]  # (model, version)
 CONTROL_POLL_INTERVAL_S = 0.2
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     """A consumed record on its way through the worker."""
 
@@ -239,9 +239,14 @@ class InferenceWorker:
         timeout = 0.05 if wait is None else min(max(wait, 0.0), 0.05)
         if self._saturated():
             timeout = min(timeout, 0.01)
-        messages: list[Message] = await self._on_consumer(self._consumer.consume, 500, timeout)
+        messages: list[Message] = await self._on_consumer(self._fetch, timeout)
+        consumed: dict[str, int] = {}
         for message in messages:
-            self._accept(message)
+            topic = self._accept(message)
+            if topic is not None:
+                consumed[topic] = consumed.get(topic, 0) + 1
+        for topic, count in consumed.items():
+            self.metrics.consumed.labels(topic).inc(count)
         if self._control and self.clock() - self._last_control_poll >= CONTROL_POLL_INTERVAL_S:
             self._last_control_poll = self.clock()
             await self._on_consumer(self._control.poll, 0.0)
@@ -250,22 +255,35 @@ class InferenceWorker:
         if self.clock() - self._last_commit >= self.settings.workers.commit_interval_ms / 1000:
             await self._commit()
 
+    def _fetch(self, timeout_s: float) -> list[Message]:
+        """Up to 500 records; returns as soon as one arrives rather than when 500 have.
+
+        ``consume(500, timeout)`` alone holds the first record back until the batch fills or
+        the timeout passes, which adds up to the timeout to every record's latency when
+        traffic is light.
+        """
+        assert self._consumer is not None
+        first = self._consumer.poll(timeout_s)
+        if first is None:
+            return []
+        return [first, *self._consumer.consume(499, 0)]
+
     def _saturated(self) -> bool:
         return self.tracker.in_flight() >= self.settings.workers.max_in_flight_records
 
     # ------------------------------------------------------------ intake
 
-    def _accept(self, message: Message) -> None:
+    def _accept(self, message: Message) -> str | None:
+        """Track, decode and queue one consumed record; return its topic (``None``: no record)."""
         if message.error() is not None:
             log.warning('consumer error="%s"', message.error())
-            return
+            return None
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         assert topic is not None
         assert partition is not None
         assert offset is not None
         self.tracker.track(topic, partition, offset)
         self.stats.consumed += 1
-        self.metrics.consumed.labels(topic).inc()
         model = self._model_of_topic(topic)
         try:
             request = contracts.decode_request(
@@ -279,7 +297,7 @@ class InferenceWorker:
                     [message], model, rejected.reason, str(rejected), rejected.error_class, 0
                 )
             )
-            return
+            return topic
         except Exception as error:
             # A record that breaks the decoder in a way no rule foresaw is still bad input:
             # it goes to the DLQ under its own reason, and the log keeps the trace for a fix.
@@ -289,13 +307,14 @@ class InferenceWorker:
                     [message], model, "unprocessable", str(error), type(error).__name__, 0
                 )
             )
-            return
+            return topic
         record = Record(message, request, row, self.clock())
         version = contracts.pinned_version(request) or self.routing.version_for(
             model, contracts.routing_key(request, message)
         )
         lane = Lane.BULK if topic == self.topics[model].batch else Lane.REALTIME
         self.batcher.add((model, version), record, lane=lane, deadline=self._deadline(request))
+        return topic
 
     def _model_of_topic(self, topic: str) -> str:
         return topic[len(self.settings.namespace) + 1 :].rsplit(".", 1)[0]
@@ -516,25 +535,25 @@ class InferenceWorker:
         self, model: str, outcomes: Sequence[tuple[Record, Any]], status: str
     ) -> None:
         """Produce each result (and its reply); complete the offsets once all are acked."""
-        assert self._producer is not None
         results_topic = self.topics[model].results
-        acks: list[asyncio.Future[Message]] = []
+        messages: list[OutgoingMessage] = []
         for record, result in outcomes:
             value, headers = contracts.encode_result(result)
             key = record.message.key()
-            acks.append(self._producer.submit(results_topic, value, key=key, headers=headers))
+            messages.append(OutgoingMessage(results_topic, value, key, headers))
             reply_to = contracts.reply_to(record.request)
             if reply_to:
-                acks.append(self._producer.submit(reply_to, value, key=key, headers=headers))
-        await self._deliver(acks)
+                messages.append(OutgoingMessage(reply_to, value, key, headers))
+        await self._deliver(messages)
         for record, _ in outcomes:
             self.tracker.complete(*record.position)
         self.stats.results += len(outcomes)
         self.metrics.produced.labels(model, status).inc(len(outcomes))
 
-    async def _deliver(self, acks: Sequence[asyncio.Future[Message]]) -> None:
+    async def _deliver(self, messages: Sequence[OutgoingMessage]) -> None:
+        assert self._producer is not None
         try:
-            await asyncio.gather(*acks)
+            await self._producer.submit_all(messages)
         except DeliveryError as error:
             # librdkafka already retried within its delivery timeout: the broker is gone for
             # long. The offset stays uncommitted and the task failure stops the worker.
@@ -560,9 +579,8 @@ class InferenceWorker:
         error_class: str,
         attempts: int,
     ) -> None:
-        assert self._producer is not None
         now_ms = int(time.time() * 1000)
-        acks = []
+        letters = []
         for message in messages:
             value, headers = contracts.encode_dead_letter(
                 message,
@@ -574,12 +592,8 @@ class InferenceWorker:
                 model=model,
                 worker_id=self.worker_id,
             )
-            acks.append(
-                self._producer.submit(
-                    self.topics[model].dlq, value, key=message.key(), headers=headers
-                )
-            )
-        await self._deliver(acks)
+            letters.append(OutgoingMessage(self.topics[model].dlq, value, message.key(), headers))
+        await self._deliver(letters)
         for message in messages:
             self.stats.dead_lettered += 1
             self.metrics.dead_lettered.labels(model, reason).inc()
