@@ -9,8 +9,8 @@ machines drift; the ratios are the result):
 
 (a) ceiling: a direct async tritonclient load on the same model, same rows per request
     (``workers.max_batch_size``) and same concurrency (``workers.max_in_flight_batches``);
-(b) ceiling: a Kafka pass-through: consume, decode, encode, produce the same messages with the
-    same client settings, no inference;
+(b) ceiling: a Kafka pass-through: consume, decode and re-encode the same messages, produce them
+    with the worker's client settings, no inference;
 worker: ``sluiceway worker`` serving pre-published requests end to end (Avro decode, batching,
     Triton, segment objects in MinIO, results produced, offsets committed);
 naive: consume one record, call Triton with one row, produce, commit, repeat.
@@ -134,8 +134,14 @@ async def triton_direct(settings: Settings, rows_total: int) -> float:
 
 def kafka_passthrough(settings: Settings, source: str, sink: str, count: int) -> float:
     consumer = consumer_for(settings, source, f"bench-pass-{uuid.uuid4().hex[:6]}")
-    producer = Producer(
-        {**settings.kafka.client_config(), "acks": "all", "linger.ms": 2, "compression.type": "lz4"}
+    producer = Producer(  # the worker's producer settings
+        {
+            **settings.kafka.client_config(),
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 2,
+            "compression.type": "lz4",
+        }
     )
     done = 0
     started: float | None = None
@@ -146,11 +152,9 @@ def kafka_passthrough(settings: Settings, source: str, sink: str, count: int) ->
         for message in messages:
             if message.error() is not None:
                 continue
+            # The architecture's definition: decode and re-encode the same message.
             request = schemas.decode(message.value() or b"", InferenceRequest)
-            result = InferenceResult(
-                request_id=request.request_id, status=ResultStatus.OK, model=request.model
-            )
-            producer.produce(sink, schemas.encode(result), key=message.key())
+            producer.produce(sink, schemas.encode(request), key=message.key())
             producer.poll(0)
             done += 1
     producer.flush(60)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from pipeline.backends import Backend, BackendError, RowOutput
 from pipeline.batching import Batch, Lane, MicroBatcher, Pending
@@ -52,6 +52,8 @@ log = logging.getLogger("sluiceway.worker")
 
 BatchKey = tuple[str, str | None]  # (model, version)
 CONTROL_POLL_INTERVAL_S = 0.2
+LAG_INTERVAL_S = 5.0
+"""Lag asks the broker for each partition's end offset, so it is refreshed less often."""
 
 
 @dataclass(slots=True)
@@ -135,6 +137,7 @@ class InferenceWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_commit = 0.0
         self._last_control_poll = 0.0
+        self._last_lag_update = 0.0
         self._control: ControlFollower | None = None
         self._fatal: BaseException | None = None
         self._assignment: set[tuple[str, int]] = set()
@@ -254,6 +257,9 @@ class InferenceWorker:
         await self._apply_backpressure()
         if self.clock() - self._last_commit >= self.settings.workers.commit_interval_ms / 1000:
             await self._commit()
+        if self.clock() - self._last_lag_update >= LAG_INTERVAL_S:
+            self._last_lag_update = self.clock()
+            await self._on_consumer(self._update_lag)
 
     def _fetch(self, timeout_s: float) -> list[Message]:
         """Up to 500 records; returns as soon as one arrives rather than when 500 have.
@@ -670,6 +676,27 @@ class InferenceWorker:
             self.tracker.mark_committed(pending)
             self.stats.commits += 1
 
+    def _update_lag(self) -> None:
+        """Set ``sluiceway_consumer_lag`` per assigned partition: end offset minus position.
+
+        Runs on the consumer thread. The end offset is asked of the broker, not taken from the
+        fetch cache, because a paused partition fetches nothing and its cached end would stand
+        still exactly when its lag grows. A partition the broker does not answer for keeps its
+        last value.
+        """
+        assert self._consumer is not None
+        assigned = _partitions(self._assignment)
+        for position in self._consumer.position(assigned):
+            try:
+                _, end = self._consumer.get_watermark_offsets(
+                    TopicPartition(position.topic, position.partition), timeout=0.5
+                )
+            except KafkaException:
+                continue
+            # Before the first fetch the position is unknown (negative): all of it is lag.
+            lag = end - position.offset if position.offset >= 0 else end
+            self.metrics.consumer_lag.labels(position.topic, str(position.partition)).set(lag)
+
     # ------------------------------------------------- drain, rebalance
 
     async def _drain(self, *, flush_all: bool, timeout_s: float | None = None) -> bool:
@@ -712,6 +739,9 @@ class InferenceWorker:
         self.tracker.forget(list(revoked))
         self.stats.paused -= revoked
         self._assignment -= revoked
+        for topic, partition in revoked:
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(topic, str(partition))
 
 
 def _partitions(keys: set[tuple[str, int]]) -> list[TopicPartition]:
