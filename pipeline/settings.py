@@ -96,6 +96,19 @@ class BackendSettings(_Section):
     vllm: VllmSettings = VllmSettings()
 
 
+INVOICE_RISK_FEATURES = (
+    "amount_eur",
+    "vendor_tenure_days",
+    "payment_terms_days",
+    "days_to_due",
+    "past_late_payments",
+    "new_bank_account",
+    "foreign_vendor",
+    "manual_entry",
+)
+"""The demo model's inputs, in column order (``pipeline/modeling/invoices.py`` generates them)."""
+
+
 class ModelSettings(_Section):
     """How one model is served: which backend, and how a request becomes backend inputs."""
 
@@ -106,6 +119,10 @@ class ModelSettings(_Section):
     """The Triton input tensor that a feature record is packed into (one FP32 row)."""
     feature_order: tuple[str, ...] = ()
     """Feature names in the order of the input tensor's columns."""
+    explains: bool = False
+    """Triton only: the model has an ``attributions`` output (one value per feature, in
+    ``feature_order``). It is asked for only when a request in the batch wants an explanation,
+    so the model computes it for whole batches and never for nobody."""
     served_names: dict[str, str] = Field(default_factory=dict)
     """vLLM only: version -> the name the server serves it under (``--served-model-name``,
     a LoRA adapter); a version not listed is sent as the model's own name."""
@@ -179,7 +196,13 @@ class Settings(BaseSettings):
         default_factory=lambda: {
             "scaler": ModelSettings(
                 backend="triton", default_version="1", feature_order=("f0", "f1", "f2", "f3")
-            )
+            ),
+            "invoice_risk": ModelSettings(
+                backend="triton",
+                default_version="1",
+                feature_order=INVOICE_RISK_FEATURES,
+                explains=True,
+            ),
         }
     )
     """Models this deployment serves, by name (the ``<model>`` in topic names)."""

@@ -1,9 +1,11 @@
-"""The end-to-end job ``make demo`` runs: requests through Kafka, the worker, Triton and MinIO.
+"""The end-to-end job ``make demo`` runs: invoices through Kafka, the worker, Triton and MinIO.
 
-It starts the inference worker for the ``scaler`` model, publishes Avro ``InferenceRequest``
-events the way a connector would, reads every ``InferenceResult`` back from the results
-topic, checks each output against the model's arithmetic and one record against its segment
-object (fetched by byte range, as the SDK does), and summarises what happened.
+It starts the inference worker for ``invoice_risk`` (the trained demo model, see
+``pipeline/modeling``), publishes Avro ``InferenceRequest`` events the way the SAP connector
+would (one per supplier invoice, every fourth asking for an explanation), reads every
+``InferenceResult`` back from the results topic, checks each score against the trained weights,
+checks that explanations arrive exactly where asked and that their full attribution vectors in
+the segment objects (fetched by byte range, as the SDK does) are faithful, and summarises.
 """
 
 from __future__ import annotations
@@ -22,17 +24,25 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 import schemas
 from pipeline.kafka.admin import end_offsets
+from pipeline.modeling.invoices import FEATURES, generate
+from pipeline.modeling.logistic import LinearModel
+from pipeline.modeling.training import DEMO_MODEL
 from pipeline.settings import Settings
+from pipeline.stack.services import resolve
 from pipeline.storage.client import make_client
 from pipeline.storage.store import SegmentStore
 from pipeline.topics import ModelTopics
-from schemas.models import InferenceRequest, InferenceResult, Inputs, ResultStatus
+from schemas.models import InferenceRequest, InferenceResult, Inputs, ResultStatus, Source
+from workers.inference.contracts import TOP_K_ATTRIBUTIONS as TOP_K
 from workers.inference.runner import build_backends, prepare_topics_and_bucket
 from workers.inference.worker import InferenceWorker
 
 Progress = Callable[[str], None]
-MODEL = "scaler"
-SCALE_BY_VERSION = {"1": 2.0, "2": 3.0}
+MODEL = DEMO_MODEL
+EXPLAIN_EVERY = 4
+"""Every fourth invoice asks for an explanation (the rest are scored only)."""
+FAITHFULNESS_SAMPLE = 20
+"""Explained results whose full attribution vector is fetched from the store and checked."""
 
 
 @dataclass
@@ -44,6 +54,11 @@ class DemoReport:
     published: int = 0
     results_read: int = 0
     results_correct: int = 0
+    explained: int = 0
+    explanations_where_asked: int = 0
+    faithful: int = 0
+    faithfulness_checked: int = 0
+    high_risk: int = 0
     versions: dict[str, int] = field(default_factory=dict)
     segments: set[str] = field(default_factory=set)
     ranged_get_matched: bool = False
@@ -59,23 +74,33 @@ class DemoReport:
     def ok(self) -> bool:
         return (
             self.published == self.results_read == self.results_correct
+            and self.explanations_where_asked == self.published
+            and self.faithful == self.faithfulness_checked > 0
             and self.ranged_get_matched
             and self.dead_lettered == 0
         )
 
 
 def _requests(count: int, run_id: str) -> list[InferenceRequest]:
-    rng = np.random.default_rng(7)
-    rows = rng.normal(100.0, 25.0, size=(count, 4))
+    invoices = generate(count, seed=11).x
     return [
         InferenceRequest(
             request_id=uuid.uuid4(),
             model=MODEL,
-            inputs=Inputs(features={f"f{i}": round(float(v), 4) for i, v in enumerate(row)}),
+            inputs=Inputs(
+                features={
+                    name: round(float(value), 2)
+                    for name, value in zip(FEATURES, invoice, strict=True)
+                }
+            ),
+            explain=index % EXPLAIN_EVERY == 0,
             correlation_id=f"{run_id}-{index}",
+            source=Source(
+                system="SAP S/4HANA", entity_type="SupplierInvoice", entity_id=f"51056{index:05d}"
+            ),
             attributes={"demo_run": run_id},
         )
-        for index, row in enumerate(rows)
+        for index, invoice in enumerate(invoices)
     ]
 
 
@@ -140,7 +165,7 @@ def _triton_counts(settings: Settings) -> tuple[int, int]:
     client = triton_grpc.InferenceServerClient(settings.backends.triton.grpc_url)
     try:
         inferences = executions = 0
-        for version in SCALE_BY_VERSION:
+        for version in ("1", "2"):
             stats = client.get_inference_statistics(MODEL, version, as_json=True)
             model = stats["model_stats"][0]
             inferences += int(model.get("inference_count", 0))
@@ -150,12 +175,39 @@ def _triton_counts(settings: Settings) -> tuple[int, int]:
         client.close()
 
 
+def _model(settings: Settings, version: str) -> LinearModel:
+    folder = resolve(settings.stack.model_repository) / MODEL / version
+    return LinearModel.load(folder / "weights.npz")
+
+
+def _score(result: InferenceResult) -> float | None:
+    tensors = result.outputs.tensors if result.outputs else None
+    if result.status is not ResultStatus.OK or not tensors:
+        return None
+    score = next((t for t in tensors if t.name == "score"), None)
+    return None if score is None else float(np.frombuffer(score.data, dtype="<f4")[0])
+
+
+def _segment_record(settings: Settings, result: InferenceResult) -> dict[str, Any]:
+    ref = result.payload_ref
+    assert ref is not None
+    store = make_client(settings.object_store)
+    body = store.get_object(ref.bucket, ref.key, offset=ref.offset, length=ref.length)
+    try:
+        record: dict[str, Any] = json.loads(body.read())
+    finally:
+        body.close()
+        body.release_conn()
+    return record
+
+
 def _check(
     report: DemoReport,
     requests: list[InferenceRequest],
     found: dict[str, tuple[InferenceResult, float]],
     settings: Settings,
 ) -> None:
+    models: dict[str, LinearModel] = {}
     for request in requests:
         entry = found.get(str(request.request_id))
         if entry is None:
@@ -166,30 +218,30 @@ def _check(
         report.versions[version] = report.versions.get(version, 0) + 1
         if result.payload_ref is not None:
             report.segments.add(result.payload_ref.key)
-        tensors = result.outputs.tensors if result.outputs else None
+        model = models.get(version) or models.setdefault(version, _model(settings, version))
         features = request.inputs.features or {}
-        expected = np.array([[features[f"f{i}"] for i in range(4)]], dtype=np.float32)
-        if result.status is ResultStatus.OK and tensors:
-            got = np.frombuffer(tensors[0].data, dtype="<f4").reshape(tensors[0].shape)
-            if np.allclose(got, expected * SCALE_BY_VERSION.get(version, np.nan), rtol=1e-5):
-                report.results_correct += 1
-    if found:
-        sample_request = requests[len(requests) // 2]
-        sample = found[str(sample_request.request_id)][0]
-        ref = sample.payload_ref
-        if ref is not None:
-            store = make_client(settings.object_store)
-            body = store.get_object(ref.bucket, ref.key, offset=ref.offset, length=ref.length)
-            try:
-                record = json.loads(body.read())
-            finally:
-                body.close()
-                body.release_conn()
-            report.ranged_get_matched = record["request_id"] == str(sample.request_id)
-            report.sample = {
-                "result_event": _readable(sample),
-                "segment_record": record,
-            }
+        row = np.array([[float(features[name] or 0.0) for name in FEATURES]], dtype=np.float32)
+        expected = float(model.predict_proba(row.astype(np.float64))[0])
+        score = _score(result)
+        if score is not None and abs(score - expected) < 1e-5:
+            report.results_correct += 1
+            report.high_risk += score >= 0.5
+        has_explanation = result.explanation is not None
+        report.explained += has_explanation
+        report.explanations_where_asked += has_explanation == request.explain
+        if has_explanation and report.faithfulness_checked < FAITHFULNESS_SAMPLE:
+            # Completeness: the stored attributions add up to logit(x) - logit(baseline).
+            record = _segment_record(settings, result)
+            attributions = np.array([record["attributions"][name] for name in FEATURES])
+            gap = (
+                model.logit(row.astype(np.float64))[0]
+                - model.logit(model.baseline.reshape(1, -1))[0]
+            )
+            report.faithfulness_checked += 1
+            report.faithful += abs(attributions.sum() - gap) < 1e-3
+            if not report.sample:
+                report.ranged_get_matched = record["request_id"] == str(result.request_id)
+                report.sample = {"result_event": _readable(result), "segment_record": record}
 
 
 def _readable(result: InferenceResult) -> dict[str, Any]:
@@ -258,16 +310,22 @@ def render_report(report: DemoReport) -> str:
     versions = ", ".join(f"v{v}: {n}" for v, n in sorted(report.versions.items()))
     rate = report.published / report.seconds if report.seconds else 0.0
     lines = [
-        f"Sluiceway round trip {verdict}: Kafka -> worker -> Triton -> MinIO -> Kafka "
-        f"(run {report.run_id})",
-        f"  published  {report.published} Avro InferenceRequests to {report.requests_topic}",
-        f"  served     {report.results_read} in {report.batches} micro-batches "
+        f"Sluiceway round trip {verdict}: SAP invoices -> Kafka -> worker -> Triton -> MinIO "
+        f"-> Kafka (run {report.run_id})",
+        f"  published  {report.published} Avro InferenceRequests to {report.requests_topic}, "
+        f"every {EXPLAIN_EVERY}th asking for an explanation",
+        f"  served     {report.results_read} by {MODEL} in {report.batches} micro-batches "
         f"({versions or 'none'}); Triton ran {report.triton_inferences} rows in "
         f"{report.triton_executions} executions",
+        f"  scored     {report.results_correct} scores match the trained weights; "
+        f"{report.high_risk} invoices at risk >= 0.5",
+        f"  explained  {report.explained} results carry top-{TOP_K} attributions, "
+        f"{report.explanations_where_asked} of {report.published} exactly as asked; "
+        f"{report.faithful} of {report.faithfulness_checked} stored vectors checked add up "
+        "to the score's logit gap from the baseline",
         f"  stored     {len(report.segments)} segment objects under s3://{report.bucket}/{MODEL}/",
-        f"  results    {report.results_read} on {report.results_topic}, "
-        f"{report.results_correct} with correct outputs; {report.dead_lettered} dead-lettered; "
-        f"offsets committed {report.commits} times",
+        f"  results    {report.results_read} on {report.results_topic}; "
+        f"{report.dead_lettered} dead-lettered; offsets committed {report.commits} times",
         f"  took       {report.seconds:.2f}s publish-to-last-result ({rate:,.0f} requests/s)",
         "  ranged GET of one result's record "
         + ("matched its event" if report.ranged_get_matched else "DID NOT match"),

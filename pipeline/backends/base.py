@@ -18,6 +18,9 @@ from pipeline.backends.exceptions import BackendError
 
 Array = npt.NDArray[Any]
 
+ATTRIBUTIONS_OUTPUT = "attributions"
+"""The output tensor of an explaining model: one contribution per input feature."""
+
 
 @dataclass(frozen=True)
 class TextPrompt:

@@ -8,13 +8,19 @@ axis, and the outputs are cut back per request. Single-row requests leave most o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Literal
 
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from pipeline.backends.base import RowInput, RowOutput, split_rows, stack_rows
+from pipeline.backends.base import (
+    ATTRIBUTIONS_OUTPUT,
+    RowInput,
+    RowOutput,
+    split_rows,
+    stack_rows,
+)
 from pipeline.backends.exceptions import (
     BackendError,
     PermanentBackendError,
@@ -60,10 +66,13 @@ class TritonBackend:
         url: str,
         protocol: Literal["grpc", "http"] = "grpc",
         timeout_s: float = 10.0,
+        explaining_models: Collection[str] = (),
     ) -> None:
         self._url = url
         self._protocol = protocol
         self._timeout_s = timeout_s
+        self._explaining_models = frozenset(explaining_models)
+        self._output_names: dict[tuple[str, str], list[str]] = {}
         self._client: Any = None
         if protocol == "grpc":
             import tritonclient.grpc.aio as module
@@ -72,9 +81,12 @@ class TritonBackend:
         self._module: Any = module
 
     @classmethod
-    def from_settings(cls, settings: TritonSettings) -> TritonBackend:
+    def from_settings(
+        cls, settings: TritonSettings, explaining_models: Collection[str] = ()
+    ) -> TritonBackend:
+        """``explaining_models`` have an ``attributions`` output that is asked for on demand."""
         url = settings.grpc_url if settings.protocol == "grpc" else settings.http_url
-        return cls(url, settings.protocol, settings.timeout_s)
+        return cls(url, settings.protocol, settings.timeout_s, explaining_models)
 
     @property
     def endpoint(self) -> str:
@@ -89,6 +101,29 @@ class TritonBackend:
     async def infer(
         self, model: str, version: str | None, rows: Sequence[RowInput]
     ) -> list[RowOutput | BackendError]:
+        if model not in self._explaining_models:
+            return await self._infer_stacked(model, version, rows, explain=True)
+        asking = [index for index, row in enumerate(rows) if row.explain]
+        if not asking or len(asking) == len(rows):
+            return await self._infer_stacked(model, version, rows, explain=bool(asking))
+        # Two multi-row requests sent together: Triton's dynamic batcher runs them in one
+        # execution, and the model computes attributions only for the rows that asked.
+        chosen = set(asking)
+        plain = [index for index in range(len(rows)) if index not in chosen]
+        explained, scored = await asyncio.gather(
+            self._infer_stacked(model, version, [rows[i] for i in asking], explain=True),
+            self._infer_stacked(model, version, [rows[i] for i in plain], explain=False),
+        )
+        merged: dict[int, RowOutput | BackendError] = {
+            **dict(zip(asking, explained, strict=True)),
+            **dict(zip(plain, scored, strict=True)),
+        }
+        return [merged[index] for index in range(len(rows))]
+
+    async def _infer_stacked(
+        self, model: str, version: str | None, rows: Sequence[RowInput], explain: bool
+    ) -> list[RowOutput | BackendError]:
+        """One Triton request for all ``rows``; ``explain=False`` leaves out attributions."""
         stacked = stack_rows(rows)
         inputs = []
         for name, array in stacked.items():
@@ -98,7 +133,10 @@ class TritonBackend:
             tensor.set_data_from_numpy(np.ascontiguousarray(array))
             inputs.append(tensor)
         try:
-            response = await self._call(model, version, inputs)
+            requested = (
+                None if explain else await self._outputs_without_attributions(model, version)
+            )
+            response = await self._call(model, version, inputs, requested)
         except InferenceServerException as exc:
             raise classify_triton_error(exc) from exc
         except TimeoutError as exc:
@@ -124,14 +162,39 @@ class TritonBackend:
             ) from exc
         return [RowOutput(tensors=piece) for piece in pieces]
 
-    async def _call(self, model: str, version: str | None, inputs: list[Any]) -> Any:
+    async def _outputs_without_attributions(self, model: str, version: str | None) -> list[Any]:
+        """Every output of ``model`` but ``attributions`` (from its metadata, asked once)."""
+        key = (model, version or "")
+        names = self._output_names.get(key)
+        if names is None:
+            client = self._connection()
+            if self._protocol == "grpc":
+                metadata = await client.get_model_metadata(
+                    model, version or "", as_json=True, client_timeout=self._timeout_s
+                )
+            else:
+                metadata = await asyncio.wait_for(
+                    client.get_model_metadata(model, version or ""), self._timeout_s
+                )
+            names = [o["name"] for o in metadata["outputs"] if o["name"] != ATTRIBUTIONS_OUTPUT]
+            self._output_names[key] = names
+        return [self._module.InferRequestedOutput(name) for name in names]
+
+    async def _call(
+        self, model: str, version: str | None, inputs: list[Any], outputs: list[Any] | None
+    ) -> Any:
         client = self._connection()
         if self._protocol == "grpc":
             return await client.infer(
-                model, inputs, model_version=version or "", client_timeout=self._timeout_s
+                model,
+                inputs,
+                model_version=version or "",
+                outputs=outputs,
+                client_timeout=self._timeout_s,
             )
         return await asyncio.wait_for(
-            client.infer(model, inputs, model_version=version or ""), self._timeout_s
+            client.infer(model, inputs, model_version=version or "", outputs=outputs),
+            self._timeout_s,
         )
 
     async def close(self) -> None:

@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES = (
     "pipeline.cli.worker_cmd",
     "pipeline.cli.control_cmd",
     "pipeline.cli.schemas_cmd",
+    "pipeline.cli.model_cmd",
 )
 
 Handler = Callable[[argparse.Namespace, Settings], int]

@@ -263,6 +263,11 @@ class TritonService(Service):
         self._root = install_triton(
             self.cache_dir, self.stack.pytriton_version, self.stack.triton_python, progress
         )
+        # The demo model's weights are build outputs, not committed: train them before Triton
+        # loads the repository (deterministic, a few seconds).
+        from pipeline.modeling.training import ensure_trained
+
+        ensure_trained(resolve(self.stack.model_repository), progress)
 
     def prepare(self) -> Launch:
         binary, backends, libs, venv_bin = triton_paths(self._root)

@@ -28,7 +28,7 @@ def container_stack() -> Iterator[Endpoints]:
         DockerContainer("nvcr.io/nvidia/tritonserver:24.10-py3")
         .with_command("tritonserver --model-repository=/models --strict-readiness=true")
         .with_volume_mapping(str(MODEL_REPOSITORY), "/models", "ro")
-        .with_exposed_ports(8000, 8001)
+        .with_exposed_ports(8000, 8001, 8002)
     )
     with kafka, minio, triton:
         wait_for_logs(triton, "Started HTTPService", timeout=180)
@@ -40,5 +40,6 @@ def container_stack() -> Iterator[Endpoints]:
             s3_secret_key=minio_config["secret_key"],
             triton_http=f"{triton.get_container_host_ip()}:{triton.get_exposed_port(8000)}",
             triton_grpc=f"{triton.get_container_host_ip()}:{triton.get_exposed_port(8001)}",
+            triton_metrics=f"{triton.get_container_host_ip()}:{triton.get_exposed_port(8002)}",
             source="testcontainers",
         )

@@ -18,6 +18,7 @@ ENV_NAMES = {
     "s3_secret_key": "SLUICEWAY_TEST_S3_SECRET_KEY",
     "triton_http": "SLUICEWAY_TEST_TRITON_HTTP",
     "triton_grpc": "SLUICEWAY_TEST_TRITON_GRPC",
+    "triton_metrics": "SLUICEWAY_TEST_TRITON_METRICS",
 }
 
 
@@ -29,6 +30,8 @@ class Endpoints:
     s3_secret_key: str
     triton_http: str
     triton_grpc: str
+    triton_metrics: str
+    """host:port of Triton's Prometheus endpoint (where models' custom counters show)."""
     source: str
 
     def settings(self, **overrides: Any) -> Settings:
@@ -67,6 +70,7 @@ def native_stack(progress: Callable[[str], None] = print) -> Iterator[Endpoints]
             s3_secret_key=settings.object_store.secret_key.get_secret_value(),
             triton_http=f"127.0.0.1:{stack.triton_http_port}",
             triton_grpc=f"127.0.0.1:{stack.triton_grpc_port}",
+            triton_metrics=f"127.0.0.1:{stack.triton_metrics_port}",
             source="native stack",
         )
     finally:

@@ -16,6 +16,7 @@ from confluent_kafka import Message
 
 import schemas
 from pipeline.backends import RowInput, RowOutput, TextPrompt
+from pipeline.backends.base import ATTRIBUTIONS_OUTPUT
 from pipeline.settings import ModelSettings
 from schemas import AvroCodec, Limits, default_catalog, default_codec, message_headers
 from schemas.exceptions import DecodeError
@@ -38,7 +39,6 @@ Request = InferenceRequest
 INLINE_OUTPUT_BYTES = 1024
 """Outputs up to this size also travel inside the result event (a score, a label)."""
 TOP_K_ATTRIBUTIONS = 5
-ATTRIBUTIONS_OUTPUT = "attributions"
 
 _NUMPY_TYPES: dict[TensorDatatype, str] = {
     TensorDatatype.BOOL: "?",
@@ -157,7 +157,11 @@ def reply_to(request: InferenceRequest) -> str | None:
 
 
 def full_record(
-    request: InferenceRequest, output: RowOutput, model: str, version: str
+    request: InferenceRequest,
+    output: RowOutput,
+    model: str,
+    version: str,
+    feature_names: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The complete result as stored in the segment: every output, every attribution."""
     record: dict[str, Any] = {
@@ -166,6 +170,10 @@ def full_record(
         "model_version": version,
         "outputs": {name: array.tolist() for name, array in output.tensors.items()},
     }
+    attributions = output.tensors.get(ATTRIBUTIONS_OUTPUT)
+    if request.explain and attributions is not None and feature_names:
+        values = np.asarray(attributions, dtype=np.float64).reshape(-1)
+        record["attributions"] = dict(zip(feature_names, values.tolist(), strict=False))
     if output.text is not None:
         record["text"] = output.text
         record["finish_reason"] = output.finish_reason

@@ -21,7 +21,8 @@ def build_backends(settings: Settings, models: Sequence[str]) -> dict[str, Backe
     kinds = {settings.models[model].backend for model in models}
     backends: dict[str, Backend] = {}
     if "triton" in kinds:
-        backends["triton"] = TritonBackend.from_settings(settings.backends.triton)
+        explaining = [m for m in models if settings.models[m].explains]
+        backends["triton"] = TritonBackend.from_settings(settings.backends.triton, explaining)
     if "vllm" in kinds:
         from pipeline.backends.vllm import VllmBackend
 

@@ -487,7 +487,11 @@ class InferenceWorker:
         """Segment first, then results; the offsets complete only when both are acknowledged."""
         assert self._producer is not None
         served_version = version or "latest"
-        full = [contracts.full_record(r.request, out, model, served_version) for r, out in served]
+        features = self.settings.models[model].feature_order
+        full = [
+            contracts.full_record(r.request, out, model, served_version, features)
+            for r, out in served
+        ]
         ids = [contracts.request_id(r.request) for r, _ in served]
         segment = build_segment(model, served_version, full, ids, datetime.now(UTC))
         etag = await self._put_with_retry(segment)

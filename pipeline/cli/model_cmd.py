@@ -1,0 +1,42 @@
+"""``sluiceway model train``: train the demo model's two versions into the Triton repository."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from pipeline.modeling.training import DEMO_MODEL, train_versions
+from pipeline.settings import Settings
+from pipeline.stack.services import resolve
+
+
+def register(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "model", help="train the demo model (invoice payment risk) in two versions"
+    )
+    actions = parser.add_subparsers(dest="model_action", required=True, metavar="ACTION")
+    train = actions.add_parser(
+        "train", help="generate data, train v1 (reference) and v2 (after a unit change)"
+    )
+    train.add_argument("--seed", type=int, default=7)
+    train.add_argument("--rows", type=int, default=50_000, help="training rows per version")
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"model folder (default: <stack.model_repository>/{DEMO_MODEL})",
+    )
+    train.set_defaults(handler=train_command)
+
+
+def train_command(args: argparse.Namespace, settings: Settings) -> int:
+    out = args.out or resolve(settings.stack.model_repository) / DEMO_MODEL
+    metrics = train_versions(out, seed=args.seed, n=args.rows)
+    print(f"trained {DEMO_MODEL} into {out} (seed {args.seed}, {args.rows} rows per version)")
+    print(f"{'version':<9}{'AUC':>8}{'log-loss':>10}{'ECE':>8}   evaluated on reference data")
+    for version, figures in sorted(metrics.items()):
+        print(
+            f"{version:<9}{figures['auc']:>8.3f}{figures['log_loss']:>10.3f}{figures['ece']:>8.3f}"
+        )
+    return 0
