@@ -14,6 +14,7 @@ not to, so printing settings never leaks a password.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -203,6 +204,10 @@ class Settings(BaseSettings):
                 feature_order=INVOICE_RISK_FEATURES,
                 explains=True,
             ),
+            # The text route: Salesforce case summaries through vLLM's OpenAI-compatible API.
+            # Serve a model as `case_summary` (vllm serve ... --served-model-name case_summary)
+            # and point backends.vllm.base_url at it; token log-probs are its explanation.
+            "case_summary": ModelSettings(backend="vllm"),
         }
     )
     """Models this deployment serves, by name (the ``<model>`` in topic names)."""
@@ -228,6 +233,15 @@ class Settings(BaseSettings):
         if reveal_secrets:
             return _reveal(self, data)
         return data
+
+    def as_environment(self) -> dict[str, str]:
+        """``SLUICEWAY_*`` variables that rebuild exactly these settings in a child process
+        (one JSON value per section, secrets included: for the child's environment only)."""
+        data = self.as_dict(reveal_secrets=True)
+        return {
+            f"SLUICEWAY_{name.upper()}": value if isinstance(value, str) else json.dumps(value)
+            for name, value in data.items()
+        }
 
 
 def _reveal(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:

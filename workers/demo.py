@@ -1,48 +1,85 @@
-"""The end-to-end job ``make demo`` runs: invoices through Kafka, the worker, Triton and MinIO.
+"""The end-to-end job ``make demo`` runs: SAP invoices and Salesforce cases through Sluiceway.
 
-It starts the inference worker for ``invoice_risk`` (the trained demo model, see
-``pipeline/modeling``), publishes Avro ``InferenceRequest`` events the way the SAP connector
-would (one per supplier invoice, every fourth asking for an explanation), reads every
-``InferenceResult`` back from the results topic, checks each score against the trained weights,
-checks that explanations arrive exactly where asked and that their full attribution vectors in
-the segment objects (fetched by byte range, as the SDK does) are faithful, and summarises.
+It starts one inference worker serving two routes. ``invoice_risk`` (the trained demo model in
+Triton, see ``pipeline/modeling``) scores supplier invoices published the way the SAP connector
+would, every fourth asking for an explanation. ``case_summary`` (vLLM's OpenAI-compatible API)
+summarises Salesforce support cases, every fourth with token log-probabilities. No real vLLM can
+run on these machines, so unless ``vllm_url`` names one, the route is served by the vLLM protocol
+test server from ``tests/`` (it is not vLLM; its answers are canned).
+
+Requests are published at a steady rate with a progress bar; every ``InferenceResult`` is read
+back from the results topics and checked: scores against the trained weights, explanations
+exactly where asked, stored attribution vectors (fetched by byte range, as the SDK does) adding
+up to the score's logit gap from the baseline. The summary gives throughput, end-to-end latency
+percentiles, status counts, dead letters, a sample with its top attributions, where the full
+results live, and what is still running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 import schemas
+from pipeline.console import ProgressBar
 from pipeline.kafka.admin import end_offsets
+from pipeline.modeling.cases import generate_cases
 from pipeline.modeling.invoices import FEATURES, generate
 from pipeline.modeling.logistic import LinearModel
 from pipeline.modeling.training import DEMO_MODEL
 from pipeline.settings import Settings
+from pipeline.stack import manager
 from pipeline.stack.services import resolve
 from pipeline.storage.client import make_client
-from pipeline.storage.store import SegmentStore
 from pipeline.topics import ModelTopics
-from schemas.models import InferenceRequest, InferenceResult, Inputs, ResultStatus, Source
+from schemas.models import (
+    GenerationParams,
+    InferenceRequest,
+    InferenceResult,
+    Inputs,
+    ResultStatus,
+    Source,
+    TextInput,
+)
 from workers.inference.contracts import TOP_K_ATTRIBUTIONS as TOP_K
-from workers.inference.runner import build_backends, prepare_topics_and_bucket
-from workers.inference.worker import InferenceWorker
+from workers.inference.runner import prepare_topics_and_bucket
+from workers.inference.worker import worker_group_id
 
 Progress = Callable[[str], None]
 MODEL = DEMO_MODEL
+TEXT_MODEL = "case_summary"
 EXPLAIN_EVERY = 4
-"""Every fourth invoice asks for an explanation (the rest are scored only)."""
+"""Every fourth request asks for an explanation (the rest are scored or summarised only)."""
 FAITHFULNESS_SAMPLE = 20
 """Explained results whose full attribution vector is fetched from the store and checked."""
+DEFAULT_REQUESTS = 5_000
+DEFAULT_CASES = 200
+DEFAULT_RATE = 500.0
+"""Requests per second offered by the simulated feeds (0: as fast as the producer goes).
+Well inside what one worker sustains next to the whole stack on a 2-core machine (about
+1,100/s), so the latency shown is service time, not a growing backlog; ``--rate 0`` shows the
+saturated throughput instead."""
+PROTOCOL_SERVER_LATENCY_S = 0.02
+"""How long the vLLM protocol test server takes per completion, so the route has a cost."""
+RESULTS_TIMEOUT_S = 180.0
 
 
 @dataclass
@@ -51,6 +88,7 @@ class DemoReport:
     requests_topic: str
     results_topic: str
     bucket: str
+    rate: float = 0.0
     published: int = 0
     results_read: int = 0
     results_correct: int = 0
@@ -68,7 +106,20 @@ class DemoReport:
     triton_inferences: int = 0
     triton_executions: int = 0
     seconds: float = 0.0
+    statuses: Counter[str] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    """Invoices: from handing the request to the producer to reading its result."""
+    worker_ms: list[float] = field(default_factory=list)
+    """Invoices: the worker's own ``timings.total_ms`` (queued in the batcher + backend)."""
     sample: dict[str, Any] = field(default_factory=dict)
+    cases_topic: str = ""
+    cases_published: int = 0
+    cases_summarised: int = 0
+    cases_explained_where_asked: int = 0
+    case_segments: set[str] = field(default_factory=set)
+    text_server: str = ""
+    text_sample: dict[str, Any] = field(default_factory=dict)
+    running: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -77,11 +128,19 @@ class DemoReport:
             and self.explanations_where_asked == self.published
             and self.faithful == self.faithfulness_checked > 0
             and self.ranged_get_matched
+            and self.cases_published == self.cases_summarised
+            and self.cases_explained_where_asked == self.cases_published
             and self.dead_lettered == 0
         )
 
+    def latency_percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
-def _requests(count: int, run_id: str) -> list[InferenceRequest]:
+    def worker_percentile(self, q: float) -> float:
+        return float(np.percentile(self.worker_ms, q)) if self.worker_ms else float("nan")
+
+
+def _invoice_requests(count: int, run_id: str) -> list[InferenceRequest]:
     invoices = generate(count, seed=11).x
     return [
         InferenceRequest(
@@ -104,35 +163,88 @@ def _requests(count: int, run_id: str) -> list[InferenceRequest]:
     ]
 
 
-def _publish(settings: Settings, topic: str, requests: list[InferenceRequest]) -> None:
+def _case_requests(count: int, run_id: str) -> list[InferenceRequest]:
+    return [
+        InferenceRequest(
+            request_id=uuid.uuid4(),
+            model=TEXT_MODEL,
+            inputs=Inputs(
+                text=TextInput(
+                    prompt=case.prompt, params=GenerationParams(max_tokens=48, temperature=0.0)
+                )
+            ),
+            explain=index % EXPLAIN_EVERY == 0,
+            correlation_id=f"{run_id}-case-{index}",
+            source=Source(system="Salesforce", entity_type="Case", entity_id=case.case_number),
+            attributes={"demo_run": run_id, "account": case.account},
+        )
+        for index, case in enumerate(generate_cases(count, seed=11))
+    ]
+
+
+def _publish(
+    settings: Settings, batches: list[tuple[str, list[InferenceRequest]]], rate: float
+) -> dict[str, float]:
+    """Produce every request at ``rate`` per second (interleaving the feeds); return when
+    each was handed to the producer (monotonic seconds), by request id."""
     producer = Producer({**settings.kafka.client_config(), "linger.ms": 5, "acks": "all"})
     failures: list[str] = []
-    for index, request in enumerate(requests):
+    sent_at: dict[str, float] = {}
+    # Encoded before the clock starts, so the paced feed costs the process almost nothing.
+    mixed = [
+        (topic, request, schemas.encode(request), _headers(request))
+        for topic, request in _interleave(batches)
+    ]
+    bar = ProgressBar("published", len(mixed))
+    started = time.monotonic()
+    for index, (topic, request, value, headers) in enumerate(mixed):
+        if rate > 0:
+            pause = started + index / rate - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)  # pacing the feed, not waiting for a condition
+        sent_at[str(request.request_id)] = time.monotonic()
         producer.produce(
             topic,
-            schemas.encode(request),
-            key=f"invoice-{index}",
-            headers=list(schemas.message_headers(request.AVRO_NAME)),
+            value,
+            key=request.source.entity_id if request.source else None,
+            headers=headers,
             on_delivery=lambda err, _msg: failures.append(str(err)) if err else None,
         )
         producer.poll(0)
+        bar.advance()
+    bar.close()
     if producer.flush(30) or failures:
         raise RuntimeError(f"requests not acknowledged: {failures[:3]}")
+    return sent_at
 
 
-def _end_offsets(settings: Settings, topic: str) -> list[TopicPartition]:
+def _headers(request: InferenceRequest) -> list[tuple[str, str | bytes | None]]:
+    return list(schemas.message_headers(request.AVRO_NAME))
+
+
+def _interleave(
+    batches: list[tuple[str, list[InferenceRequest]]],
+) -> list[tuple[str, InferenceRequest]]:
+    """Merge the feeds so each is spread evenly over the run, as live systems publish."""
+    keyed = [
+        ((index + 0.5) / len(requests), topic, request)
+        for topic, requests in batches
+        for index, request in enumerate(requests)
+    ]
+    keyed.sort(key=lambda item: item[0])
+    return [(topic, request) for _, topic, request in keyed]
+
+
+def _end_offsets(settings: Settings, topics: list[str]) -> list[TopicPartition]:
     return [
         TopicPartition(topic, partition, offset)
+        for topic in topics
         for partition, offset in sorted(end_offsets(settings.kafka, topic).items())
     ]
 
 
 def _read_results(
-    settings: Settings,
-    start: list[TopicPartition],
-    wanted: set[str],
-    timeout_s: float,
-    progress: Progress,
+    settings: Settings, start: list[TopicPartition], wanted: set[str], timeout_s: float
 ) -> dict[str, tuple[InferenceResult, float]]:
     consumer = Consumer(
         {
@@ -143,20 +255,28 @@ def _read_results(
     )
     consumer.assign(start)
     found: dict[str, tuple[InferenceResult, float]] = {}
+    # Results are decoded only once enough have arrived, so that reading them does not compete
+    # with the worker (same process, same GIL) while the latency is being measured.
+    arrived: list[tuple[bytes, float]] = []
     deadline = time.monotonic() + timeout_s
-    shown = 0
+    bar = ProgressBar("answered", len(wanted))
     try:
         while len(found) < len(wanted) and time.monotonic() < deadline:
-            for message in consumer.consume(500, 0.5):
-                if message.error() is not None:
-                    continue
-                result = schemas.decode(message.value() or b"", InferenceResult)
-                if str(result.request_id) in wanted:
-                    found[str(result.request_id)] = (result, time.monotonic())
-            if len(found) - shown >= max(len(wanted) // 4, 1):
-                shown = len(found)
-                progress(f"  {shown}/{len(wanted)} results")
+            # One blocking poll, then what is already there: consume(n, t) alone would hold
+            # results back until n arrived or t passed, and that wait would count as latency.
+            first = consumer.poll(0.2)
+            messages = [] if first is None else [first, *consumer.consume(499, 0)]
+            now = time.monotonic()
+            arrived.extend((m.value() or b"", now) for m in messages if m.error() is None)
+            bar.update(len(found) + len(arrived))
+            if len(found) + len(arrived) >= len(wanted):
+                for value, received_at in arrived:
+                    result = schemas.decode(value, InferenceResult)
+                    if str(result.request_id) in wanted:
+                        found[str(result.request_id)] = (result, received_at)
+                arrived.clear()
     finally:
+        bar.close()
         consumer.close()
     return found
 
@@ -201,10 +321,11 @@ def _segment_record(settings: Settings, result: InferenceResult) -> dict[str, An
     return record
 
 
-def _check(
+def _check_invoices(
     report: DemoReport,
     requests: list[InferenceRequest],
     found: dict[str, tuple[InferenceResult, float]],
+    sent_at: dict[str, float],
     settings: Settings,
 ) -> None:
     models: dict[str, LinearModel] = {}
@@ -212,8 +333,12 @@ def _check(
         entry = found.get(str(request.request_id))
         if entry is None:
             continue
-        result = entry[0]
+        result, received_at = entry
         report.results_read += 1
+        report.statuses[result.status.value] += 1
+        report.latencies_ms.append((received_at - sent_at[str(request.request_id)]) * 1000)
+        if result.timings is not None and result.timings.total_ms is not None:
+            report.worker_ms.append(result.timings.total_ms)
         version = result.model_version or "?"
         report.versions[version] = report.versions.get(version, 0) + 1
         if result.payload_ref is not None:
@@ -241,7 +366,42 @@ def _check(
             report.faithful += abs(attributions.sum() - gap) < 1e-3
             if not report.sample:
                 report.ranged_get_matched = record["request_id"] == str(result.request_id)
-                report.sample = {"result_event": _readable(result), "segment_record": record}
+                report.sample = {
+                    "invoice": request.source.entity_id if request.source else "",
+                    "features": features,
+                    "score": score,
+                    "result_event": _readable(result),
+                    "segment_record": record,
+                }
+
+
+def _check_cases(
+    report: DemoReport,
+    requests: list[InferenceRequest],
+    found: dict[str, tuple[InferenceResult, float]],
+) -> None:
+    for request in requests:
+        entry = found.get(str(request.request_id))
+        if entry is None:
+            continue
+        result = entry[0]
+        report.statuses[result.status.value] += 1
+        text = result.outputs.text if result.outputs else None
+        if result.status is ResultStatus.OK and text is not None and text.text:
+            report.cases_summarised += 1
+        if result.payload_ref is not None:
+            report.case_segments.add(result.payload_ref.key)
+        explanation = result.explanation
+        has_logprobs = explanation is not None and bool(explanation.token_logprobs)
+        report.cases_explained_where_asked += has_logprobs == request.explain
+        if has_logprobs and not report.text_sample and text is not None and explanation:
+            report.text_sample = {
+                "case": request.source.entity_id if request.source else "",
+                "summary": text.text,
+                "token_logprobs": [
+                    (t.token, round(t.logprob, 3)) for t in (explanation.token_logprobs or [])[:6]
+                ],
+            }
 
 
 def _readable(result: InferenceResult) -> dict[str, Any]:
@@ -257,82 +417,258 @@ def _readable(result: InferenceResult) -> dict[str, Any]:
     return readable
 
 
-async def _run(settings: Settings, count: int, progress: Progress) -> DemoReport:
+@contextlib.contextmanager
+def _vllm_endpoint(settings: Settings, vllm_url: str | None) -> Iterator[tuple[Settings, str]]:
+    """Settings whose vLLM backend is ``vllm_url``, or the protocol test server started here."""
+    if vllm_url is not None:
+        yield _with_vllm_url(settings, vllm_url), f"vLLM at {vllm_url}"
+        return
+    with _protocol_server() as url:
+        label = f"the vLLM protocol test server at {url} (not vLLM; canned answers)"
+        yield _with_vllm_url(settings, url), label
+
+
+@contextlib.contextmanager
+def _protocol_server() -> Iterator[str]:
+    """Run ``tests/openai_server.py`` as a process for the demo's text route (no vLLM runs
+    on these machines); it ships with the source tree, not with the package."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "tests" / "openai_server.py").is_file():
+        raise RuntimeError(
+            "the vLLM protocol test server (tests/openai_server.py) is not in this install; "
+            "run the demo from a source checkout or pass --vllm-url"
+        )
+    command = [
+        sys.executable,
+        "-m",
+        "tests.openai_server",
+        "--port=0",
+        f"--model={TEXT_MODEL}",
+        f"--latency-s={PROTOCOL_SERVER_LATENCY_S}",
+    ]
+    process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        first_line = process.stdout.readline()  # printed once the socket is bound
+        found = re.search(r" on (\S+) serving", first_line)
+        if found is None:
+            raise RuntimeError(f"the vLLM protocol test server did not start: {first_line!r}")
+        yield found.group(1)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _with_vllm_url(settings: Settings, url: str) -> Settings:
+    vllm = settings.backends.vllm.model_copy(update={"base_url": url})
+    backends = settings.backends.model_copy(update={"vllm": vllm})
+    return settings.model_copy(update={"backends": backends})
+
+
+@contextlib.contextmanager
+def _worker_process(settings: Settings, models: list[str], log: Path) -> Iterator[WorkerRun]:
+    """``sluiceway worker`` in its own process, as it is deployed; SIGTERM drains it."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEWAY_")}
+    environment.update(settings.as_environment())
+    command = [sys.executable, "-m", "pipeline.cli", "worker"]
+    for model in models:
+        command += ["--model", model]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, env=environment, stdout=output, stderr=output)
+    run = WorkerRun(process, log, worker_group_id(settings.namespace, models))
+    try:
+        yield run
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        run.read_final_counts()
+
+
+@dataclass
+class WorkerRun:
+    process: subprocess.Popen[bytes]
+    log: Path
+    group_id: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def read_final_counts(self) -> None:
+        """The counters the worker prints when it stops (``worker stopped: results=...``)."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        final = next((line for line in reversed(lines) if "worker stopped:" in line), "")
+        self.counts = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", final)}
+
+    def wait_until_assigned(self, settings: Settings, timeout_s: float = 60.0) -> None:
+        """Block until the worker's consumer group is stable with partitions assigned."""
+        admin = AdminClient(settings.kafka.client_config())
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
+                raise RuntimeError(f"the worker exited with {self.process.returncode}:\n{tail}")
+            future = admin.describe_consumer_groups([self.group_id], request_timeout=5)
+            with contextlib.suppress(KafkaException):
+                group = future[self.group_id].result()
+                assigned = any(m.assignment.topic_partitions for m in group.members)
+                if group.state == ConsumerGroupState.STABLE and assigned:
+                    return
+            time.sleep(0.2)  # polling the broker for a state change, bounded by the deadline
+        raise RuntimeError(f"the worker's group {self.group_id} was not assigned in {timeout_s}s")
+
+
+def _dead_letters(settings: Settings, models: list[str]) -> int:
+    return sum(
+        sum(end_offsets(settings.kafka, ModelTopics(settings.namespace, model).dlq).values())
+        for model in models
+    )
+
+
+async def _run(
+    settings: Settings,
+    count: int,
+    cases: int,
+    rate: float,
+    text_server: str,
+    progress: Progress,
+) -> DemoReport:
     topics = ModelTopics(settings.namespace, MODEL)
+    case_topics = ModelTopics(settings.namespace, TEXT_MODEL)
     run_id = uuid.uuid4().hex[:12]
     report = DemoReport(run_id, topics.requests, topics.results, settings.object_store.bucket)
-    prepare_topics_and_bucket(settings, [MODEL])
-    start = _end_offsets(settings, topics.results)
+    report.rate, report.cases_topic, report.text_server = rate, case_topics.requests, text_server
+    models = [MODEL, TEXT_MODEL]
+    prepare_topics_and_bucket(settings, models)
+    start = _end_offsets(settings, [topics.results, case_topics.results])
+    dead_letters_before = _dead_letters(settings, models)
     inferences_before, executions_before = _triton_counts(settings)
-    backends = build_backends(settings, [MODEL])
-    store = SegmentStore(make_client(settings.object_store), settings.object_store.bucket)
-    worker = InferenceWorker(settings, [MODEL], backends, store)
-    progress(f"starting the inference worker (group {worker.group_id})")
-    serving = asyncio.ensure_future(worker.run())
+    invoices = _invoice_requests(count, run_id)
+    case_requests = _case_requests(cases, run_id)
+    log = resolve(settings.stack.state_dir) / "logs" / "demo-worker.log"
     loop = asyncio.get_running_loop()
-    try:
-        requests = _requests(count, run_id)
-        progress(f"publishing {count} Avro requests to {topics.requests} (run {run_id})")
-        started = time.monotonic()
-        await loop.run_in_executor(None, _publish, settings, topics.requests, requests)
-        wanted = {str(r.request_id) for r in requests}
-        found = await loop.run_in_executor(
-            None, _read_results, settings, start, wanted, 120.0, progress
+    with _worker_process(settings, models, log) as worker:
+        progress(
+            f"started `sluiceway worker --model {MODEL} --model {TEXT_MODEL}` "
+            f"(pid {worker.process.pid}, group {worker.group_id}, log {log})"
         )
+        await loop.run_in_executor(None, worker.wait_until_assigned, settings)
+        pace = f"{rate:,.0f} requests/s" if rate > 0 else "full speed"
+        progress(
+            f"publishing {count} SAP invoices to {topics.requests} and {cases} Salesforce cases "
+            f"to {case_topics.requests} at {pace} (run {run_id})"
+        )
+        feeds = [(topics.requests, invoices), (case_topics.requests, case_requests)]
+        wanted = {str(r.request_id) for r in [*invoices, *case_requests]}
+        started = time.monotonic()
+        # The reader runs while the feed publishes, so each result is timed when it arrives.
+        reading = loop.run_in_executor(
+            None, _read_results, settings, start, wanted, RESULTS_TIMEOUT_S
+        )
+        sent_at = await loop.run_in_executor(None, _publish, settings, feeds, rate)
+        found = await reading
         report.seconds = time.monotonic() - started
-        report.published = count
-    finally:
-        worker.stop()
-        stats = await serving
-        for backend in backends.values():
-            await backend.close()
-        store.close()
-    report.batches, report.commits, report.dead_lettered = (
-        stats.batches,
-        stats.commits,
-        stats.dead_lettered,
-    )
-    _check(report, requests, found, settings)
+        report.published, report.cases_published = count, cases
+        progress(f"stopping the worker (SIGTERM drains it; pid {worker.process.pid})")
+    report.batches = worker.counts.get("batches", 0)
+    report.commits = worker.counts.get("commits", 0)
+    report.dead_lettered = _dead_letters(settings, models) - dead_letters_before
+    _check_invoices(report, invoices, found, sent_at, settings)
+    _check_cases(report, case_requests, found)
     inferences_after, executions_after = _triton_counts(settings)
     report.triton_inferences = inferences_after - inferences_before
     report.triton_executions = executions_after - executions_before
+    report.running = [
+        f"{row.name:<8} pid {row.pid}  {row.endpoint}  ({row.state})"
+        for row in manager.status(settings)
+        if row.pid is not None
+    ]
     return report
 
 
-def run_demo(settings: Settings, count: int = 2000, progress: Progress = print) -> DemoReport:
-    """Run one round trip of ``count`` requests through the real worker; return what happened."""
-    return asyncio.run(_run(settings, count, progress))
+def run_demo(
+    settings: Settings,
+    count: int = DEFAULT_REQUESTS,
+    progress: Progress = print,
+    *,
+    cases: int = DEFAULT_CASES,
+    rate: float = DEFAULT_RATE,
+    vllm_url: str | None = None,
+) -> DemoReport:
+    """Run one round trip of ``count`` invoices and ``cases`` support cases through the real
+    worker; return what happened."""
+    with _vllm_endpoint(settings, vllm_url) as (served, label):
+        progress(f"case_summary is served by {label}")
+        return asyncio.run(_run(served, count, cases, rate, label, progress))
+
+
+def _top_attributions(result_event: dict[str, Any]) -> str:
+    explanation = result_event.get("explanation") or {}
+    return ", ".join(
+        f"{item['feature']} {item['value']:+.2f}" for item in explanation.get("attributions", [])
+    )
 
 
 def render_report(report: DemoReport) -> str:
     """A summary a person reads in ten seconds."""
     verdict = "OK" if report.ok else "FAILED"
     versions = ", ".join(f"v{v}: {n}" for v, n in sorted(report.versions.items()))
-    rate = report.published / report.seconds if report.seconds else 0.0
+    answered = report.results_read + report.cases_summarised
+    rate = answered / report.seconds if report.seconds else 0.0
+    offered = f"{report.rate:,.0f}/s" if report.rate > 0 else "full speed"
+    statuses = ", ".join(f"{name} {n}" for name, n in sorted(report.statuses.items()))
+    p50, p95, p99 = (report.latency_percentile(q) for q in (50, 95, 99))
     lines = [
-        f"Sluiceway round trip {verdict}: SAP invoices -> Kafka -> worker -> Triton -> MinIO "
-        f"-> Kafka (run {report.run_id})",
-        f"  published  {report.published} Avro InferenceRequests to {report.requests_topic}, "
-        f"every {EXPLAIN_EVERY}th asking for an explanation",
-        f"  served     {report.results_read} by {MODEL} in {report.batches} micro-batches "
-        f"({versions or 'none'}); Triton ran {report.triton_inferences} rows in "
-        f"{report.triton_executions} executions",
-        f"  scored     {report.results_correct} scores match the trained weights; "
-        f"{report.high_risk} invoices at risk >= 0.5",
-        f"  explained  {report.explained} results carry top-{TOP_K} attributions, "
+        f"Sluiceway demo {verdict}: SAP invoices and Salesforce cases -> Kafka -> worker -> "
+        f"Triton / vLLM -> MinIO -> Kafka (run {report.run_id})",
+        f"  published   {report.published} invoices to {report.requests_topic} and "
+        f"{report.cases_published} cases to {report.cases_topic}, offered at {offered}; "
+        f"every {EXPLAIN_EVERY}th asks for an explanation",
+        f"  answered    {answered} in {report.seconds:.2f}s publish-to-last-result "
+        f"({rate:,.0f} results/s); statuses: {statuses or 'none'}; "
+        f"{report.dead_lettered} dead-lettered",
+        f"  latency     invoices end to end (publish -> result read) p50 {p50:.1f} ms, "
+        f"p95 {p95:.1f} ms, p99 {p99:.1f} ms; inside the worker p50 "
+        f"{report.worker_percentile(50):.1f} ms, p99 {report.worker_percentile(99):.1f} ms",
+        f"  scored      {report.results_correct} of {report.published} invoice scores match the "
+        f"trained weights ({versions or 'none'}); {report.high_risk} at risk >= 0.5; Triton ran "
+        f"{report.triton_inferences} rows in {report.triton_executions} executions, "
+        f"{report.batches} micro-batches in all",
+        f"  explained   {report.explained} invoices carry top-{TOP_K} attributions, "
         f"{report.explanations_where_asked} of {report.published} exactly as asked; "
-        f"{report.faithful} of {report.faithfulness_checked} stored vectors checked add up "
-        "to the score's logit gap from the baseline",
-        f"  stored     {len(report.segments)} segment objects under s3://{report.bucket}/{MODEL}/",
-        f"  results    {report.results_read} on {report.results_topic}; "
-        f"{report.dead_lettered} dead-lettered; offsets committed {report.commits} times",
-        f"  took       {report.seconds:.2f}s publish-to-last-result ({rate:,.0f} requests/s)",
-        "  ranged GET of one result's record "
-        + ("matched its event" if report.ranged_get_matched else "DID NOT match"),
+        f"{report.faithful} of {report.faithfulness_checked} stored vectors add up to the "
+        "score's logit gap from the baseline",
+        f"  summarised  {report.cases_summarised} of {report.cases_published} cases by "
+        f"{report.text_server}; token log-probs on "
+        f"{report.cases_explained_where_asked} of {report.cases_published} exactly as asked",
+        f"  stored      full results in s3://{report.bucket}/{MODEL}/ "
+        f"({len(report.segments)} segment objects) and s3://{report.bucket}/{TEXT_MODEL}/ "
+        f"({len(report.case_segments)}); each result event points at its byte range "
+        + ("(checked)" if report.ranged_get_matched else "(DID NOT match)"),
     ]
     if report.sample:
-        lines.append("  sample result event:")
-        lines.append("    " + json.dumps(report.sample["result_event"], default=str)[:600])
-        lines.append("  its full record in the segment (fetched by byte range):")
-        lines.append("    " + json.dumps(report.sample["segment_record"])[:600])
+        event = report.sample["result_event"]
+        lines.append(
+            f"  sample      invoice {report.sample['invoice']}: risk "
+            f"{report.sample['score']:.3f}; top attributions: {_top_attributions(event)}"
+        )
+        lines.append("    result event:  " + json.dumps(event, default=str)[:500])
+        lines.append("    stored record: " + json.dumps(report.sample["segment_record"])[:500])
+    if report.text_sample:
+        lines.append(
+            f"  sample      case {report.text_sample['case']}: "
+            f"{report.text_sample['summary'][:120]!r}; first token log-probs: "
+            f"{report.text_sample['token_logprobs']}"
+        )
+    lines.append("Still running (stop with `make stack-down`; `make clean-state` also wipes data):")
+    lines.extend(f"  {line}" for line in report.running or ["nothing"])
+    lines.append(
+        "  (the worker process and the vLLM protocol server were started for this run and "
+        "have stopped)"
+    )
     return "\n".join(lines)

@@ -12,7 +12,23 @@ def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "demo", help="run the end-to-end job on the local stack and print what happened"
     )
-    parser.add_argument("--requests", type=int, default=2000, help="how many requests to send")
+    parser.add_argument("--requests", type=int, default=5000, help="how many SAP invoices to score")
+    parser.add_argument(
+        "--cases", type=int, default=200, help="how many Salesforce cases to summarise"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=500.0,
+        help="requests per second the simulated feeds offer (0: as fast as possible, to see "
+        "the saturated throughput)",
+    )
+    parser.add_argument(
+        "--vllm-url",
+        default=None,
+        help="a real vLLM server's /v1 URL for the case route (default: the protocol test "
+        "server from tests/, started for the run)",
+    )
     parser.set_defaults(handler=run_demo_command)
 
 
@@ -20,7 +36,13 @@ def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
     # The demo lives with the workers; importing it lazily keeps `sluiceway --help` fast.
     from workers.demo import render_report, run_demo
 
-    report = run_demo(settings, count=args.requests)
+    report = run_demo(
+        settings,
+        count=args.requests,
+        cases=args.cases,
+        rate=args.rate,
+        vllm_url=args.vllm_url,
+    )
     print()
     print(render_report(report))
     return 0 if report.ok else 1

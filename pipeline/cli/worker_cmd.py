@@ -25,6 +25,7 @@ def run_worker_command(args: argparse.Namespace, settings: Settings) -> int:
     stats = asyncio.run(run_worker(settings, args.model))
     print(
         f"worker stopped: consumed={stats.consumed} results={stats.results} "
+        f"batches={stats.batches} "
         f"dead_lettered={stats.dead_lettered} expired={stats.expired} commits={stats.commits}"
     )
     return 0

@@ -1,31 +1,54 @@
-"""The demo job is a real round trip: every invoice is scored, explained where asked, stored."""
+"""The demo job is a real round trip: every invoice scored and explained where asked, every
+support case summarised through the vLLM route, everything stored."""
 
 from __future__ import annotations
 
 from pipeline.settings import Settings
 from pipeline.storage.client import make_client
-from workers.demo import EXPLAIN_EVERY, FAITHFULNESS_SAMPLE, MODEL, render_report, run_demo
+from workers.demo import (
+    EXPLAIN_EVERY,
+    FAITHFULNESS_SAMPLE,
+    MODEL,
+    TEXT_MODEL,
+    render_report,
+    run_demo,
+)
+
+INVOICES = 300
+CASES = 24
 
 
-def test_round_trip_scores_and_explains_every_invoice_through_the_worker(
+def test_round_trip_scores_explains_and_summarises_through_the_worker(
     settings: Settings,
 ) -> None:
-    report = run_demo(settings, count=300, progress=lambda _line: None)
+    report = run_demo(settings, count=INVOICES, progress=lambda _line: None, cases=CASES)
 
-    assert report.published == report.results_read == report.results_correct == 300
-    assert report.versions == {"1": 300}
+    assert report.published == report.results_read == report.results_correct == INVOICES
+    assert report.versions == {"1": INVOICES}
+    assert report.statuses == {"ok": INVOICES + CASES}
+    assert len(report.latencies_ms) == INVOICES
+    assert 0 < report.latency_percentile(50) <= report.latency_percentile(99)
     # Explanations exactly on the requests that asked, and the stored vectors are complete.
-    assert report.explained == 300 // EXPLAIN_EVERY
-    assert report.explanations_where_asked == 300
+    assert report.explained == INVOICES // EXPLAIN_EVERY
+    assert report.explanations_where_asked == INVOICES
     assert report.faithfulness_checked == FAITHFULNESS_SAMPLE
     assert report.faithful == FAITHFULNESS_SAMPLE
-    assert 0 < report.high_risk < 300
+    assert 0 < report.high_risk < INVOICES
     assert report.ranged_get_matched
+    assert report.sample["result_event"]["explanation"]["method"] == "attributions"
+    # The text route: every case summarised, token log-probs exactly where asked.
+    assert report.cases_published == report.cases_summarised == CASES
+    assert report.cases_explained_where_asked == CASES
+    assert report.text_sample["token_logprobs"]
     assert report.dead_lettered == 0
-    assert report.batches >= 300 // settings.workers.max_batch_size
-    assert report.triton_inferences == 300
+    assert report.batches >= INVOICES // settings.workers.max_batch_size
+    assert report.triton_inferences == INVOICES
     store = make_client(settings.object_store)
     for key in report.segments:
         assert key.startswith(f"{MODEL}/1/")
         assert store.stat_object(settings.object_store.bucket, key).size > 0
-    assert render_report(report).startswith("Sluiceway round trip OK")
+    assert report.case_segments
+    assert all(key.startswith(f"{TEXT_MODEL}/") for key in report.case_segments)
+    rendered = render_report(report)
+    assert rendered.startswith("Sluiceway demo OK")
+    assert "top attributions:" in rendered

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,22 @@ def test_cli_prints_settings_with_secrets_masked(
     printed = capsys.readouterr().out
     assert json.loads(printed)["object_store"]["secret_key"] == "**********"
     assert "do-not-print" not in printed
+
+
+def test_as_environment_rebuilds_the_same_settings_in_a_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = load_settings(
+        namespace="child-1",
+        backends={"vllm": {"base_url": "http://vllm:8000/v1", "api_key": "s3cret"}},
+        models={"m": {"backend": "vllm", "served_names": {"2": "m-lora"}}},
+    )
+    for name in list(os.environ):
+        if name.startswith("SLUICEWAY_"):
+            monkeypatch.delenv(name)
+    for name, value in settings.as_environment().items():
+        monkeypatch.setenv(name, value)
+    rebuilt = load_settings()
+    assert rebuilt == settings
+    assert rebuilt.backends.vllm.api_key is not None
+    assert rebuilt.backends.vllm.api_key.get_secret_value() == "s3cret"

@@ -88,6 +88,11 @@ class WorkerStats:
     paused: set[tuple[str, int]] = field(default_factory=set)
 
 
+def worker_group_id(namespace: str, models: Sequence[str]) -> str:
+    """The consumer group of a worker serving ``models``: one group per set of models."""
+    return f"{namespace}.worker.{'-'.join(sorted(models))}"
+
+
 class InferenceWorker:
     """Serves the named models until :meth:`stop` is called or the task is cancelled."""
 
@@ -116,7 +121,7 @@ class InferenceWorker:
         self.retry = retry or RetryPolicy()
         self.clock = clock
         self.worker_id = settings.workers.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.group_id = group_id or f"{settings.namespace}.worker.{'-'.join(sorted(models))}"
+        self.group_id = group_id or worker_group_id(settings.namespace, models)
         self.topics = {m: ModelTopics(settings.namespace, m) for m in models}
         self.metrics = WorkerMetrics()
         self.stats = WorkerStats()

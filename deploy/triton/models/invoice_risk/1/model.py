@@ -24,12 +24,13 @@ class TritonPythonModel:
             self.coef = weights["coef"].astype(np.float64)
             self.intercept = float(weights["intercept"])
             self.baseline = self._transform(weights["baseline"].astype(np.float64))
-        family = pb_utils.MetricFamily(
+        # The family must outlive its metric, so the model keeps both.
+        self.attribution_family = pb_utils.MetricFamily(
             name="sluiceway_attribution_rows",
             description="Rows whose attributions this model computed",
             kind=pb_utils.MetricFamily.COUNTER,
         )
-        self.attribution_rows = family.Metric(
+        self.attribution_rows = self.attribution_family.Metric(
             labels={"model": args["model_name"], "version": args["model_version"]}
         )
 
