@@ -657,8 +657,13 @@ def render_report(report: DemoReport) -> str:
             f"  sample      invoice {report.sample['invoice']}: risk "
             f"{report.sample['score']:.3f}; top attributions: {_top_attributions(event)}"
         )
-        lines.append("    result event:  " + json.dumps(event, default=str)[:500])
-        lines.append("    stored record: " + json.dumps(report.sample["segment_record"])[:500])
+        lines.append("    result event:  " + json.dumps(event, default=str)[:400] + " ...")
+        ref = event.get("payload_ref") or {}
+        lines.append(
+            f"    full record:   s3://{ref.get('bucket')}/{ref.get('key')} bytes "
+            f"{ref.get('offset')}+{ref.get('length')}, all {len(FEATURES)} attributions: "
+            + json.dumps(report.sample["segment_record"].get("attributions", {}))[:300]
+        )
     if report.text_sample:
         lines.append(
             f"  sample      case {report.text_sample['case']}: "

@@ -34,9 +34,15 @@ def train_command(args: argparse.Namespace, settings: Settings) -> int:
     out = args.out or resolve(settings.stack.model_repository) / DEMO_MODEL
     metrics = train_versions(out, seed=args.seed, n=args.rows)
     print(f"trained {DEMO_MODEL} into {out} (seed {args.seed}, {args.rows} rows per version)")
-    print(f"{'version':<9}{'AUC':>8}{'log-loss':>10}{'ECE':>8}   evaluated on reference data")
+    print(
+        f"{'version':<9}{'AUC':>7}{'log-loss':>10}{'ECE':>7}{'mean risk':>11}{'observed':>10}"
+        "   on reference invoices"
+    )
     for version, figures in sorted(metrics.items()):
         print(
-            f"{version:<9}{figures['auc']:>8.3f}{figures['log_loss']:>10.3f}{figures['ece']:>8.3f}"
+            f"{version:<9}{figures['auc']:>7.3f}{figures['log_loss']:>10.3f}"
+            f"{figures['ece']:>7.3f}{figures['mean_predicted']:>11.3f}"
+            f"{figures['observed_rate']:>10.3f}"
         )
+    print(f"weights and metrics.json in {out}/<version>/; Triton loads them when it starts")
     return 0

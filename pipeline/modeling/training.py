@@ -41,6 +41,8 @@ def _evaluate(model: LinearModel, seed: int, rows: int) -> dict[str, Any]:
         "auc": roc_auc(holdout.y, probability),
         "log_loss": log_loss(holdout.y, probability),
         "ece": expected_calibration_error(holdout.y, probability),
+        "mean_predicted": float(probability.mean()),
+        "observed_rate": float(holdout.y.mean()),
         "evaluated_on": f"{rows} reference invoices (seed {seed + 1_000})",
         "calibration": [vars(b) for b in calibration_table(holdout.y, probability)],
     }
@@ -86,5 +88,8 @@ def ensure_trained(model_repository: Path, progress: Callable[[str], None]) -> N
         return
     progress(f"training {DEMO_MODEL} v1 and v2 into {model_dir} (seeded, a few seconds)")
     figures = train_versions(model_dir)
-    summary = ", ".join(f"v{v} AUC {m['auc']:.3f}" for v, m in figures.items())
+    summary = ", ".join(
+        f"v{v} AUC {m['auc']:.3f} log-loss {m['log_loss']:.3f} ECE {m['ece']:.3f}"
+        for v, m in figures.items()
+    )
     progress(f"trained {DEMO_MODEL}: {summary} on reference data")
