@@ -124,6 +124,9 @@ class ModelSettings(_Section):
     """Triton only: the model has an ``attributions`` output (one value per feature, in
     ``feature_order``). It is asked for only when a request in the batch wants an explanation,
     so the model computes it for whole batches and never for nobody."""
+    echo_features: bool = False
+    """Copy each request's feature record into its result (``input_features``), so the drift
+    monitor sees inputs next to predictions without joining the requests topic."""
     served_names: dict[str, str] = Field(default_factory=dict)
     """vLLM only: version -> the name the server serves it under (``--served-model-name``,
     a LoRA adapter); a version not listed is sent as the model's own name."""
@@ -146,11 +149,31 @@ class WorkerSettings(_Section):
 
 
 class MonitorSettings(_Section):
+    """The drift and quality monitor: windows, thresholds, and when to roll back."""
+
     window_s: float = Field(default=30.0, gt=0)
+    """Tumbling window length (event time of the results)."""
     min_window_count: int = Field(default=200, ge=1)
+    """A window with fewer results is reported but neither breaches nor counts as clean."""
     consecutive_windows: int = Field(default=2, ge=1)
+    recovery_windows: int = Field(default=2, ge=1)
+    """Clean windows in a row before an alerting version is healthy again (hysteresis)."""
     cooldown_s: float = Field(default=300.0, ge=0)
     psi_threshold: float = Field(default=0.2, gt=0)
+    ks_threshold: float = Field(default=0.2, gt=0, le=1)
+    chi2_alpha: float = Field(default=1e-4, gt=0, lt=1)
+    cramers_v_threshold: float = Field(default=0.1, gt=0, le=1)
+    error_rate_threshold: float = Field(default=0.05, ge=0, le=1)
+    expired_rate_threshold: float = Field(default=0.05, ge=0, le=1)
+    low_confidence_margin: float = Field(default=0.1, ge=0, le=0.5)
+    low_confidence_rate_threshold: float = Field(default=0.5, ge=0, le=1)
+    latency_p99_ms_threshold: float = Field(default=2000.0, gt=0)
+    log_loss_threshold: float = Field(default=0.45, gt=0)
+    min_labels: int = Field(default=50, ge=1)
+    label_ttl_s: float = Field(default=3600.0, gt=0)
+    """How long a result's score is kept waiting for its ground-truth label."""
+    score_output: str = "score"
+    """The output tensor holding the predicted probability."""
 
 
 class StackSettings(_Section):
@@ -203,6 +226,7 @@ class Settings(BaseSettings):
                 default_version="1",
                 feature_order=INVOICE_RISK_FEATURES,
                 explains=True,
+                echo_features=True,
             ),
             # The text route: Salesforce case summaries through vLLM's OpenAI-compatible API.
             # Serve a model as `case_summary` (vllm serve ... --served-model-name case_summary)

@@ -30,6 +30,11 @@ class ModelTopics:
     def dlq(self) -> str:
         return f"{self.namespace}.{self.model}.dlq"
 
+    @property
+    def feedback(self) -> str:
+        """Ground-truth labels for earlier requests (``Feedback`` events)."""
+        return f"{self.namespace}.{self.model}.feedback"
+
 
 def control_topic(namespace: str) -> str:
     return f"{namespace}.control"

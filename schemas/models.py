@@ -431,6 +431,8 @@ class InferenceResult(Event):
     batch_job_id: Name | None = None
     custom_id: Name | None = None
     trace: TraceContext | None = None
+    input_features: Features | None = None
+    """The request's feature record, echoed for the drift monitor (``models.<m>.echo_features``)."""
 
     @model_validator(mode="after")
     def _error_code_iff_not_ok(self) -> Self:

@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES = (
     "pipeline.cli.control_cmd",
     "pipeline.cli.schemas_cmd",
     "pipeline.cli.model_cmd",
+    "pipeline.cli.monitor_cmd",
 )
 
 Handler = Callable[[argparse.Namespace, Settings], int]

@@ -8,10 +8,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Producer
-
 from pipeline.kafka.admin import control_topic_spec, ensure_topics
-from pipeline.kafka.exceptions import KafkaError
+from pipeline.kafka.events import send_events
 from pipeline.settings import Settings
 from pipeline.topics import control_topic
 
@@ -28,7 +26,6 @@ def register(subparsers: Any) -> None:
 
 
 def send_control_event(args: argparse.Namespace, settings: Settings) -> int:
-    import schemas
     from schemas.models import ControlAction, ControlEvent
 
     event = ControlEvent(
@@ -41,17 +38,6 @@ def send_control_event(args: argparse.Namespace, settings: Settings) -> int:
         issued_by=f"cli:{getpass.getuser()}",
     )
     ensure_topics(settings.kafka, [control_topic_spec(settings.namespace)])
-    producer = Producer({**settings.kafka.client_config(), "acks": "all"})
-    headers: list[tuple[str, str | bytes | None]] = list(schemas.message_headers(event.AVRO_NAME))
-    failures: list[str] = []
-    producer.produce(
-        control_topic(settings.namespace),
-        schemas.encode(event),
-        key=args.model,
-        headers=headers,
-        on_delivery=lambda err, _msg: failures.append(str(err)) if err else None,
-    )
-    if producer.flush(15) or failures:
-        raise KafkaError(f"control event not acknowledged: {failures or 'timeout'}")
+    send_events(settings.kafka, control_topic(settings.namespace), [(args.model, event)])
     print(f"{args.action} {args.model} -> version {args.version} ({event.event_id})")
     return 0

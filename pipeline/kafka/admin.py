@@ -14,7 +14,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from pipeline.kafka.exceptions import TopicAdminError
 from pipeline.settings import KafkaSettings
-from pipeline.topics import ModelTopics, control_topic
+from pipeline.topics import ModelTopics, control_topic, drift_topic
 
 # What a partition answers while its new leader is still taking over.
 _LEADER_SETTLING = frozenset(
@@ -127,6 +127,11 @@ def model_topic_specs(topics: ModelTopics, partitions: int = 3) -> list[TopicSpe
         TopicSpec(topics.results, partitions),
         TopicSpec(topics.dlq, 1, config={"retention.ms": str(14 * 24 * 3600 * 1000)}),
     ]
+
+
+def monitor_topic_specs(namespace: str, topics: ModelTopics) -> list[TopicSpec]:
+    """The feedback topic of a model and the namespace's drift-report topic."""
+    return [TopicSpec(topics.feedback, 3), TopicSpec(drift_topic(namespace), 1)]
 
 
 def control_topic_spec(namespace: str) -> TopicSpec:

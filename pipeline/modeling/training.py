@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.modeling.invoices import FEATURES, Shift, generate
 from pipeline.modeling.logistic import LinearModel, train, write_npz
 from pipeline.modeling.metrics import (
@@ -26,6 +28,7 @@ from pipeline.modeling.metrics import (
 DEMO_MODEL = "invoice_risk"
 VERSIONS: dict[str, Shift | None] = {"1": None, "2": "amount_cents"}
 """Version -> the distribution shift of its training extract."""
+REFERENCE_VERSION = "1"
 REFERENCE_SAMPLE = "reference_sample.npz"
 """Reference-distribution invoices the drift monitor compares live traffic against."""
 REFERENCE_SAMPLE_ROWS = 5_000
@@ -52,9 +55,10 @@ def train_versions(out_dir: Path, seed: int = 7, n: int = 50_000) -> dict[str, d
     """Write ``<out_dir>/<version>/weights.npz`` and ``metrics.json`` for every version, and
     the reference sample; return each version's metrics. Deterministic for a given seed."""
     figures: dict[str, dict[str, Any]] = {}
+    models: dict[str, LinearModel] = {}
     for offset, (version, shift) in enumerate(VERSIONS.items()):
         data = generate(n, seed=seed + offset, shift=shift)
-        model = train(data.x, data.y, FEATURES, LOG_FEATURES, l2=L2)
+        model = models[version] = train(data.x, data.y, FEATURES, LOG_FEATURES, l2=L2)
         model.save(out_dir / version / "weights.npz")
         metrics = {
             "model": DEMO_MODEL,
@@ -70,15 +74,26 @@ def train_versions(out_dir: Path, seed: int = 7, n: int = 50_000) -> dict[str, d
     reference = generate(REFERENCE_SAMPLE_ROWS, seed=seed + 2_000)
     write_npz(
         out_dir / REFERENCE_SAMPLE,
-        {"x": reference.x, "y": reference.y, "feature_names": list(FEATURES)},
+        {
+            "x": reference.x,
+            "y": reference.y,
+            # What a healthy model predicts on reference traffic: the monitor's score baseline.
+            "scores": models[REFERENCE_VERSION].predict_proba(reference.x),
+            "feature_names": list(FEATURES),
+        },
     )
     return figures
 
 
 def is_trained(model_dir: Path) -> bool:
-    return (model_dir / REFERENCE_SAMPLE).is_file() and all(
+    """Weights for every version and a reference sample with the monitor's score baseline."""
+    sample = model_dir / REFERENCE_SAMPLE
+    if not sample.is_file() or not all(
         (model_dir / version / "weights.npz").is_file() for version in VERSIONS
-    )
+    ):
+        return False
+    with np.load(sample, allow_pickle=False) as arrays:
+        return "scores" in arrays.files
 
 
 def ensure_trained(model_repository: Path, progress: Callable[[str], None]) -> None:

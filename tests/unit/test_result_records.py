@@ -22,7 +22,9 @@ from workers.inference import contracts
 FEATURES = ("amount", "tenure", "terms", "late")
 
 
-def _ok(request: InferenceRequest, output: RowOutput) -> InferenceResult:
+def _ok(
+    request: InferenceRequest, output: RowOutput, *, echo_features: bool = False
+) -> InferenceResult:
     record = contracts.ok_result(
         request,
         output,
@@ -38,6 +40,7 @@ def _ok(request: InferenceRequest, output: RowOutput) -> InferenceResult:
         queued_ms=1.5,
         backend_ms=-0.1,  # a clock step backwards must not produce an invalid result
         total_ms=4.0,
+        echo_features=echo_features,
     )
     value, headers = contracts.encode_result(record)
     assert dict(headers)["sluiceway-schema"] == InferenceResult.AVRO_NAME.encode()
@@ -139,3 +142,13 @@ def test_a_record_that_does_not_fit_the_schema_is_a_typed_encode_error() -> None
     record["status"] = "maybe"
     with pytest.raises(EncodeError, match="InferenceResult"):
         contracts.encode_result(record)
+
+
+@SETTINGS
+@given(request=requests)
+def test_feature_records_are_echoed_only_when_the_model_asks(request: InferenceRequest) -> None:
+    output = RowOutput(tensors={"score": np.array([0.5], dtype=np.float64)})
+    assert _ok(request, output).input_features is None
+    echoed = _ok(request, output, echo_features=True)
+    # Only feature records are echoed; tensors and text stay in the request.
+    assert echoed.input_features == request.inputs.features

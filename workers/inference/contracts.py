@@ -251,7 +251,12 @@ so a record that breaks the contract fails there.
 
 
 def _result_record(
-    request: InferenceRequest, *, status: ResultStatus, model: str, worker_id: str
+    request: InferenceRequest,
+    *,
+    status: ResultStatus,
+    model: str,
+    worker_id: str,
+    echo_features: bool = False,
 ) -> ResultRecord:
     return {
         "request_id": request.request_id,
@@ -269,6 +274,7 @@ def _result_record(
         "batch_job_id": request.batch_job_id,
         "custom_id": request.custom_id,
         "trace": None if request.trace is None else request.trace.model_dump(),
+        "input_features": request.inputs.features if echo_features else None,
     }
 
 
@@ -288,8 +294,15 @@ def ok_result(
     queued_ms: float,
     backend_ms: float,
     total_ms: float,
+    echo_features: bool = False,
 ) -> ResultRecord:
-    record = _result_record(request, status=ResultStatus.OK, model=model, worker_id=worker_id)
+    record = _result_record(
+        request,
+        status=ResultStatus.OK,
+        model=model,
+        worker_id=worker_id,
+        echo_features=echo_features,
+    )
     explanation = _explanation(output, feature_names) if request.explain else None
     record["model_version"] = version
     record["outputs"] = _inline_outputs(output)
@@ -309,8 +322,16 @@ def ok_result(
     return record
 
 
-def expired_result(request: InferenceRequest, *, model: str, worker_id: str) -> ResultRecord:
-    record = _result_record(request, status=ResultStatus.EXPIRED, model=model, worker_id=worker_id)
+def expired_result(
+    request: InferenceRequest, *, model: str, worker_id: str, echo_features: bool = False
+) -> ResultRecord:
+    record = _result_record(
+        request,
+        status=ResultStatus.EXPIRED,
+        model=model,
+        worker_id=worker_id,
+        echo_features=echo_features,
+    )
     record["error_code"] = "deadline_exceeded"
     record["error_message"] = "the request's deadline passed before it could be served"
     return record

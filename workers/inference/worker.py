@@ -538,6 +538,7 @@ class InferenceWorker:
                 queued_ms=(now - record.received_at - backend_s) * 1000,
                 backend_ms=backend_s * 1000,
                 total_ms=(now - record.received_at) * 1000,
+                echo_features=self.settings.models[model].echo_features,
             )
             outcomes.append((record, result))
         await self._send_outcomes(model, outcomes, "ok")
@@ -599,7 +600,12 @@ class InferenceWorker:
         by_model: dict[str, list[tuple[Record, Any]]] = {}
         for record in records:
             model = self._model_of_topic(str(record.message.topic()))
-            result = contracts.expired_result(record.request, model=model, worker_id=self.worker_id)
+            result = contracts.expired_result(
+                record.request,
+                model=model,
+                worker_id=self.worker_id,
+                echo_features=self.settings.models[model].echo_features,
+            )
             by_model.setdefault(model, []).append((record, result))
         for model, outcomes in by_model.items():
             await self._send_outcomes(model, outcomes, "expired")

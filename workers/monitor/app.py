@@ -1,0 +1,441 @@
+"""``sluiceway monitor``: the faust-streaming drift and quality monitor.
+
+Agents fold every ``InferenceResult`` (and every ``Feedback`` label) into the tumbling window of
+its model version; a timer closes windows once their end plus a grace period has passed,
+summarises them against the reference, lets the rollback policy decide, and writes what it
+found: a ``DriftReport`` on ``<ns>.drift`` for every evaluated window, a JSON and an HTML report
+in the object store for every alert, and a rollback ``ControlEvent`` on ``<ns>.control`` when
+the policy says so.
+
+All state lives in faust tables backed by changelog topics: open windows, scores waiting for
+their labels, the policy's counts, and recent window summaries for the reports. A monitor
+killed mid-window restarts with its windows intact and closes them as if nothing happened.
+
+Windows are keyed by ``model|version|window start``, and closed by this module's own timer
+rather than faust's windowed tables: faust only tracks window expiry in memory, so windows
+restored from the changelog after a restart would never close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+import numpy as np
+
+import schemas
+from pipeline.kafka.admin import control_topic_spec, ensure_topics, monitor_topic_specs
+from pipeline.kafka.events import send_events
+from pipeline.monitoring.evidence import Breach, ReportData, WindowSummary
+from pipeline.monitoring.policy import ModelState, PolicySettings, RollbackPolicy
+from pipeline.monitoring.report import render_html, report_json
+from pipeline.monitoring.windows import (
+    Reference,
+    Thresholds,
+    add_label,
+    add_result,
+    new_window,
+    summarise,
+)
+from pipeline.routing import RoutingTable
+from pipeline.settings import MonitorSettings, Settings
+from pipeline.storage.client import ensure_bucket, make_client
+from pipeline.topics import ModelTopics, control_topic, drift_topic
+from schemas.exceptions import DecodeError
+from schemas.models import (
+    ControlAction,
+    ControlEvent,
+    DriftDecision,
+    DriftMetric,
+    DriftReport,
+    DriftSeverity,
+    Feedback,
+    InferenceResult,
+    ObjectRef,
+    ResultStatus,
+)
+from workers.inference.control import MONITOR_ISSUER, ControlFollower
+from workers.monitor.references import load_reference
+
+log = logging.getLogger("sluiceway.monitor")
+
+HISTORY_WINDOWS = 24
+"""Window summaries kept per version for the reports' charts."""
+CLOSE_INTERVAL_S = 0.5
+
+
+def thresholds_from(monitor: MonitorSettings) -> Thresholds:
+    return Thresholds(
+        psi=monitor.psi_threshold,
+        ks=monitor.ks_threshold,
+        chi2_alpha=monitor.chi2_alpha,
+        cramers_v=monitor.cramers_v_threshold,
+        error_rate=monitor.error_rate_threshold,
+        expired_rate=monitor.expired_rate_threshold,
+        low_confidence_margin=monitor.low_confidence_margin,
+        low_confidence_rate=monitor.low_confidence_rate_threshold,
+        latency_p99_ms=monitor.latency_p99_ms_threshold,
+        log_loss=monitor.log_loss_threshold,
+        min_labels=monitor.min_labels,
+    )
+
+
+def _score(result: InferenceResult, output: str) -> float | None:
+    tensors = result.outputs.tensors if result.outputs else None
+    tensor = next((t for t in tensors or [] if t.name == output), None)
+    if tensor is None or tensor.datatype.value not in ("FP32", "FP64"):
+        return None
+    dtype = "<f4" if tensor.datatype.value == "FP32" else "<f8"
+    values = np.frombuffer(tensor.data, dtype=dtype)
+    return float(values[0]) if values.size else None
+
+
+def _summary_json(summary: WindowSummary) -> dict[str, Any]:
+    data = asdict(summary)
+    data["breaches"] = [asdict(b) for b in summary.breaches]
+    return data
+
+
+def _summary_from_json(data: dict[str, Any]) -> WindowSummary:
+    return WindowSummary(
+        model=data["model"],
+        version=data["version"],
+        start_ms=int(data["start_ms"]),
+        end_ms=int(data["end_ms"]),
+        count=int(data["count"]),
+        metrics={k: float(v) for k, v in data["metrics"].items()},
+        breaches=tuple(Breach(**b) for b in data["breaches"]),
+        score_counts=tuple(data["score_counts"]),
+        feature_counts={k: tuple(v) for k, v in data["feature_counts"].items()},
+    )
+
+
+class Monitor:
+    """The faust app and the state it shares between agents and the closing timer."""
+
+    def __init__(self, settings: Settings, models: Sequence[str]) -> None:
+        self.settings = settings
+        self.models = list(models)
+        self.config = settings.monitor
+        self.thresholds = thresholds_from(self.config)
+        self.policy = RollbackPolicy(
+            PolicySettings(
+                consecutive_windows=self.config.consecutive_windows,
+                recovery_windows=self.config.recovery_windows,
+                cooldown_s=self.config.cooldown_s,
+            )
+        )
+        self.window_ms = int(self.config.window_s * 1000)
+        self.grace_ms = max(1000, self.window_ms // 5)
+        self.store = make_client(settings.object_store)
+        self.references: dict[str, Reference] = {}
+        self.routing = RoutingTable(
+            {
+                m: settings.models[m].default_version or ""
+                for m in self.models
+                if m in settings.models
+            }
+        )
+        self.follower: ControlFollower | None = None
+        self.app = faust.App(
+            f"{settings.namespace}-monitor",
+            broker=f"kafka://{settings.kafka.bootstrap_servers}",
+            store="memory://",
+            web_enabled=False,
+            topic_partitions=1,
+            table_cleanup_interval=3600.0,
+            consumer_auto_offset_reset="earliest",
+        )
+        self.windows = self.app.Table("windows", partitions=1, use_partitioner=True)
+        self.pending = self.app.Table("pending-scores", partitions=1, use_partitioner=True)
+        self.states = self.app.Table("policy", partitions=1, use_partitioner=True)
+        self.history = self.app.Table("history", partitions=1, use_partitioner=True)
+        topics = [ModelTopics(settings.namespace, m) for m in self.models]
+        results = self.app.topic(*(t.results for t in topics), value_serializer="raw")
+        feedback = self.app.topic(*(t.feedback for t in topics), value_serializer="raw")
+        self.app.agent(results, name="results")(self._on_results)
+        self.app.agent(feedback, name="feedback")(self._on_feedback)
+        self.app.timer(CLOSE_INTERVAL_S)(self._close_due_windows)
+        self.app.timer(60.0)(self._forget_unlabelled)
+        self.app.task(self._start)
+
+    # ------------------------------------------------------------------ start
+
+    def prepare(self) -> None:
+        """Topics, bucket and references: everything the app needs before it starts."""
+        specs = [control_topic_spec(self.settings.namespace)]
+        for model in self.models:
+            specs += monitor_topic_specs(
+                self.settings.namespace, ModelTopics(self.settings.namespace, model)
+            )
+        ensure_topics(self.settings.kafka, specs)
+        ensure_bucket(self.store, self.settings.object_store.bucket)
+        for model in self.models:
+            self.references[model] = load_reference(self.settings, self.store, model)
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.follower = await loop.run_in_executor(
+            None,
+            ControlFollower,
+            self.settings.kafka.client_config(),
+            control_topic(self.settings.namespace),
+            self.routing,
+        )
+        log.info('monitor models="%s" window_s="%s"', ",".join(self.models), self.config.window_s)
+
+    # ------------------------------------------------------------------ agents
+
+    def _window_key(self, model: str, version: str, timestamp_ms: int) -> str:
+        start = timestamp_ms - timestamp_ms % self.window_ms
+        return f"{model}|{version}|{start}"
+
+    async def _on_results(self, stream: faust.StreamT[Any]) -> None:
+        async for event in stream.events():
+            try:
+                result = schemas.decode(event.value or b"", InferenceResult)
+            except DecodeError as error:
+                log.warning('result skipped offset="%s" error="%s"', event.message.offset, error)
+                continue
+            reference = self.references.get(result.model)
+            if reference is None or result.model_version is None:
+                continue
+            timestamp_ms = int(event.message.timestamp * 1000)
+            key = self._window_key(result.model, result.model_version, timestamp_ms)
+            state = self.windows.get(key) or new_window(reference)
+            score = _score(result, self.config.score_output)
+            add_result(
+                state,
+                reference,
+                status=result.status.value,
+                score=score,
+                features=result.input_features,
+                total_ms=result.timings.total_ms if result.timings else None,
+                thresholds=self.thresholds,
+            )
+            self.windows[key] = state
+            if score is not None and result.status is ResultStatus.OK:
+                self.pending[str(result.request_id)] = [
+                    result.model,
+                    result.model_version,
+                    score,
+                    timestamp_ms,
+                ]
+
+    async def _on_feedback(self, stream: faust.StreamT[Any]) -> None:
+        async for event in stream.events():
+            try:
+                feedback = schemas.decode(event.value or b"", Feedback)
+            except DecodeError as error:
+                log.warning('feedback skipped offset="%s" error="%s"', event.message.offset, error)
+                continue
+            waiting = self.pending.get(str(feedback.request_id))
+            label = feedback.label
+            if waiting is None or not isinstance(label, bool | int | float):
+                continue
+            model, version, score, _ = waiting
+            reference = self.references.get(model)
+            if reference is None:
+                continue
+            key = self._window_key(model, version, int(event.message.timestamp * 1000))
+            state = self.windows.get(key) or new_window(reference)
+            add_label(state, float(score), int(bool(label)))
+            self.windows[key] = state
+            del self.pending[str(feedback.request_id)]
+
+    # ------------------------------------------------------------------ closing
+
+    async def _close_due_windows(self) -> None:
+        if self.follower is not None:
+            self.follower.poll(0.0)
+        now_ms = int(time.time() * 1000)
+        due = sorted(
+            (int(key.rsplit("|", 1)[1]), key)
+            for key in list(self.windows.keys())
+            if int(key.rsplit("|", 1)[1]) + self.window_ms + self.grace_ms <= now_ms
+        )
+        for start_ms, key in due:
+            model, version, _ = key.split("|")
+            state = self.windows[key]
+            del self.windows[key]
+            if model in self.references:
+                await self._evaluate(model, version, start_ms, state)
+
+    async def _evaluate(self, model: str, version: str, start_ms: int, state: Any) -> None:
+        reference = self.references[model]
+        summary = summarise(
+            state,
+            reference,
+            self.thresholds,
+            model=model,
+            version=version,
+            start_ms=start_ms,
+            end_ms=start_ms + self.window_ms,
+        )
+        history_key = f"{model}|{version}"
+        past = [*(self.history.get(history_key) or []), _summary_json(summary)]
+        self.history[history_key] = past[-HISTORY_WINDOWS:]
+        if summary.count < self.config.min_window_count:
+            log.info(
+                'window model="%s" version="%s" count="%d" below min_window_count, not judged',
+                model,
+                version,
+                summary.count,
+            )
+            return
+        model_state = ModelState.from_json(self.states.get(model))
+        decision = self.policy.observe(
+            model_state,
+            summary,
+            serving_version=self.routing.version_for(model) or None,
+            pinned=self.routing.is_pinned(model),
+        )
+        self.states[model] = model_state.to_json()
+        report_id = uuid.uuid4()
+        report_ref = None
+        if decision.decision != "none":
+            windows = tuple(_summary_from_json(s) for s in past)
+            report_ref = await self._write_report(
+                model, version, decision.decision, decision.explanation, windows, report_id
+            )
+        report = DriftReport(
+            report_id=report_id,
+            model=model,
+            model_version=version,
+            baseline_version=decision.rollback_to,
+            window_start=datetime.fromtimestamp(start_ms / 1000, tz=UTC),
+            window_end=datetime.fromtimestamp(summary.end_ms / 1000, tz=UTC),
+            window_count=summary.count,
+            consecutive_breaches=decision.consecutive_breaches,
+            metrics=self._drift_metrics(summary),
+            severity=DriftSeverity(decision.severity),
+            decision=DriftDecision(decision.decision),
+            explanation=decision.explanation,
+            report_ref=report_ref,
+            created_at=datetime.now(UTC),
+        )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None,
+            send_events,
+            self.settings.kafka,
+            drift_topic(self.settings.namespace),
+            [(model, report)],
+        )
+        log.info(
+            'window model="%s" version="%s" count="%d" decision="%s" %s',
+            model,
+            version,
+            summary.count,
+            decision.decision,
+            decision.explanation,
+        )
+        if decision.decision == "rollback" and decision.rollback_to is not None:
+            control = ControlEvent(
+                event_id=uuid.uuid4(),
+                model=model,
+                action=ControlAction.ROLLBACK,
+                from_version=version,
+                to_version=decision.rollback_to,
+                reason=decision.explanation,
+                report_id=report_id,
+                report_ref=report_ref,
+                issued_at=datetime.now(UTC),
+                issued_by=f"{MONITOR_ISSUER}:{self.app.conf.id}",
+            )
+            await loop.run_in_executor(
+                None,
+                send_events,
+                self.settings.kafka,
+                control_topic(self.settings.namespace),
+                [(model, control)],
+            )
+
+    def _drift_metrics(self, summary: WindowSummary) -> list[DriftMetric]:
+        breached = {b.metric: b for b in summary.breaches}
+        by_metric = self.thresholds.by_metric()
+        metrics = []
+        for name, value in sorted(summary.metrics.items()):
+            if not np.isfinite(value):
+                continue
+            breach = breached.get(name)
+            prefix = name.split(":", 1)[0]
+            metrics.append(
+                DriftMetric(
+                    name=prefix,
+                    feature=name.split(":", 1)[1] if ":" in name else None,
+                    value=value,
+                    threshold=breach.threshold if breach else by_metric.get(prefix),
+                    breached=breach is not None,
+                )
+            )
+        return metrics
+
+    async def _write_report(
+        self,
+        model: str,
+        version: str,
+        decision: str,
+        explanation: str,
+        windows: tuple[WindowSummary, ...],
+        report_id: uuid.UUID,
+    ) -> ObjectRef:
+        reference = self.references[model]
+        data = ReportData(
+            report_id=str(report_id),
+            model=model,
+            version=version,
+            baseline_version=None,
+            decision=decision,
+            explanation=explanation,
+            windows=windows,
+            thresholds=self.thresholds.by_metric(),
+            score_edges=reference.score_edges,
+            reference_score_counts=reference.score_counts,
+            feature_edges={**reference.numeric_edges, **reference.categories},
+            reference_feature_counts={
+                **reference.numeric_counts,
+                **{f: (*c, 0) for f, c in reference.category_counts.items()},
+            },
+            created_at_ms=int(time.time() * 1000),
+        )
+        day = datetime.now(UTC).strftime("%Y/%m/%d")
+        prefix = f"reports/{model}/{day}/{report_id}"
+        bucket = self.settings.object_store.bucket
+        page = render_html(data).encode()
+        document = json.dumps(report_json(data), indent=2).encode()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._put, bucket, f"{prefix}.json", document, "json")
+        etag = await loop.run_in_executor(None, self._put, bucket, f"{prefix}.html", page, "html")
+        return ObjectRef(bucket=bucket, key=f"{prefix}.html", etag=etag)
+
+    def _put(self, bucket: str, key: str, body: bytes, kind: str) -> str:
+        import io
+
+        content_type = "text/html; charset=utf-8" if kind == "html" else "application/json"
+        written = self.store.put_object(
+            bucket, key, io.BytesIO(body), len(body), content_type=content_type
+        )
+        return str(written.etag)
+
+    async def _forget_unlabelled(self) -> None:
+        horizon_ms = int((time.time() - self.config.label_ttl_s) * 1000)
+        for request_id, waiting in list(self.pending.items()):
+            if int(waiting[3]) < horizon_ms:
+                del self.pending[request_id]
+
+
+def run_monitor(settings: Settings, models: Sequence[str], loglevel: str = "info") -> None:
+    """Run the monitor until SIGTERM or SIGINT (faust's worker handles both)."""
+    monitor = Monitor(settings, models)
+    monitor.prepare()
+    worker = faust.Worker(monitor.app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
