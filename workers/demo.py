@@ -20,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -41,7 +39,7 @@ from confluent_kafka.admin import AdminClient
 import schemas
 from pipeline.console import ProgressBar
 from pipeline.kafka.admin import end_offsets
-from pipeline.modeling.cases import generate_cases
+from pipeline.modeling.cases import CASE_MODEL, generate_cases
 from pipeline.modeling.invoices import FEATURES, generate
 from pipeline.modeling.logistic import LinearModel
 from pipeline.modeling.training import DEMO_MODEL
@@ -59,13 +57,15 @@ from schemas.models import (
     Source,
     TextInput,
 )
+from workers.demo_rollback import RollbackStory, render_story, run_rollback_story
 from workers.inference.contracts import TOP_K_ATTRIBUTIONS as TOP_K
 from workers.inference.runner import prepare_topics_and_bucket
 from workers.inference.worker import worker_group_id
+from workers.processes import ServiceProcess
 
 Progress = Callable[[str], None]
 MODEL = DEMO_MODEL
-TEXT_MODEL = "case_summary"
+TEXT_MODEL = CASE_MODEL
 EXPLAIN_EVERY = 4
 """Every fourth request asks for an explanation (the rest are scored or summarised only)."""
 FAITHFULNESS_SAMPLE = 20
@@ -120,6 +120,8 @@ class DemoReport:
     text_server: str = ""
     text_sample: dict[str, Any] = field(default_factory=dict)
     running: list[str] = field(default_factory=list)
+    story: RollbackStory | None = None
+    """The second half: v2 promoted, rolled back by the monitor (``None`` when skipped)."""
 
     @property
     def ok(self) -> bool:
@@ -131,6 +133,7 @@ class DemoReport:
             and self.cases_published == self.cases_summarised
             and self.cases_explained_where_asked == self.cases_published
             and self.dead_lettered == 0
+            and (self.story is None or self.story.ok)
         )
 
     def latency_percentile(self, q: float) -> float:
@@ -467,42 +470,20 @@ def _with_vllm_url(settings: Settings, url: str) -> Settings:
     return settings.model_copy(update={"backends": backends})
 
 
-@contextlib.contextmanager
-def _worker_process(settings: Settings, models: list[str], log: Path) -> Iterator[WorkerRun]:
-    """``sluiceway worker`` in its own process, as it is deployed; SIGTERM drains it."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEWAY_")}
-    environment.update(settings.as_environment())
-    command = [sys.executable, "-m", "pipeline.cli", "worker"]
-    for model in models:
-        command += ["--model", model]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, env=environment, stdout=output, stderr=output)
-    run = WorkerRun(process, log, worker_group_id(settings.namespace, models))
-    try:
-        yield run
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        run.read_final_counts()
-
-
 @dataclass
 class WorkerRun:
-    process: subprocess.Popen[bytes]
-    log: Path
+    """``sluiceway worker`` in its own process, as it is deployed; SIGTERM drains it."""
+
+    service: ServiceProcess
     group_id: str
     counts: dict[str, int] = field(default_factory=dict)
 
     def read_final_counts(self) -> None:
         """The counters the worker prints when it stops (``worker stopped: results=...``)."""
-        lines = self.log.read_text(errors="replace").splitlines()
-        final = next((line for line in reversed(lines) if "worker stopped:" in line), "")
+        final = next(
+            (line for line in reversed(self.service.tail(50).splitlines()) if "stopped:" in line),
+            "",
+        )
         self.counts = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", final)}
 
     def wait_until_assigned(self, settings: Settings, timeout_s: float = 60.0) -> None:
@@ -510,9 +491,8 @@ class WorkerRun:
         admin = AdminClient(settings.kafka.client_config())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
-                raise RuntimeError(f"the worker exited with {self.process.returncode}:\n{tail}")
+            if self.service.exited():
+                raise RuntimeError(f"the worker exited:\n{self.service.tail()}")
             future = admin.describe_consumer_groups([self.group_id], request_timeout=5)
             with contextlib.suppress(KafkaException):
                 group = future[self.group_id].result()
@@ -521,6 +501,20 @@ class WorkerRun:
                     return
             time.sleep(0.2)  # polling the broker for a state change, bounded by the deadline
         raise RuntimeError(f"the worker's group {self.group_id} was not assigned in {timeout_s}s")
+
+
+@contextlib.contextmanager
+def _worker_process(settings: Settings, models: list[str], log: Path) -> Iterator[WorkerRun]:
+    args = ["worker"]
+    for model in models:
+        args += ["--model", model]
+    with ServiceProcess(settings, args, log) as service:
+        run = WorkerRun(service, worker_group_id(settings.namespace, models))
+        try:
+            yield run
+        finally:
+            service.stop()
+            run.read_final_counts()
 
 
 def _dead_letters(settings: Settings, models: list[str]) -> int:
@@ -555,7 +549,7 @@ async def _run(
     with _worker_process(settings, models, log) as worker:
         progress(
             f"started `sluiceway worker --model {MODEL} --model {TEXT_MODEL}` "
-            f"(pid {worker.process.pid}, group {worker.group_id}, log {log})"
+            f"(pid {worker.service.pid}, group {worker.group_id}, log {log})"
         )
         await loop.run_in_executor(None, worker.wait_until_assigned, settings)
         pace = f"{rate:,.0f} requests/s" if rate > 0 else "full speed"
@@ -574,7 +568,7 @@ async def _run(
         found = await reading
         report.seconds = time.monotonic() - started
         report.published, report.cases_published = count, cases
-        progress(f"stopping the worker (SIGTERM drains it; pid {worker.process.pid})")
+        progress(f"stopping the worker (SIGTERM drains it; pid {worker.service.pid})")
     report.batches = worker.counts.get("batches", 0)
     report.commits = worker.counts.get("commits", 0)
     report.dead_lettered = _dead_letters(settings, models) - dead_letters_before
@@ -599,12 +593,19 @@ def run_demo(
     cases: int = DEFAULT_CASES,
     rate: float = DEFAULT_RATE,
     vllm_url: str | None = None,
+    rollback_window_s: float | None = 3.0,
 ) -> DemoReport:
     """Run one round trip of ``count`` invoices and ``cases`` support cases through the real
-    worker; return what happened."""
+    worker, then (unless ``rollback_window_s`` is ``None``) the rollback story with monitor
+    windows of that length; return what happened."""
     with _vllm_endpoint(settings, vllm_url) as (served, label):
         progress(f"case_summary is served by {label}")
-        return asyncio.run(_run(served, count, cases, rate, label, progress))
+        report = asyncio.run(_run(served, count, cases, rate, label, progress))
+    if rollback_window_s is not None:
+        progress("")
+        progress("part 2: promote invoice_risk v2 and let the drift monitor judge it")
+        report.story = run_rollback_story(settings, progress, window_s=rollback_window_s)
+    return report
 
 
 def _top_attributions(result_event: dict[str, Any]) -> str:
@@ -670,10 +671,12 @@ def render_report(report: DemoReport) -> str:
             f"{report.text_sample['summary'][:120]!r}; first token log-probs: "
             f"{report.text_sample['token_logprobs']}"
         )
+    if report.story is not None:
+        lines.append(render_story(report.story))
     lines.append("Still running (stop with `make stack-down`; `make clean-state` also wipes data):")
     lines.extend(f"  {line}" for line in report.running or ["nothing"])
     lines.append(
-        "  (the worker process and the vLLM protocol server were started for this run and "
-        "have stopped)"
+        "  (the worker and monitor processes and the vLLM protocol server were started for "
+        "this run and have stopped)"
     )
     return "\n".join(lines)

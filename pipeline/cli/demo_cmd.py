@@ -24,6 +24,17 @@ def register(subparsers: Any) -> None:
         "the saturated throughput)",
     )
     parser.add_argument(
+        "--monitor-window-s",
+        type=float,
+        default=3.0,
+        help="monitor window length for the rollback story (production default: 30 s)",
+    )
+    parser.add_argument(
+        "--no-rollback",
+        action="store_true",
+        help="skip the second part (v2 promoted and rolled back by the monitor)",
+    )
+    parser.add_argument(
         "--vllm-url",
         default=None,
         help="a real vLLM server's /v1 URL for the case route (default: the protocol test "
@@ -42,6 +53,7 @@ def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
         cases=args.cases,
         rate=args.rate,
         vllm_url=args.vllm_url,
+        rollback_window_s=None if args.no_rollback else args.monitor_window_s,
     )
     print()
     print(render_report(report))

@@ -1,15 +1,22 @@
-"""Publishing a few contract events and waiting for the broker: control and drift events."""
+"""A few contract events at a time: publishing them (control, drift) and following a topic."""
 
 from __future__ import annotations
 
+import threading
+import uuid
 from collections.abc import Sequence
+from typing import Generic, TypeVar
 
-from confluent_kafka import Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 import schemas
+from pipeline.kafka.admin import end_offsets
 from pipeline.kafka.exceptions import KafkaError
 from pipeline.settings import KafkaSettings
+from schemas.exceptions import DecodeError
 from schemas.models import Event
+
+E = TypeVar("E", bound=Event)
 
 
 def send_events(
@@ -34,3 +41,45 @@ def send_events(
         )
     if producer.flush(timeout_s) or failures:
         raise KafkaError(f"events to {topic} not acknowledged: {failures or 'timeout'}")
+
+
+class TopicTail(Generic[E]):
+    """Follows a topic in a background thread, decoding every event of one contract.
+
+    ``from_beginning=False`` starts at the current end, so only events published from now on
+    are seen. Undecodable records are counted, not raised: a tail is for watching.
+    """
+
+    def __init__(
+        self, kafka: KafkaSettings, topic: str, kind: type[E], *, from_beginning: bool = True
+    ) -> None:
+        self.events: list[E] = []
+        self.undecodable = 0
+        self._kind = kind
+        self._stop = threading.Event()
+        self._consumer = Consumer(
+            {**kafka.client_config(), "group.id": f"sluiceway-tail-{uuid.uuid4().hex[:8]}"}
+        )
+        starts = end_offsets(kafka, topic) if not from_beginning else {}
+        metadata = self._consumer.list_topics(topic, timeout=10)
+        partitions = sorted(metadata.topics[topic].partitions)
+        self._consumer.assign(
+            [TopicPartition(topic, p, starts.get(p, OFFSET_BEGINNING)) for p in partitions]
+        )
+        self._thread = threading.Thread(target=self._run, name=f"tail-{topic}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for message in self._consumer.consume(100, 0.2):
+                if message.error() is not None or not message.value():
+                    continue
+                try:
+                    self.events.append(schemas.decode(message.value() or b"", self._kind))
+                except DecodeError:
+                    self.undecodable += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._consumer.close()

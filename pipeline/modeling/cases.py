@@ -31,6 +31,8 @@ TRIED = (
     "The issue does not occur in the sandbox org.",
     "Support reproduced it with the customer's test file.",
 )
+CASE_MODEL = "case_summary"
+"""The text route's model name (served by vLLM under this name)."""
 PROMPT = "Summarise this customer case in two lines for the account team.\n\nCase: "
 
 

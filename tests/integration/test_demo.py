@@ -21,7 +21,9 @@ CASES = 24
 def test_round_trip_scores_explains_and_summarises_through_the_worker(
     settings: Settings,
 ) -> None:
-    report = run_demo(settings, count=INVOICES, progress=lambda _line: None, cases=CASES)
+    report = run_demo(
+        settings, count=INVOICES, progress=lambda _line: None, cases=CASES, rollback_window_s=2.0
+    )
 
     assert report.published == report.results_read == report.results_correct == INVOICES
     assert report.versions == {"1": INVOICES}
@@ -49,6 +51,20 @@ def test_round_trip_scores_explains_and_summarises_through_the_worker(
         assert store.stat_object(settings.object_store.bucket, key).size > 0
     assert report.case_segments
     assert all(key.startswith(f"{TEXT_MODEL}/") for key in report.case_segments)
+    # The second part: v2 promoted, judged over windows, rolled back, v1 serving again.
+    story = report.story
+    assert story is not None
+    assert story.ok
+    assert story.rollback is not None
+    assert (story.rollback.from_version, story.rollback.to_version) == ("2", "1")
+    assert story.first_breach is not None
+    assert story.promoted_at is not None
+    assert story.v1_again_at is not None
+    assert story.promoted_at <= story.first_breach.window_end <= story.rollback.issued_at
+    assert story.rollback.issued_at <= story.v1_again_at
+    assert story.report_url is not None
+    assert story.report_url.startswith("http")
     rendered = render_report(report)
     assert rendered.startswith("Sluiceway demo OK")
     assert "top attributions:" in rendered
+    assert "Rollback story OK" in rendered

@@ -10,22 +10,18 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-import schemas
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, monitor_topic_specs
-from pipeline.kafka.events import send_events
-from pipeline.modeling.invoices import FEATURES, Shift, generate
+from pipeline.kafka.events import TopicTail, send_events
 from pipeline.modeling.training import DEMO_MODEL
 from pipeline.settings import Settings
 from pipeline.storage.client import make_client
@@ -35,12 +31,9 @@ from schemas.models import (
     ControlEvent,
     DriftDecision,
     DriftReport,
-    Feedback,
-    InferenceRequest,
-    InferenceResult,
-    Inputs,
 )
 from tests.integration.waiting import wait_for
+from workers.feeds import LabelledFeed
 from workers.inference.runner import prepare_topics_and_bucket
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -108,137 +101,19 @@ def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 
 @dataclass
-class Traffic:
-    """Publishes invoices at a steady rate and a ground-truth label for every result."""
-
-    settings: Settings
-    shift: Shift | None = None
-    labels: dict[str, int] = field(default_factory=dict)
-    served_by: list[tuple[float, str]] = field(default_factory=list)
-    """(time read, version) of every result."""
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> Traffic:
-        self._threads = [
-            threading.Thread(target=self._publish, daemon=True),
-            threading.Thread(target=self._label, daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-
-    def _publish(self) -> None:
-        topics = ModelTopics(self.settings.namespace, DEMO_MODEL)
-        producer = Producer({**self.settings.kafka.client_config(), "linger.ms": 5})
-        seed = 0
-        while not self._stop.is_set():
-            seed += 1
-            data = generate(int(RATE), seed=seed, shift=self.shift)
-            started = time.monotonic()
-            for index, (row, label) in enumerate(zip(data.x, data.y, strict=True)):
-                request = InferenceRequest(
-                    request_id=uuid.uuid4(),
-                    model=DEMO_MODEL,
-                    inputs=Inputs(
-                        features={n: float(v) for n, v in zip(FEATURES, row, strict=True)}
-                    ),
-                )
-                self.labels[str(request.request_id)] = int(label)
-                producer.produce(topics.requests, schemas.encode(request))
-                producer.poll(0)
-                pause = started + (index + 1) / RATE - time.monotonic()
-                if pause > 0:
-                    time.sleep(pause)  # pacing the feed
-                if self._stop.is_set():
-                    break
-        producer.flush(10)
-
-    def _label(self) -> None:
-        topics = ModelTopics(self.settings.namespace, DEMO_MODEL)
-        consumer = Consumer(
-            {
-                **self.settings.kafka.client_config(),
-                "group.id": f"labeller-{uuid.uuid4().hex[:6]}",
-                "auto.offset.reset": "earliest",
-            }
-        )
-        consumer.subscribe([topics.results])
-        producer = Producer({**self.settings.kafka.client_config(), "linger.ms": 5})
-        while not self._stop.is_set():
-            for message in consumer.consume(200, 0.2):
-                if message.error() is not None:
-                    continue
-                result = schemas.decode(message.value() or b"", InferenceResult)
-                self.served_by.append((time.monotonic(), result.model_version or ""))
-                label = self.labels.get(str(result.request_id))
-                if label is None:
-                    continue
-                feedback = Feedback(
-                    request_id=result.request_id,
-                    model=DEMO_MODEL,
-                    model_version=result.model_version,
-                    label=label,
-                    observed_at=datetime.now(UTC),
-                    source="accounts-payable",
-                )
-                producer.produce(topics.feedback, schemas.encode(feedback))
-                producer.poll(0)
-        producer.flush(10)
-        consumer.close()
-
-
-class EventLog:
-    """Reads a topic from the beginning in the background, decoding one contract."""
-
-    def __init__(
-        self, settings: Settings, topic: str, kind: type[DriftReport] | type[ControlEvent]
-    ):
-        self.events: list[DriftReport | ControlEvent] = []
-        self._stop = threading.Event()
-        self._consumer = Consumer(
-            {**settings.kafka.client_config(), "group.id": f"log-{uuid.uuid4().hex[:6]}"}
-        )
-        self._consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-        self._kind = kind
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for message in self._consumer.consume(100, 0.2):
-                if message.error() is None and message.value():
-                    self.events.append(schemas.decode(message.value() or b"", self._kind))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self._consumer.close()
-
-
-@dataclass
 class Scene:
     settings: Settings
     logs: Path
     worker: subprocess.Popen[bytes]
     monitor: subprocess.Popen[bytes]
-    drift: EventLog
-    control: EventLog
+    drift: TopicTail[DriftReport]
+    control: TopicTail[ControlEvent]
 
     def reports(self) -> list[DriftReport]:
-        return [e for e in self.drift.events if isinstance(e, DriftReport)]
+        return list(self.drift.events)
 
     def rollbacks(self) -> list[ControlEvent]:
-        return [
-            e
-            for e in self.control.events
-            if isinstance(e, ControlEvent) and e.action is ControlAction.ROLLBACK
-        ]
+        return [e for e in self.control.events if e.action is ControlAction.ROLLBACK]
 
     def restart_monitor(self, sig: int) -> None:
         _stop(self.monitor, sig)
@@ -272,8 +147,8 @@ def scene(monitored: Settings, tmp_path: Path) -> Iterator[Scene]:
     )
     worker = _start(settings, "worker", tmp_path / "worker.log")
     monitor = _start(settings, "monitor", tmp_path / "monitor.log")
-    drift = EventLog(settings, drift_topic(settings.namespace), DriftReport)
-    control = EventLog(settings, control_topic(settings.namespace), ControlEvent)
+    drift = TopicTail(settings.kafka, drift_topic(settings.namespace), DriftReport)
+    control = TopicTail(settings.kafka, control_topic(settings.namespace), ControlEvent)
     found = Scene(settings, tmp_path, worker, monitor, drift, control)
     try:
         yield found
@@ -290,7 +165,7 @@ def _judged(scene: Scene, version: str) -> Callable[[], list[DriftReport]]:
     return lambda: [r for r in scene.reports() if r.model_version == version]
 
 
-def _healthy_v1_then_promote_v2(scene: Scene, traffic: Traffic) -> None:
+def _healthy_v1_then_promote_v2(scene: Scene, traffic: LabelledFeed) -> None:
     wait_until(
         lambda: len([r for r in _judged(scene, "1")() if r.decision is DriftDecision.NONE]) >= 3,
         timeout_s=60,
@@ -301,7 +176,7 @@ def _healthy_v1_then_promote_v2(scene: Scene, traffic: Traffic) -> None:
 
 
 def test_promoting_a_bad_version_on_drifted_traffic_rolls_it_back(scene: Scene) -> None:
-    traffic = Traffic(scene.settings).start()
+    traffic = LabelledFeed(scene.settings, DEMO_MODEL, RATE).start()
     try:
         _healthy_v1_then_promote_v2(scene, traffic)
         promoted_at = time.monotonic()
@@ -316,7 +191,7 @@ def test_promoting_a_bad_version_on_drifted_traffic_rolls_it_back(scene: Scene) 
         # Later results are served by v1 again.
         after = time.monotonic()
         wait_until(
-            lambda: any(t > after + 2 and v == "1" for t, v in traffic.served_by),
+            lambda: traffic.served_since(after + 2, "1"),
             timeout_s=30,
             what="results served by v1 after the rollback",
         )
@@ -367,7 +242,7 @@ def _check_report(scene: Scene, rollback: ControlEvent) -> None:
 
 
 def test_no_alert_while_v1_serves_reference_traffic(scene: Scene) -> None:
-    traffic = Traffic(scene.settings).start()
+    traffic = LabelledFeed(scene.settings, DEMO_MODEL, RATE).start()
     try:
         wait_until(
             lambda: len(_judged(scene, "1")()) >= 8,
@@ -385,7 +260,7 @@ def test_no_alert_while_v1_serves_reference_traffic(scene: Scene) -> None:
 
 
 def test_a_monitor_killed_mid_window_resumes_and_still_decides(scene: Scene) -> None:
-    traffic = Traffic(scene.settings).start()
+    traffic = LabelledFeed(scene.settings, DEMO_MODEL, RATE).start()
     try:
         _healthy_v1_then_promote_v2(scene, traffic)
         wait_until(

@@ -152,12 +152,16 @@ class Monitor:
             web_enabled=False,
             topic_partitions=1,
             table_cleanup_interval=3600.0,
-            consumer_auto_offset_reset="earliest",
+            # A new monitor judges traffic from now on; a restarted one resumes at its
+            # committed offsets (at least once: records after the last commit count twice).
+            consumer_auto_offset_reset="latest",
         )
         self.windows = self.app.Table("windows", partitions=1, use_partitioner=True)
         self.pending = self.app.Table("pending-scores", partitions=1, use_partitioner=True)
         self.states = self.app.Table("policy", partitions=1, use_partitioner=True)
         self.history = self.app.Table("history", partitions=1, use_partitioner=True)
+        self.closed = self.app.Table("closed-until", partitions=1, use_partitioner=True)
+        self.late = 0
         topics = [ModelTopics(settings.namespace, m) for m in self.models]
         results = self.app.topic(*(t.results for t in topics), value_serializer="raw")
         feedback = self.app.topic(*(t.feedback for t in topics), value_serializer="raw")
@@ -198,6 +202,17 @@ class Monitor:
         start = timestamp_ms - timestamp_ms % self.window_ms
         return f"{model}|{version}|{start}"
 
+    def _is_late(self, model: str, version: str, timestamp_ms: int) -> bool:
+        """A record for a window already judged is counted as late, not judged twice."""
+        if timestamp_ms < int(self.closed.get(f"{model}|{version}") or 0):
+            self.late += 1
+            if self.late % 1000 == 1:
+                log.warning(
+                    'late records dropped="%d" (their windows were already judged)', self.late
+                )
+            return True
+        return False
+
     async def _on_results(self, stream: faust.StreamT[Any]) -> None:
         async for event in stream.events():
             try:
@@ -209,6 +224,8 @@ class Monitor:
             if reference is None or result.model_version is None:
                 continue
             timestamp_ms = int(event.message.timestamp * 1000)
+            if self._is_late(result.model, result.model_version, timestamp_ms):
+                continue
             key = self._window_key(result.model, result.model_version, timestamp_ms)
             state = self.windows.get(key) or new_window(reference)
             score = _score(result, self.config.score_output)
@@ -245,7 +262,10 @@ class Monitor:
             reference = self.references.get(model)
             if reference is None:
                 continue
-            key = self._window_key(model, version, int(event.message.timestamp * 1000))
+            timestamp_ms = int(event.message.timestamp * 1000)
+            if self._is_late(model, version, timestamp_ms):
+                continue
+            key = self._window_key(model, version, timestamp_ms)
             state = self.windows.get(key) or new_window(reference)
             add_label(state, float(score), int(bool(label)))
             self.windows[key] = state
@@ -266,6 +286,9 @@ class Monitor:
             model, version, _ = key.split("|")
             state = self.windows[key]
             del self.windows[key]
+            closed_key = f"{model}|{version}"
+            end_ms = start_ms + self.window_ms
+            self.closed[closed_key] = max(int(self.closed.get(closed_key) or 0), end_ms)
             if model in self.references:
                 await self._evaluate(model, version, start_ms, state)
 
