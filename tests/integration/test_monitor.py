@@ -6,10 +6,7 @@ Windows are 2 s long here (30 s in production) so that each test sees several of
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,8 +32,8 @@ from schemas.models import (
 from tests.integration.waiting import wait_for
 from workers.feeds import LabelledFeed
 from workers.inference.runner import prepare_topics_and_bucket
+from workers.processes import ServiceProcess
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.1
 WINDOW_S = 2.0
 RATE = 120.0
@@ -73,39 +70,12 @@ def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> 
     wait_for(check, timeout_s, what)
 
 
-def _environment(settings: Settings) -> dict[str, str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEWAY_")}
-    environment.update(settings.as_environment())
-    return environment
-
-
-def _start(settings: Settings, command: str, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as output:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", command, "--model", DEMO_MODEL],
-            cwd=REPO_ROOT,
-            env=_environment(settings),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if process.poll() is None:
-        process.send_signal(sig)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @dataclass
 class Scene:
     settings: Settings
     logs: Path
-    worker: subprocess.Popen[bytes]
-    monitor: subprocess.Popen[bytes]
+    worker: ServiceProcess
+    monitor: ServiceProcess
     drift: TopicTail[DriftReport]
     control: TopicTail[ControlEvent]
 
@@ -116,8 +86,7 @@ class Scene:
         return [e for e in self.control.events if e.action is ControlAction.ROLLBACK]
 
     def restart_monitor(self, sig: int) -> None:
-        _stop(self.monitor, sig)
-        self.monitor = _start(self.settings, "monitor", self.logs / "monitor.log")
+        self.monitor.restart(sig)
 
     def promote(self, version: str) -> None:
         event = ControlEvent(
@@ -145,16 +114,18 @@ def scene(monitored: Settings, tmp_path: Path) -> Iterator[Scene]:
             *monitor_topic_specs(settings.namespace, ModelTopics(settings.namespace, DEMO_MODEL)),
         ],
     )
-    worker = _start(settings, "worker", tmp_path / "worker.log")
-    monitor = _start(settings, "monitor", tmp_path / "monitor.log")
+    worker = ServiceProcess(settings, ["worker", "--model", DEMO_MODEL], tmp_path / "worker.log")
+    monitor = ServiceProcess(settings, ["monitor", "--model", DEMO_MODEL], tmp_path / "monitor.log")
+    worker.start()
+    monitor.start()
     drift = TopicTail(settings.kafka, drift_topic(settings.namespace), DriftReport)
     control = TopicTail(settings.kafka, control_topic(settings.namespace), ControlEvent)
     found = Scene(settings, tmp_path, worker, monitor, drift, control)
     try:
         yield found
     finally:
-        _stop(found.worker)
-        _stop(found.monitor)
+        found.worker.stop()
+        found.monitor.stop()
         drift.close()
         control.close()
         for log in ("worker.log", "monitor.log"):

@@ -23,10 +23,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import faust
 import numpy as np
@@ -66,6 +66,7 @@ from workers.inference.control import MONITOR_ISSUER, ControlFollower
 from workers.monitor.references import load_reference
 
 log = logging.getLogger("sluiceway.monitor")
+E = TypeVar("E", InferenceResult, Feedback)
 
 HISTORY_WINDOWS = 24
 """Window summaries kept per version for the reports' charts."""
@@ -96,6 +97,30 @@ def _score(result: InferenceResult, output: str) -> float | None:
     dtype = "<f4" if tensor.datatype.value == "FP32" else "<f8"
     values = np.frombuffer(tensor.data, dtype=dtype)
     return float(values[0]) if values.size else None
+
+
+def _result_counter(
+    result: InferenceResult, score: float | None, thresholds: Thresholds
+) -> Callable[[Any, Reference], None]:
+    def count(state: Any, reference: Reference) -> None:
+        add_result(
+            state,
+            reference,
+            status=result.status.value,
+            score=score,
+            features=result.input_features,
+            total_ms=result.timings.total_ms if result.timings else None,
+            thresholds=thresholds,
+        )
+
+    return count
+
+
+def _label_counter(score: float, label: int) -> Callable[[Any, Reference], None]:
+    def count(state: Any, _reference: Reference) -> None:
+        add_label(state, score, label)
+
+    return count
 
 
 def _summary_json(summary: WindowSummary) -> dict[str, Any]:
@@ -213,62 +238,59 @@ class Monitor:
             return True
         return False
 
+    def _fold(
+        self, model: str, version: str, timestamp_ms: int, update: Callable[[Any, Reference], None]
+    ) -> bool:
+        """Apply ``update`` to the window that ``timestamp_ms`` falls in; ``False`` if the
+        model has no reference or the window was already judged."""
+        reference = self.references.get(model)
+        if reference is None or self._is_late(model, version, timestamp_ms):
+            return False
+        key = self._window_key(model, version, timestamp_ms)
+        state = self.windows.get(key) or new_window(reference)
+        update(state, reference)
+        self.windows[key] = state
+        return True
+
+    @staticmethod
+    def _decoded(event: Any, kind: type[E]) -> E | None:
+        try:
+            return schemas.decode(event.value or b"", kind)
+        except DecodeError as error:
+            log.warning(
+                'skipped topic="%s" offset="%s" error="%s"',
+                event.message.topic,
+                event.message.offset,
+                error,
+            )
+            return None
+
     async def _on_results(self, stream: faust.StreamT[Any]) -> None:
         async for event in stream.events():
-            try:
-                result = schemas.decode(event.value or b"", InferenceResult)
-            except DecodeError as error:
-                log.warning('result skipped offset="%s" error="%s"', event.message.offset, error)
-                continue
-            reference = self.references.get(result.model)
-            if reference is None or result.model_version is None:
+            result = self._decoded(event, InferenceResult)
+            if result is None or result.model_version is None:
                 continue
             timestamp_ms = int(event.message.timestamp * 1000)
-            if self._is_late(result.model, result.model_version, timestamp_ms):
-                continue
-            key = self._window_key(result.model, result.model_version, timestamp_ms)
-            state = self.windows.get(key) or new_window(reference)
             score = _score(result, self.config.score_output)
-            add_result(
-                state,
-                reference,
-                status=result.status.value,
-                score=score,
-                features=result.input_features,
-                total_ms=result.timings.total_ms if result.timings else None,
-                thresholds=self.thresholds,
-            )
-            self.windows[key] = state
-            if score is not None and result.status is ResultStatus.OK:
-                self.pending[str(result.request_id)] = [
-                    result.model,
-                    result.model_version,
-                    score,
-                    timestamp_ms,
-                ]
+
+            counter = _result_counter(result, score, self.thresholds)
+            counted = self._fold(result.model, result.model_version, timestamp_ms, counter)
+            if counted and score is not None and result.status is ResultStatus.OK:
+                waiting = [result.model, result.model_version, score, timestamp_ms]
+                self.pending[str(result.request_id)] = waiting
 
     async def _on_feedback(self, stream: faust.StreamT[Any]) -> None:
         async for event in stream.events():
-            try:
-                feedback = schemas.decode(event.value or b"", Feedback)
-            except DecodeError as error:
-                log.warning('feedback skipped offset="%s" error="%s"', event.message.offset, error)
+            feedback = self._decoded(event, Feedback)
+            if feedback is None:
                 continue
             waiting = self.pending.get(str(feedback.request_id))
             label = feedback.label
             if waiting is None or not isinstance(label, bool | int | float):
                 continue
             model, version, score, _ = waiting
-            reference = self.references.get(model)
-            if reference is None:
-                continue
             timestamp_ms = int(event.message.timestamp * 1000)
-            if self._is_late(model, version, timestamp_ms):
-                continue
-            key = self._window_key(model, version, timestamp_ms)
-            state = self.windows.get(key) or new_window(reference)
-            add_label(state, float(score), int(bool(label)))
-            self.windows[key] = state
+            self._fold(model, version, timestamp_ms, _label_counter(float(score), int(bool(label))))
             del self.pending[str(feedback.request_id)]
 
     # ------------------------------------------------------------------ closing
