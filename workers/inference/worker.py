@@ -53,8 +53,6 @@ log = logging.getLogger("sluiceway.worker")
 BatchKey = tuple[str, str | None]  # (model, version)
 CONTROL_POLL_INTERVAL_S = 0.2
 LAG_INTERVAL_S = 5.0
-MIN_POLL_S = 0.002
-"""The shortest fetch wait while a due batch waits for a backend slot."""
 """Lag asks the broker for each partition's end offset, so it is refreshed less often."""
 
 
@@ -245,11 +243,8 @@ class InferenceWorker:
 
     async def _step(self) -> None:
         assert self._consumer is not None
-        self._dispatch()
         wait = self.batcher.next_due_in()
-        # A batch still due after dispatching waits for a backend slot: poll briefly rather
-        # than spin with zero timeouts, which would take the GIL from the batches in flight.
-        timeout = 0.05 if wait is None else min(max(wait, MIN_POLL_S), 0.05)
+        timeout = 0.05 if wait is None else min(max(wait, 0.0), 0.05)
         if self._saturated():
             timeout = min(timeout, 0.01)
         messages: list[Message] = await self._on_consumer(self._fetch, timeout)
@@ -383,25 +378,13 @@ class InferenceWorker:
     async def _serve(self, batch: Batch[BatchKey, Record]) -> None:
         model, version = batch.key
         backend_name = self._backend_name(model)
-        released = False
-
-        def release_backend_slot() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self._in_flight_batches[backend_name] -= 1
-
         try:
-            await self._serve_batch(batch, model, version, release_backend_slot)
+            await self._serve_batch(batch, model, version)
         finally:
-            release_backend_slot()
+            self._in_flight_batches[backend_name] -= 1
 
     async def _serve_batch(
-        self,
-        batch: Batch[BatchKey, Record],
-        model: str,
-        version: str | None,
-        release_backend_slot: Callable[[], None],
+        self, batch: Batch[BatchKey, Record], model: str, version: str | None
     ) -> None:
         backend = self.backends[self._backend_name(model)]
         breaker = self._breaker(model)
@@ -476,9 +459,6 @@ class InferenceWorker:
                     attempts,
                 )
             )
-        # The backend is done with this batch: the next one may go while this one's segment
-        # and results are written (max_in_flight_records still bounds what is pending).
-        release_backend_slot()
         if served:
             await self._publish_results(model, version, served, backend_s=self.clock() - started)
 
