@@ -287,11 +287,16 @@ def test_triton_outage_opens_the_breaker_pauses_and_recovers_without_dlq(
     got = traffic.collect(settings, topics.results, topics.dlq, 6000, timeout_s=120)
     # The paused partitions' backlog showed as lag, and it is gone once everything is served.
     assert lag_during >= 5000 - 1500
-    wait_for(
-        lambda: sum(_metric_lines(metrics_port, "sluiceway_consumer_lag{")) == 0,
-        30,
-        "the consumer lag to reach zero",
-    )
+    lag_after: list[float] = []
+
+    def lag_is_zero() -> bool:
+        lag_after[:] = _metric_lines(metrics_port, "sluiceway_consumer_lag{")
+        return sum(lag_after) == 0
+
+    try:
+        wait_for(lag_is_zero, 60, "the consumer lag to reach zero")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; lag per partition {lag_after}\n{workers.logs()}") from None
     assert workers.stop(worker) == 0, workers.logs()
     served = {str(r.request_id) for r in got.results}
     assert served == {str(r.request_id) for r in before + during}

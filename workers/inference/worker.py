@@ -53,6 +53,7 @@ log = logging.getLogger("sluiceway.worker")
 BatchKey = tuple[str, str | None]  # (model, version)
 CONTROL_POLL_INTERVAL_S = 0.2
 LAG_INTERVAL_S = 5.0
+LAG_QUERY_TIMEOUT_S = 3.0
 """Lag asks the broker for each partition's end offset, so it is refreshed less often."""
 
 
@@ -703,10 +704,18 @@ class InferenceWorker:
         assigned = _partitions(self._assignment)
         for position in self._consumer.position(assigned):
             try:
+                # Generous: on a broker holding many topics the answer can take a second, and a
+                # partition whose query fails keeps its last, stale value.
                 _, end = self._consumer.get_watermark_offsets(
-                    TopicPartition(position.topic, position.partition), timeout=0.5
+                    TopicPartition(position.topic, position.partition), timeout=LAG_QUERY_TIMEOUT_S
                 )
-            except KafkaException:
+            except KafkaException as error:
+                log.warning(
+                    'lag query failed topic="%s" partition="%d" error="%s"',
+                    position.topic,
+                    position.partition,
+                    error,
+                )
                 continue
             # Before the first fetch the position is unknown (negative): all of it is lag.
             lag = end - position.offset if position.offset >= 0 else end
