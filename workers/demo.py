@@ -37,6 +37,7 @@ from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, Produc
 from confluent_kafka.admin import AdminClient
 
 import schemas
+from pipeline.client import readable
 from pipeline.console import ProgressBar
 from pipeline.kafka.admin import end_offsets
 from pipeline.modeling.cases import CASE_MODEL, generate_cases
@@ -373,7 +374,7 @@ def _check_invoices(
                     "invoice": request.source.entity_id if request.source else "",
                     "features": features,
                     "score": score,
-                    "result_event": _readable(result),
+                    "result_event": readable(result),
                     "segment_record": record,
                 }
 
@@ -405,19 +406,6 @@ def _check_cases(
                     (t.token, round(t.logprob, 3)) for t in (explanation.token_logprobs or [])[:6]
                 ],
             }
-
-
-def _readable(result: InferenceResult) -> dict[str, Any]:
-    """The event as a person reads it: tensors as numbers instead of raw bytes."""
-    readable = result.model_dump(mode="json", exclude_none=True, exclude={"outputs"})
-    tensors = result.outputs.tensors if result.outputs else None
-    if tensors:
-        readable["outputs"] = {
-            t.name: np.frombuffer(t.data, dtype="<f4").reshape(t.shape).round(4).tolist()
-            for t in tensors
-            if t.datatype.value == "FP32"
-        }
-    return readable
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES = (
     "pipeline.cli.schemas_cmd",
     "pipeline.cli.model_cmd",
     "pipeline.cli.monitor_cmd",
+    "pipeline.cli.client_cmd",
 )
 
 Handler = Callable[[argparse.Namespace, Settings], int]

@@ -1,0 +1,393 @@
+"""The client SDK: publish requests, ask and wait for one result, follow a model's results.
+
+``SluicewayClient`` is synchronous and thread-safe; ``AsyncSluicewayClient`` offers the same on
+asyncio. One client owns one idempotent producer and, once ``infer`` is first used, one reply
+consumer on its own reply topic (``<ns>.replies.<client id>``): every ``infer`` call of the
+client shares it, and results are handed to the waiting call by request id. Workers answer on a
+request's ``reply_to`` in addition to the model's results topic.
+
+Errors are typed: :class:`BrokerUnavailableError` when Kafka cannot be reached in time,
+:class:`DeliveryError` when the broker refused a request, :class:`InferTimeoutError` when no
+result came back in time, :class:`RequestFailedError` (carrying the result) when the result
+is not ``ok``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+import schemas
+from pipeline.errors import SluicewayError
+from pipeline.kafka.admin import TopicSpec, ensure_topics
+from pipeline.settings import Settings
+from pipeline.topics import ModelTopics
+from schemas.exceptions import DecodeError
+from schemas.models import InferenceRequest, InferenceResult, ResultStatus
+
+REPLY_RETENTION_MS = 60 * 60 * 1000
+"""Replies are for the client that waits now; an hour is plenty."""
+_UNREACHABLE = {
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._MSG_TIMED_OUT,
+    KafkaError._TIMED_OUT,
+}
+
+
+class ClientError(SluicewayError):
+    """Base class of the SDK's errors."""
+
+
+class BrokerUnavailableError(ClientError):
+    """Kafka could not be reached (or did not acknowledge) within the timeout."""
+
+
+class DeliveryError(ClientError):
+    """The broker refused the request (too large, not authorised, unknown topic, ...)."""
+
+
+class InferTimeoutError(ClientError, TimeoutError):
+    """No result for the request within the timeout (it may still be served later)."""
+
+
+class RequestFailedError(ClientError):
+    """The request was answered, but not with ``ok``: the result says why."""
+
+    def __init__(self, result: InferenceResult) -> None:
+        super().__init__(
+            f"request {result.request_id} {result.status.value}: "
+            f"{result.error_code or ''} {result.error_message or ''}".strip()
+        )
+        self.result = result
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Where the broker stored a published request."""
+
+    request_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+_NUMPY_DTYPES = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4"}
+
+
+def readable(result: InferenceResult) -> dict[str, Any]:
+    """The result as a person (or a JSON tool) reads it: tensors as nested lists of numbers."""
+    data: dict[str, Any] = result.model_dump(mode="json", exclude_none=True, exclude={"outputs"})
+    outputs = result.outputs
+    if outputs is not None and outputs.tensors:
+        data["outputs"] = {
+            t.name: np.frombuffer(t.data, dtype=_NUMPY_DTYPES[t.datatype.value])
+            .reshape(t.shape)
+            .tolist()
+            for t in outputs.tensors
+            if t.datatype.value in _NUMPY_DTYPES
+        }
+    elif outputs is not None and outputs.text is not None:
+        data["outputs"] = outputs.text.model_dump(mode="json", exclude_none=True)
+    return data
+
+
+def request_id_for(source_system: str, source_event_id: str) -> uuid.UUID:
+    """A request id derived from the source event, so a redelivered event is the same request."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"sluiceway:{source_system}:{source_event_id}")
+
+
+def _message_key(request: InferenceRequest) -> str:
+    # The business entity keeps one entity's requests in order on one partition.
+    return request.source.entity_id if request.source else str(request.request_id)
+
+
+class SluicewayClient:
+    def __init__(self, settings: Settings, *, client_id: str | None = None) -> None:
+        self.settings = settings
+        self.client_id = client_id or uuid.uuid4().hex[:12]
+        self._producer = Producer(
+            {
+                **settings.kafka.client_config(),
+                "acks": "all",
+                "enable.idempotence": True,
+                "linger.ms": 2,
+            }
+        )
+        self._lock = threading.Lock()
+        self._waiting: dict[str, Future[InferenceResult]] = {}
+        self._replies: Consumer | None = None
+        self._reply_thread: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    @property
+    def reply_topic(self) -> str:
+        return f"{self.settings.namespace}.replies.{self.client_id}"
+
+    # ------------------------------------------------------------------ publish
+
+    def publish(self, request: InferenceRequest, timeout_s: float = 10.0) -> Receipt:
+        """Publish one request and wait for the broker's acknowledgement."""
+        return self.publish_many([request], timeout_s)[0]
+
+    def publish_many(
+        self, requests: Sequence[InferenceRequest], timeout_s: float = 30.0
+    ) -> list[Receipt]:
+        """Publish requests (each to its model's requests topic) and wait for every ack."""
+        outcomes: dict[int, Receipt | KafkaError] = {}
+
+        def delivered(index: int, request_id: str) -> Callable[[KafkaError | None, Message], None]:
+            def callback(error: KafkaError | None, message: Message) -> None:
+                outcomes[index] = error or Receipt(
+                    request_id,
+                    str(message.topic()),
+                    int(message.partition() or 0),
+                    int(message.offset() or 0),
+                )
+
+            return callback
+
+        for index, request in enumerate(requests):
+            topic = ModelTopics(self.settings.namespace, request.model).requests
+            try:
+                self._producer.produce(
+                    topic,
+                    schemas.encode(request),
+                    key=_message_key(request),
+                    headers=list(schemas.message_headers(request.AVRO_NAME)),
+                    on_delivery=delivered(index, str(request.request_id)),
+                )
+            except BufferError as error:
+                raise BrokerUnavailableError(f"the producer queue is full: {error}") from error
+            self._producer.poll(0)
+        remaining = self._producer.flush(timeout_s)
+        if remaining or len(outcomes) < len(requests):
+            raise BrokerUnavailableError(
+                f"{len(requests) - len(outcomes)} of {len(requests)} requests not acknowledged "
+                f"within {timeout_s:g}s by {self.settings.kafka.bootstrap_servers}"
+            )
+        receipts = []
+        for index in range(len(requests)):
+            outcome = outcomes[index]
+            if isinstance(outcome, KafkaError):
+                kind = BrokerUnavailableError if outcome.code() in _UNREACHABLE else DeliveryError
+                raise kind(f"request {requests[index].request_id}: {outcome.str()}")
+            receipts.append(outcome)
+        return receipts
+
+    # ------------------------------------------------------------------ infer
+
+    def submit(self, request: InferenceRequest, timeout_s: float = 10.0) -> Future[InferenceResult]:
+        """Publish with ``reply_to`` set to this client's reply topic; the future completes
+        with the result (use :meth:`infer` to wait and get typed errors)."""
+        self._ensure_reply_consumer()
+        asked = request.model_copy(
+            update={
+                "reply_to": self.reply_topic,
+                "correlation_id": request.correlation_id or str(request.request_id),
+            }
+        )
+        future: Future[InferenceResult] = Future()
+        with self._lock:
+            self._waiting[str(asked.request_id)] = future
+        try:
+            self.publish(asked, timeout_s)
+        except ClientError:
+            with self._lock:
+                self._waiting.pop(str(asked.request_id), None)
+            raise
+        return future
+
+    def infer(self, request: InferenceRequest, timeout_s: float = 30.0) -> InferenceResult:
+        """Publish one request and wait for its result; raise unless it is ``ok``."""
+        future = self.submit(request, min(timeout_s, 10.0))
+        try:
+            result = future.result(timeout=timeout_s)
+        except FutureTimeout:
+            with self._lock:
+                self._waiting.pop(str(request.request_id), None)
+            raise InferTimeoutError(
+                f"no result for {request.request_id} ({request.model}) within {timeout_s:g}s"
+            ) from None
+        if result.status is not ResultStatus.OK:
+            raise RequestFailedError(result)
+        return result
+
+    def _ensure_reply_consumer(self) -> None:
+        with self._lock:
+            if self._replies is not None:
+                return
+            try:
+                ensure_topics(
+                    self.settings.kafka,
+                    [
+                        TopicSpec(
+                            self.reply_topic, 1, config={"retention.ms": str(REPLY_RETENTION_MS)}
+                        )
+                    ],
+                )
+            except SluicewayError as error:
+                raise BrokerUnavailableError(
+                    f"cannot create {self.reply_topic}: {error}"
+                ) from error
+            consumer = Consumer(
+                {
+                    **self.settings.kafka.client_config(),
+                    "group.id": f"sluiceway-client-{self.client_id}",
+                    "enable.auto.commit": False,
+                }
+            )
+            # The topic is this client's own and new: read all of it, no group coordination.
+            consumer.assign([TopicPartition(self.reply_topic, 0, OFFSET_BEGINNING)])
+            self._replies = consumer
+            self._reply_thread = threading.Thread(
+                target=self._dispatch_replies, name=f"replies-{self.client_id}", daemon=True
+            )
+            self._reply_thread.start()
+
+    def _dispatch_replies(self) -> None:
+        assert self._replies is not None
+        while not self._closed.is_set():
+            for message in self._replies.consume(100, 0.2):
+                if message.error() is not None or not message.value():
+                    continue
+                try:
+                    result = schemas.decode(message.value() or b"", InferenceResult)
+                except DecodeError:
+                    continue
+                with self._lock:
+                    future = self._waiting.pop(str(result.request_id), None)
+                if future is not None and not future.done():
+                    future.set_result(result)
+
+    # ------------------------------------------------------------------ subscribe
+
+    def subscribe(
+        self,
+        model: str,
+        *,
+        group: str | None = None,
+        from_beginning: bool = False,
+        idle_timeout_s: float | None = None,
+    ) -> Iterator[InferenceResult]:
+        """Iterate over a model's results. With ``group``, offsets are committed as results
+        are yielded, so a restarted subscriber continues where it stopped. Stops after
+        ``idle_timeout_s`` without results (never, by default)."""
+        consumer = Consumer(
+            {
+                **self.settings.kafka.client_config(),
+                "group.id": group or f"sluiceway-subscriber-{uuid.uuid4().hex[:8]}",
+                "auto.offset.reset": "earliest" if from_beginning else "latest",
+                "enable.auto.commit": group is not None,
+            }
+        )
+        consumer.subscribe([ModelTopics(self.settings.namespace, model).results])
+        idle = 0.0
+        try:
+            while not self._closed.is_set():
+                message = consumer.poll(0.5)
+                if message is None or message.error() is not None or not message.value():
+                    idle += 0.5
+                    if idle_timeout_s is not None and idle >= idle_timeout_s:
+                        return
+                    continue
+                idle = 0.0
+                try:
+                    yield schemas.decode(message.value() or b"", InferenceResult)
+                except DecodeError:
+                    continue
+        except KafkaException as error:
+            raise BrokerUnavailableError(str(error)) from error
+        finally:
+            consumer.close()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._reply_thread is not None:
+            self._reply_thread.join(5)
+        if self._replies is not None:
+            self._replies.close()
+        self._producer.flush(5)
+        with self._lock:
+            for future in self._waiting.values():
+                future.cancel()
+            self._waiting.clear()
+
+    def __enter__(self) -> SluicewayClient:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncSluicewayClient:
+    """The same client on asyncio: Kafka calls run on a thread, the loop never blocks."""
+
+    def __init__(self, settings: Settings, *, client_id: str | None = None) -> None:
+        self.sync = SluicewayClient(settings, client_id=client_id)
+
+    async def publish(self, request: InferenceRequest, timeout_s: float = 10.0) -> Receipt:
+        return await asyncio.to_thread(self.sync.publish, request, timeout_s)
+
+    async def infer(self, request: InferenceRequest, timeout_s: float = 30.0) -> InferenceResult:
+        future = await asyncio.to_thread(self.sync.submit, request, min(timeout_s, 10.0))
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except TimeoutError:
+            raise InferTimeoutError(
+                f"no result for {request.request_id} ({request.model}) within {timeout_s:g}s"
+            ) from None
+        if result.status is not ResultStatus.OK:
+            raise RequestFailedError(result)
+        return result
+
+    async def subscribe(
+        self, model: str, *, group: str | None = None, from_beginning: bool = False
+    ) -> AsyncIterator[InferenceResult]:
+        iterator = self.sync.subscribe(model, group=group, from_beginning=from_beginning)
+        done = object()
+        while True:
+            item = await asyncio.to_thread(next, iterator, done)
+            if item is done:
+                return
+            assert isinstance(item, InferenceResult)
+            yield item
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.sync.close)
+
+    async def __aenter__(self) -> AsyncSluicewayClient:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
