@@ -27,6 +27,7 @@ SUBCOMMAND_MODULES = (
     "pipeline.cli.model_cmd",
     "pipeline.cli.monitor_cmd",
     "pipeline.cli.client_cmd",
+    "pipeline.cli.topics_cmd",
 )
 
 Handler = Callable[[argparse.Namespace, Settings], int]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import KafkaError as _RdKafkaError
 from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._listoffsets import OffsetSpec
 from confluent_kafka.cimpl import NewTopic
 
@@ -141,3 +142,43 @@ def control_topic_spec(namespace: str) -> TopicSpec:
         1,
         config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
     )
+
+
+@dataclass(frozen=True)
+class TopicDescription:
+    name: str
+    partitions: int
+    replication_factor: int
+    cleanup_policy: str
+    retention_ms: str
+
+
+def describe_topics(
+    kafka: KafkaSettings, prefix: str, timeout_s: float = 15.0
+) -> list[TopicDescription]:
+    """Every topic whose name starts with ``prefix``: layout and the settings that matter."""
+    admin = AdminClient(kafka.client_config())
+    metadata = admin.list_topics(timeout=timeout_s)
+    names = sorted(name for name in metadata.topics if name.startswith(prefix))
+    if not names:
+        return []
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in names]
+    configs = {
+        resource.name: future.result(timeout=timeout_s)
+        for resource, future in admin.describe_configs(resources).items()
+    }
+    described = []
+    for name in names:
+        partitions = metadata.topics[name].partitions
+        replicas = len(next(iter(partitions.values())).replicas) if partitions else 0
+        config = configs[name]
+        described.append(
+            TopicDescription(
+                name,
+                len(partitions),
+                replicas,
+                str(config["cleanup.policy"].value),
+                str(config["retention.ms"].value),
+            )
+        )
+    return described

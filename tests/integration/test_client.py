@@ -172,3 +172,31 @@ def test_cli_infer_and_subscribe(serving: Settings) -> None:
     )
     assert subscribe.returncode == 0, subscribe.stderr
     assert json.loads(subscribe.stdout.splitlines()[0])["request_id"] == answer["request_id"]
+
+
+def test_cli_topics_create_and_describe(settings: Settings) -> None:
+    environment = {**settings.as_environment(), "PATH": "/usr/bin:/bin"}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            cwd=REPO_ROOT,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    created = cli("topics", "create", "--model", "invoice_risk", "--partitions", "2")
+    assert created.count("created") == 7
+    assert "exists" in cli("topics", "create", "--model", "invoice_risk")
+    rows = {
+        line.split()[0]: line.split()[1:] for line in cli("topics", "describe").splitlines()[1:]
+    }
+    ns = settings.namespace
+    assert rows[f"{ns}.invoice_risk.requests"][:2] == ["2", "1"]
+    assert rows[f"{ns}.control"][:3] == ["1", "1", "compact"]
+    assert rows[f"{ns}.invoice_risk.dlq"][3:] == ["14", "d"]
