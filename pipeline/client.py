@@ -220,13 +220,21 @@ class SluicewayClient:
         """Publish one request and wait for its result; raise unless it is ``ok``."""
         future = self.submit(request, min(timeout_s, 10.0))
         try:
-            result = future.result(timeout=timeout_s)
+            result: InferenceResult | None = future.result(timeout=timeout_s)
         except FutureTimeout:
+            result = None
+        return self.outcome(request, result, timeout_s)
+
+    def outcome(
+        self, request: InferenceRequest, result: InferenceResult | None, timeout_s: float
+    ) -> InferenceResult:
+        """The awaited result, or the typed error for its absence (``None``) or failure."""
+        if result is None:
             with self._lock:
                 self._waiting.pop(str(request.request_id), None)
             raise InferTimeoutError(
                 f"no result for {request.request_id} ({request.model}) within {timeout_s:g}s"
-            ) from None
+            )
         if result.status is not ResultStatus.OK:
             raise RequestFailedError(result)
         return result
@@ -357,14 +365,12 @@ class AsyncSluicewayClient:
     async def infer(self, request: InferenceRequest, timeout_s: float = 30.0) -> InferenceResult:
         future = await asyncio.to_thread(self.sync.submit, request, min(timeout_s, 10.0))
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+            result: InferenceResult | None = await asyncio.wait_for(
+                asyncio.wrap_future(future), timeout_s
+            )
         except TimeoutError:
-            raise InferTimeoutError(
-                f"no result for {request.request_id} ({request.model}) within {timeout_s:g}s"
-            ) from None
-        if result.status is not ResultStatus.OK:
-            raise RequestFailedError(result)
-        return result
+            result = None
+        return self.sync.outcome(request, result, timeout_s)
 
     async def subscribe(
         self, model: str, *, group: str | None = None, from_beginning: bool = False

@@ -125,76 +125,39 @@ def test_request_ids_follow_the_source_event() -> None:
     assert request_id_for("S4H", "evt-1") != request_id_for("S4H", "evt-2")
 
 
-def test_cli_infer_and_subscribe(serving: Settings) -> None:
-    environment = {**serving.as_environment(), "PATH": "/usr/bin:/bin"}
-    features = json.dumps({"f0": 1.0, "f1": 2.0, "f2": 3.0, "f3": 4.0})
-    infer = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "infer",
-            "--model",
-            "scaler",
-            "--features",
-            features,
-        ],
+def _cli(settings: Settings, *args: str) -> str:
+    """Run ``sluiceway ARGS`` with exactly these settings; return its output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
         cwd=REPO_ROOT,
-        env=environment,
+        env={**settings.as_environment(), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    assert infer.returncode == 0, infer.stderr
-    answer = json.loads(infer.stdout)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_cli_infer_and_subscribe(serving: Settings) -> None:
+    features = json.dumps({"f0": 1.0, "f1": 2.0, "f2": 3.0, "f3": 4.0})
+    answer = json.loads(_cli(serving, "infer", "--model", "scaler", "--features", features))
     assert answer["status"] == "ok"
     assert answer["outputs"]["y"] == [[2.0, 4.0, 6.0, 8.0]]
-    subscribe = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "subscribe",
-            "--model",
-            "scaler",
-            "--from-beginning",
-            "--jsonl",
-            "--max",
-            "1",
-        ],
-        cwd=REPO_ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert subscribe.returncode == 0, subscribe.stderr
-    assert json.loads(subscribe.stdout.splitlines()[0])["request_id"] == answer["request_id"]
+    lines = _cli(
+        serving, "subscribe", "--model", "scaler", "--from-beginning", "--jsonl", "--max", "1"
+    ).splitlines()
+    assert json.loads(lines[0])["request_id"] == answer["request_id"]
 
 
 def test_cli_topics_create_and_describe(settings: Settings) -> None:
-    environment = {**settings.as_environment(), "PATH": "/usr/bin:/bin"}
-
-    def cli(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *args],
-            cwd=REPO_ROOT,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    created = cli("topics", "create", "--model", "invoice_risk", "--partitions", "2")
+    created = _cli(settings, "topics", "create", "--model", "invoice_risk", "--partitions", "2")
     assert created.count("created") == 7
-    assert "exists" in cli("topics", "create", "--model", "invoice_risk")
+    assert "exists" in _cli(settings, "topics", "create", "--model", "invoice_risk")
     rows = {
-        line.split()[0]: line.split()[1:] for line in cli("topics", "describe").splitlines()[1:]
+        line.split()[0]: line.split()[1:]
+        for line in _cli(settings, "topics", "describe").splitlines()[1:]
     }
     ns = settings.namespace
     assert rows[f"{ns}.invoice_risk.requests"][:2] == ["2", "1"]
