@@ -35,7 +35,7 @@ import schemas
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, monitor_topic_specs
 from pipeline.kafka.events import send_events
 from pipeline.monitoring.evidence import Breach, ReportData, WindowSummary
-from pipeline.monitoring.policy import ModelState, PolicySettings, RollbackPolicy
+from pipeline.monitoring.policy import Decision, ModelState, PolicySettings, RollbackPolicy
 from pipeline.monitoring.report import render_html, report_json
 from pipeline.monitoring.windows import (
     Reference,
@@ -348,9 +348,7 @@ class Monitor:
         report_ref = None
         if decision.decision != "none":
             windows = tuple(_summary_from_json(s) for s in past)
-            report_ref = await self._write_report(
-                model, version, decision.decision, decision.explanation, windows, report_id
-            )
+            report_ref = await self._write_report(model, version, decision, windows, report_id)
         report = DriftReport(
             report_id=report_id,
             model=model,
@@ -428,8 +426,7 @@ class Monitor:
         self,
         model: str,
         version: str,
-        decision: str,
-        explanation: str,
+        decision: Decision,
         windows: tuple[WindowSummary, ...],
         report_id: uuid.UUID,
     ) -> ObjectRef:
@@ -438,9 +435,9 @@ class Monitor:
             report_id=str(report_id),
             model=model,
             version=version,
-            baseline_version=None,
-            decision=decision,
-            explanation=explanation,
+            baseline_version=decision.rollback_to,
+            decision=decision.decision,
+            explanation=decision.explanation,
             windows=windows,
             thresholds=self.thresholds.by_metric(),
             score_edges=reference.score_edges,
