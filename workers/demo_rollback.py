@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, monitor_topic_specs
-from pipeline.kafka.events import TopicTail, send_events
+from pipeline.kafka.events import TopicTail, send_control
 from pipeline.modeling.cases import CASE_MODEL
 from pipeline.modeling.training import DEMO_MODEL
 from pipeline.settings import Settings
@@ -76,17 +75,9 @@ def _demo_settings(settings: Settings, window_s: float, rate: float) -> Settings
 
 
 def _promote(settings: Settings, version: str, reason: str) -> ControlEvent:
-    event = ControlEvent(
-        event_id=uuid.uuid4(),
-        model=DEMO_MODEL,
-        action=ControlAction.PROMOTE,
-        to_version=version,
-        reason=reason,
-        issued_at=datetime.now(UTC),
-        issued_by="cli:demo",
+    return send_control(
+        settings, DEMO_MODEL, ControlAction.PROMOTE, version, reason=reason, issued_by="cli:demo"
     )
-    send_events(settings.kafka, control_topic(settings.namespace), [(DEMO_MODEL, event)])
-    return event
 
 
 def _wait(

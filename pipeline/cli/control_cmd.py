@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import uuid
-from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.kafka.admin import control_topic_spec, ensure_topics
-from pipeline.kafka.events import send_events
 from pipeline.settings import Settings
-from pipeline.topics import control_topic
 
 
 def register(subparsers: Any) -> None:
@@ -26,18 +21,16 @@ def register(subparsers: Any) -> None:
 
 
 def send_control_event(args: argparse.Namespace, settings: Settings) -> int:
-    from schemas.models import ControlAction, ControlEvent
+    from pipeline.kafka.events import send_control
+    from schemas.models import ControlAction
 
-    event = ControlEvent(
-        event_id=uuid.uuid4(),
-        model=args.model,
-        action=ControlAction(args.action),
-        to_version=args.version,
+    event = send_control(
+        settings,
+        args.model,
+        ControlAction(args.action),
+        args.version,
         reason=args.reason,
-        issued_at=datetime.now(UTC),
         issued_by=f"cli:{getpass.getuser()}",
     )
-    ensure_topics(settings.kafka, [control_topic_spec(settings.namespace)])
-    send_events(settings.kafka, control_topic(settings.namespace), [(args.model, event)])
     print(f"{args.action} {args.model} -> version {args.version} ({event.event_id})")
     return 0

@@ -5,16 +5,18 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 import schemas
-from pipeline.kafka.admin import end_offsets
+from pipeline.kafka.admin import control_topic_spec, end_offsets, ensure_topics
 from pipeline.kafka.exceptions import KafkaError
-from pipeline.settings import KafkaSettings
+from pipeline.settings import KafkaSettings, Settings
+from pipeline.topics import control_topic
 from schemas.exceptions import DecodeError
-from schemas.models import Event
+from schemas.models import ControlAction, ControlEvent, Event
 
 E = TypeVar("E", bound=Event)
 
@@ -83,3 +85,27 @@ class TopicTail(Generic[E]):
         self._stop.set()
         self._thread.join(10)
         self._consumer.close()
+
+
+def send_control(
+    settings: Settings,
+    model: str,
+    action: ControlAction,
+    version: str,
+    *,
+    reason: str,
+    issued_by: str,
+) -> ControlEvent:
+    """Publish one routing decision on ``<ns>.control`` (created if missing) and return it."""
+    event = ControlEvent(
+        event_id=uuid.uuid4(),
+        model=model,
+        action=action,
+        to_version=version,
+        reason=reason,
+        issued_at=datetime.now(UTC),
+        issued_by=issued_by,
+    )
+    ensure_topics(settings.kafka, [control_topic_spec(settings.namespace)])
+    send_events(settings.kafka, control_topic(settings.namespace), [(model, event)])
+    return event

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, monitor_topic_specs
-from pipeline.kafka.events import TopicTail, send_events
+from pipeline.kafka.events import TopicTail, send_control
 from pipeline.modeling.training import DEMO_MODEL
 from pipeline.settings import Settings
 from pipeline.storage.client import make_client
@@ -89,17 +87,13 @@ class Scene:
         self.monitor.restart(sig)
 
     def promote(self, version: str) -> None:
-        event = ControlEvent(
-            event_id=uuid.uuid4(),
-            model=DEMO_MODEL,
-            action=ControlAction.PROMOTE,
-            to_version=version,
+        send_control(
+            self.settings,
+            DEMO_MODEL,
+            ControlAction.PROMOTE,
+            version,
             reason="test promotes the new version",
-            issued_at=datetime.now(UTC),
             issued_by="cli:test",
-        )
-        send_events(
-            self.settings.kafka, control_topic(self.settings.namespace), [(DEMO_MODEL, event)]
         )
 
 

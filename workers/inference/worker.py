@@ -493,9 +493,11 @@ class InferenceWorker:
         """Segment first, then results; the offsets complete only when both are acknowledged."""
         assert self._producer is not None
         served_version = version or "latest"
-        features = self.settings.models[model].feature_order
+        model_settings = self.settings.models[model]
         full = [
-            contracts.full_record(r.request, out, model, served_version, features)
+            contracts.full_record(
+                r.request, out, model, served_version, model_settings.feature_order
+            )
             for r, out in served
         ]
         ids = [contracts.request_id(r.request) for r, _ in served]
@@ -510,7 +512,7 @@ class InferenceWorker:
                 model=model,
                 version=served_version,
                 worker_id=self.worker_id,
-                feature_names=self.settings.models[model].feature_order,
+                feature_names=model_settings.feature_order,
                 bucket=self.store.bucket,
                 key=segment.key,
                 etag=etag,
@@ -519,7 +521,7 @@ class InferenceWorker:
                 queued_ms=(now - record.received_at - backend_s) * 1000,
                 backend_ms=backend_s * 1000,
                 total_ms=(now - record.received_at) * 1000,
-                echo_features=self.settings.models[model].echo_features,
+                echo_features=model_settings.echo_features,
             )
             outcomes.append((record, result))
         await self._send_outcomes(model, outcomes, "ok")
