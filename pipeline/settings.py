@@ -176,6 +176,30 @@ class MonitorSettings(_Section):
     """The output tensor holding the predicted probability."""
 
 
+class BatchSettings(_Section):
+    """Bulk batch jobs: how the runner publishes a file and gathers its results."""
+
+    completion_window_s: float = Field(default=86_400.0, gt=0)
+    """A job not finished this long after submission expires; its open records say so."""
+    chunk_records: int = Field(default=2_000, ge=1)
+    """Records published per Kafka transaction (one progress checkpoint each)."""
+    max_outstanding: int = Field(default=20_000, ge=1)
+    """Records published but not yet answered; the runner waits before publishing more, so
+    cancelling or expiring a job stops work within about this many records."""
+    max_records: int = Field(default=10_000_000, ge=1)
+    max_record_bytes: int = Field(default=256 * 1024, ge=256)
+    """Largest input record (a JSONL/CSV line, or a Parquet/Avro row as JSON)."""
+    max_input_bytes: int = Field(default=20 * 1024**3, ge=1024)
+    finish_grace_s: float = Field(default=30.0, ge=0)
+    """After a cancel or the deadline, how long in-flight records may still answer."""
+    progress_interval_s: float = Field(default=2.0, gt=0)
+    """How often the runner writes its counts to the manifest (what ``batch status`` shows)."""
+    poll_interval_s: float = Field(default=2.0, gt=0)
+    """How often ``batch run --follow`` looks for newly submitted jobs."""
+    prefix: str = Field(default="batch", pattern=r"^[A-Za-z0-9._-]+$")
+    """Object-store folder holding one sub-folder per job (input, manifest, outputs)."""
+
+
 class StackSettings(_Section):
     """Where and how ``sluiceway stack`` runs the native Kafka, MinIO and Triton."""
 
@@ -236,6 +260,7 @@ class Settings(BaseSettings):
     )
     """Models this deployment serves, by name (the ``<model>`` in topic names)."""
     monitor: MonitorSettings = MonitorSettings()
+    batch: BatchSettings = BatchSettings()
     stack: StackSettings = StackSettings()
 
     @classmethod

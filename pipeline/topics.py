@@ -42,3 +42,9 @@ def control_topic(namespace: str) -> str:
 
 def drift_topic(namespace: str) -> str:
     return f"{namespace}.drift"
+
+
+def batch_progress_topic(namespace: str) -> str:
+    """Compacted: per batch job, how far its input is published (written in the same
+    transaction as the records it counts)."""
+    return f"{namespace}.batch.progress"

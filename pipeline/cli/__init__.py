@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = (
     "pipeline.cli.monitor_cmd",
     "pipeline.cli.client_cmd",
     "pipeline.cli.topics_cmd",
+    "pipeline.cli.batch_cmd",
 )
 
 Handler = Callable[[argparse.Namespace, Settings], int]

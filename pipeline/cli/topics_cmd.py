@@ -25,6 +25,7 @@ def register(subparsers: Any) -> None:
 
 def create_command(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.kafka.admin import (
+        batch_progress_topic_spec,
         control_topic_spec,
         ensure_topics,
         model_topic_specs,
@@ -32,7 +33,7 @@ def create_command(args: argparse.Namespace, settings: Settings) -> int:
     )
     from pipeline.topics import ModelTopics
 
-    specs = [control_topic_spec(settings.namespace)]
+    specs = [control_topic_spec(settings.namespace), batch_progress_topic_spec(settings.namespace)]
     for model in args.model:
         topics = ModelTopics(settings.namespace, model)
         specs += model_topic_specs(topics, args.partitions)

@@ -15,7 +15,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from pipeline.kafka.exceptions import TopicAdminError
 from pipeline.settings import KafkaSettings
-from pipeline.topics import ModelTopics, control_topic, drift_topic
+from pipeline.topics import ModelTopics, batch_progress_topic, control_topic, drift_topic
 
 # What a partition answers while its new leader is still taking over.
 _LEADER_SETTLING = frozenset(
@@ -139,6 +139,15 @@ def control_topic_spec(namespace: str) -> TopicSpec:
     """Compacted, one partition: every worker reads the whole routing state in order."""
     return TopicSpec(
         control_topic(namespace),
+        1,
+        config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
+    )
+
+
+def batch_progress_topic_spec(namespace: str) -> TopicSpec:
+    """Compacted, one partition: a runner reads its job's last checkpoint from one log."""
+    return TopicSpec(
+        batch_progress_topic(namespace),
         1,
         config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
     )

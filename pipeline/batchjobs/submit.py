@@ -1,0 +1,191 @@
+"""Submitting a job: check the whole input first, then store it with its manifest.
+
+Nothing is published here. A file with any invalid record, a repeated custom id, or too many
+records is refused with the first errors and their line numbers; the job is kept as
+``failed`` so the refusal is on record, and no input is stored for it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from pipeline.batchjobs.formats import detect_format, read_records, values_are_text
+from pipeline.batchjobs.ledger import Ledger
+from pipeline.batchjobs.lifecycle import advance
+from pipeline.batchjobs.records import BatchItem, RecordError, RecordParser
+from pipeline.batchjobs.store import JobStore
+from pipeline.errors import SluicewayError
+from pipeline.settings import Settings
+from schemas.models import BatchCounts, BatchInputFormat, BatchJob, BatchJobStatus
+
+ERRORS_SHOWN = 20
+"""How many invalid records a refusal names (the count covers all of them)."""
+
+
+@dataclass
+class Validation:
+    records: int = 0
+    generated_ids: int = 0
+    invalid: int = 0
+    first_errors: list[RecordError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.invalid == 0
+
+    def add_error(self, error: RecordError) -> None:
+        self.invalid += 1
+        if len(self.first_errors) < ERRORS_SHOWN:
+            self.first_errors.append(error)
+
+    def summary(self) -> str:
+        shown = "; ".join(error.describe() for error in self.first_errors[:5])
+        more = f" (+{self.invalid - 5} more)" if self.invalid > 5 else ""
+        return f"{self.invalid} of {self.records} records invalid: {shown}{more}"
+
+
+def validate(
+    path: Path,
+    input_format: BatchInputFormat,
+    settings: Settings,
+    model: str,
+    *,
+    on_record: Callable[[int], None] | None = None,
+) -> Validation:
+    """Read every record once: record rules, repeated custom ids, the record-count limit."""
+    parser = RecordParser(
+        settings.models[model],
+        values_are_text=values_are_text(input_format),
+        max_record_bytes=settings.batch.max_record_bytes,
+    )
+    report = Validation()
+    with tempfile.TemporaryDirectory(prefix="sluiceway-validate-") as scratch:
+        seen = Ledger(Path(scratch) / "ids.sqlite")
+        try:
+            for position, source in enumerate(read_records(path, input_format)):
+                report.records += 1
+                if on_record is not None:
+                    on_record(report.records)
+                if report.records > settings.batch.max_records:
+                    report.add_error(
+                        RecordError(
+                            source.line,
+                            None,
+                            "too_many_records",
+                            f"more than batch.max_records {settings.batch.max_records}",
+                        )
+                    )
+                    break
+                parsed = parser.parse(source)
+                if isinstance(parsed, RecordError):
+                    report.add_error(parsed)
+                    if parsed.custom_id is None:
+                        continue
+                custom_id = parsed.custom_id
+                assert custom_id is not None
+                if isinstance(parsed, BatchItem) and parsed.custom_id_generated:
+                    report.generated_ids += 1
+                duplicate = seen.add_item(position, source.line, custom_id)
+                if duplicate is not None:
+                    report.add_error(
+                        RecordError(
+                            source.line,
+                            custom_id,
+                            "duplicate_custom_id",
+                            f"custom_id already used on line {duplicate.first_line}",
+                        )
+                    )
+        finally:
+            seen.close()
+    return report
+
+
+@dataclass(frozen=True)
+class Submission:
+    job: BatchJob
+    validation: Validation
+
+
+def submit(
+    settings: Settings,
+    store: JobStore,
+    source: str,
+    model: str,
+    *,
+    input_format: BatchInputFormat | None = None,
+    model_version: str | None = None,
+    tenant: str | None = None,
+    attributes: dict[str, str] | None = None,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    on_record: Callable[[int], None] | None = None,
+) -> Submission:
+    if model not in settings.models:
+        known = ", ".join(sorted(settings.models))
+        raise SluicewayError(f"unknown model {model!r}; this deployment serves: {known}")
+    chosen_format = input_format or detect_format(source)
+    created = now()
+    job_id = f"job-{created:%Y%m%d}-{uuid.uuid4().hex[:12]}"
+    store.ensure_bucket()
+    job = store.save(
+        BatchJob(
+            job_id=job_id,
+            model=model,
+            model_version=model_version,
+            status=BatchJobStatus.VALIDATING,
+            input_uri=source,
+            input_format=chosen_format,
+            created_at=created,
+            expires_at=created + timedelta(seconds=settings.batch.completion_window_s),
+            tenant=tenant,
+            attributes=attributes or {},
+        )
+    )
+    with tempfile.TemporaryDirectory(prefix="sluiceway-submit-") as scratch:
+        local = _local_copy(store, source, Path(scratch) / f"input.{chosen_format.value}")
+        size = local.stat().st_size
+        if size > settings.batch.max_input_bytes:
+            failed = advance(
+                job,
+                BatchJobStatus.FAILED,
+                now(),
+                error=(
+                    "input_too_large",
+                    f"{size} bytes > batch.max_input_bytes {settings.batch.max_input_bytes}",
+                ),
+            )
+            return Submission(store.save(failed), Validation())
+        report = validate(local, chosen_format, settings, model, on_record=on_record)
+        counts = BatchCounts(total=report.records)
+        if not report.ok:
+            failed = advance(
+                job,
+                BatchJobStatus.FAILED,
+                now(),
+                counts=counts,
+                error=("invalid_input", report.summary()),
+            )
+            return Submission(store.save(failed), report)
+        input_uri = store.put_input(
+            job_id, source if source.startswith("s3://") else local, f"input.{chosen_format.value}"
+        )
+    attributes = dict(job.attributes)
+    if report.generated_ids:
+        attributes["sluiceway.generated_custom_ids"] = str(report.generated_ids)
+    stored = job.model_copy(
+        update={"input_uri": input_uri, "counts": counts, "attributes": attributes}
+    )
+    return Submission(store.save(stored), report)
+
+
+def _local_copy(store: JobStore, source: str, scratch: Path) -> Path:
+    if source.startswith("s3://"):
+        return store.download(source, scratch)
+    path = Path(source)
+    if not path.is_file():
+        raise SluicewayError(f"no such input file: {source}")
+    return path

@@ -1,0 +1,535 @@
+"""The batch-job runner: publishes a job's records, gathers their outcomes, writes the outputs.
+
+One runner drives one job at a time, in four steps:
+
+1. **Index** the input into a local ledger (custom id -> position), streaming.
+2. **Publish** records to ``<ns>.<model>.batch`` in Kafka transactions of
+   ``batch.chunk_records``; each transaction also writes the job's checkpoint (records
+   published so far, and where the results topic stood when the job started) to the compacted
+   ``<ns>.batch.progress`` topic. A runner that dies mid-chunk leaves an aborted transaction
+   the worker never sees (it reads committed), and its successor (same transactional id)
+   fences it and resumes after the last committed chunk: no record is published twice.
+3. **Gather** outcomes from the model's results and dead-letter topics, read from the offsets
+   of the checkpoint, keeping the records of this job (message key ``<job id>/<custom id>``).
+   At most ``batch.max_outstanding`` records wait for an outcome, so a cancel or the
+   deadline stops work quickly and memory stays flat.
+4. **Finalize**: ``results.jsonl`` and ``errors.jsonl`` in input order, then the manifest.
+
+Everything the runner knows is rebuilt from the object store and the topics when it starts,
+so ``sluiceway batch run JOB`` after a crash simply goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+
+from pipeline.batchjobs.formats import read_records, values_are_text
+from pipeline.batchjobs.ledger import Ledger
+from pipeline.batchjobs.lifecycle import advance, final_status, is_final
+from pipeline.batchjobs.records import BatchItem, RecordError, RecordParser
+from pipeline.batchjobs.store import ERRORS_FILE, RESULTS_FILE, JobStore
+from pipeline.client import readable, request_id_for
+from pipeline.errors import SluicewayError
+from pipeline.kafka.admin import (
+    batch_progress_topic_spec,
+    end_offsets,
+    ensure_topics,
+    model_topic_specs,
+)
+from pipeline.settings import Settings
+from pipeline.topics import ModelTopics, batch_progress_topic
+from schemas import default_codec
+from schemas.models import (
+    BatchCounts,
+    BatchJob,
+    BatchJobStatus,
+    DeadLetter,
+    InferenceRequest,
+    InferenceResult,
+    ResultStatus,
+)
+
+log = logging.getLogger(__name__)
+
+_CONSUME_BATCH = 1_000
+_TRANSACTION_TIMEOUT_S = 60.0
+_RESULT_FIELDS_DROPPED = ("batch_job_id", "input_features", "trace", "worker_id")
+
+
+class JobTakenOverError(SluicewayError):
+    """Another runner started the same job; this one stops without touching it."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A job's position, committed with the records it counts."""
+
+    published: int
+    """Input positions done (published, or answered locally as invalid)."""
+    results_from: dict[int, int]
+    dead_letters_from: dict[int, int]
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "published": self.published,
+                "results_from": self.results_from,
+                "dead_letters_from": self.dead_letters_from,
+            }
+        ).encode()
+
+    @classmethod
+    def decode(cls, value: bytes) -> Checkpoint:
+        data = json.loads(value)
+        return cls(
+            int(data["published"]),
+            {int(p): int(o) for p, o in data["results_from"].items()},
+            {int(p): int(o) for p, o in data["dead_letters_from"].items()},
+        )
+
+
+def request_id(job_id: str, custom_id: str) -> uuid.UUID:
+    """The same record of the same job is always the same request."""
+    return request_id_for(f"batch/{job_id}", custom_id)
+
+
+def message_key(job_id: str, custom_id: str) -> bytes:
+    return f"{job_id}/{custom_id}".encode()
+
+
+def stopped_line(custom_id: str, job_id: str, status: str, message: str) -> str:
+    return json.dumps(
+        {
+            "custom_id": custom_id,
+            "request_id": str(request_id(job_id, custom_id)),
+            "status": status,
+            "error_code": status,
+            "error_message": message,
+        }
+    )
+
+
+Progress = Callable[[BatchJob], None]
+
+
+class JobRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore | None = None,
+        *,
+        on_progress: Progress | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.store = store or JobStore(settings)
+        self.on_progress = on_progress
+        self.now = now
+
+    def run(self, job_id: str) -> BatchJob:
+        """Drive the job to a final status (or return it as it is when already final)."""
+        job = self.store.load(job_id)
+        if is_final(job.status):
+            return job
+        with tempfile.TemporaryDirectory(prefix=f"sluiceway-{job_id}-") as scratch:
+            return _JobRun(self, job, Path(scratch)).execute()
+
+    def pending_jobs(self) -> list[BatchJob]:
+        """Jobs a runner should pick up, oldest first."""
+        return sorted(
+            (job for job in self.store.list() if not is_final(job.status)),
+            key=lambda job: job.created_at,
+        )
+
+
+class _JobRun:
+    def __init__(self, runner: JobRunner, job: BatchJob, scratch: Path) -> None:
+        self.settings = runner.settings
+        self.store = runner.store
+        self.on_progress = runner.on_progress
+        self.now = runner.now
+        self.job = job
+        self.scratch = scratch
+        self.topics = ModelTopics(self.settings.namespace, job.model)
+        self.progress_topic = batch_progress_topic(self.settings.namespace)
+        self.codec = default_codec()
+        self.prefix = f"{job.job_id}/".encode()
+        self.ledger = Ledger(scratch / "ledger.sqlite")
+        self.total = 0
+        self._last_progress = 0.0
+
+    # ---------------------------------------------------------------- steps
+
+    def execute(self) -> BatchJob:
+        ensure_topics(
+            self.settings.kafka,
+            [*model_topic_specs(self.topics), batch_progress_topic_spec(self.settings.namespace)],
+        )
+        try:
+            local = self.store.download(
+                self.job.input_uri, self.scratch / f"input.{self.job.input_format.value}"
+            )
+            self._index(local)
+        except SluicewayError as exc:
+            return self._fail("input_unreadable", str(exc))
+        producer = self._transactional_producer()
+        try:
+            checkpoint = self._latest_checkpoint() or self._first_checkpoint(producer)
+            if self.job.status is BatchJobStatus.FINALIZING:
+                # Died while writing the outputs: collect what arrived, and write them again.
+                stop = self._stop_reason() if checkpoint.published < self.total else None
+                self._catch_up(checkpoint)
+            else:
+                if self.job.status is BatchJobStatus.VALIDATING:
+                    self._save(advance(self.job, BatchJobStatus.IN_PROGRESS, self.now()))
+                stop = self._publish_and_gather(producer, local, checkpoint)
+        finally:
+            producer.flush(10)
+        return self._finalize(stop)
+
+    def _index(self, local: Path) -> None:
+        """Positions and custom ids into the ledger; records invalid now are answered now."""
+        for position, parsed in enumerate(self._parsed(local)):
+            custom_id = parsed.custom_id or f"line-{parsed.line}"
+            self.ledger.add_item(position, parsed.line, custom_id)
+            if isinstance(parsed, RecordError):
+                # Submission refuses such files; this covers settings changed since then.
+                self.ledger.record_by_position(
+                    position, ok=False, body=self._rejected_line(custom_id, parsed)
+                )
+            self.total = position + 1
+        self.ledger.checkpoint()
+
+    def _parsed(self, local: Path) -> Iterator[BatchItem | RecordError]:
+        parser = RecordParser(
+            self.settings.models[self.job.model],
+            values_are_text=values_are_text(self.job.input_format),
+            max_record_bytes=self.settings.batch.max_record_bytes,
+        )
+        for source in read_records(local, self.job.input_format):
+            yield parser.parse(source)
+
+    def _publish_and_gather(
+        self, producer: Producer, local: Path, checkpoint: Checkpoint
+    ) -> str | None:
+        """Publish and collect until every record is answered, or the job must stop.
+
+        Returns why it stopped early ("cancelled", "expired"), or None when all answered.
+        """
+        batch_settings = self.settings.batch
+        consumer = self._outcome_consumer(checkpoint)
+        records = enumerate(self._parsed(local))
+        published = checkpoint.published
+        for _ in range(published):
+            next(records)  # committed by an earlier run
+        stop = self._stop_reason()
+        stopped_at = time.monotonic()
+        try:
+            while True:
+                outstanding = published - self.ledger.answered
+                can_publish = (
+                    stop is None
+                    and published < self.total
+                    and outstanding < batch_settings.max_outstanding
+                )
+                self._gather(consumer, timeout_s=0.0 if can_publish else 0.2)
+                if can_publish:
+                    published = self._publish_chunk(producer, records, published, checkpoint)
+                if self._progress_due():
+                    if stop is None:
+                        stop = self._stop_reason()
+                        stopped_at = time.monotonic()
+                    self._report_progress()
+                if self.ledger.answered >= self.total:
+                    return None
+                if stop is not None and (
+                    published <= self.ledger.answered
+                    or time.monotonic() - stopped_at > batch_settings.finish_grace_s
+                ):
+                    return stop
+        finally:
+            consumer.close()
+
+    def _catch_up(self, checkpoint: Checkpoint) -> None:
+        """Read the outcome topics up to where they end now."""
+        ends = {
+            self.topics.results: end_offsets(self.settings.kafka, self.topics.results),
+            self.topics.dlq: end_offsets(self.settings.kafka, self.topics.dlq),
+        }
+        consumer = self._outcome_consumer(checkpoint)
+        deadline = time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline:
+                self._gather(consumer, timeout_s=0.2)
+                positions = consumer.position(consumer.assignment())
+                if all(tp.offset >= ends[tp.topic].get(tp.partition, 0) for tp in positions):
+                    return
+        finally:
+            consumer.close()
+
+    def _publish_chunk(
+        self,
+        producer: Producer,
+        records: Iterator[tuple[int, BatchItem | RecordError]],
+        published: int,
+        checkpoint: Checkpoint,
+    ) -> int:
+        job = self.job
+        deadline = job.expires_at
+        end = min(published + self.settings.batch.chunk_records, self.total)
+        headers: list[tuple[str, str | bytes | None]] = list(self.codec.headers(InferenceRequest))
+        try:
+            producer.begin_transaction()
+            for _ in range(published, end):
+                _, parsed = next(records)
+                if isinstance(parsed, RecordError):
+                    continue  # answered while indexing
+                request = InferenceRequest(
+                    request_id=request_id(job.job_id, parsed.custom_id),
+                    model=job.model,
+                    model_version=job.model_version,
+                    inputs=parsed.inputs,
+                    explain=parsed.explain,
+                    deadline=deadline,
+                    tenant=job.tenant,
+                    batch_job_id=job.job_id,
+                    custom_id=parsed.custom_id,
+                )
+                _produce(
+                    producer,
+                    self.topics.batch,
+                    self.codec.encode(request),
+                    message_key(job.job_id, parsed.custom_id),
+                    headers,
+                )
+            moved = Checkpoint(end, checkpoint.results_from, checkpoint.dead_letters_from)
+            _produce(producer, self.progress_topic, moved.encode(), job.job_id.encode(), [])
+            producer.commit_transaction(_TRANSACTION_TIMEOUT_S)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if getattr(error, "fatal", lambda: False)():
+                raise JobTakenOverError(
+                    f"job {job.job_id}: another runner took over ({error})"
+                ) from exc
+            raise
+        return end
+
+    def _gather(self, consumer: Consumer, *, timeout_s: float) -> None:
+        messages = consumer.consume(_CONSUME_BATCH, timeout_s)
+        for message in messages:
+            key = message.key()
+            if message.error() is not None or not key or not key.startswith(self.prefix):
+                continue
+            custom_id = key[len(self.prefix) :].decode()
+            ok, body = self._outcome(message, custom_id)
+            self.ledger.record_by_custom_id(custom_id, ok=ok, body=body)
+
+    def _outcome(self, message: Message, custom_id: str) -> tuple[bool, str]:
+        value = message.value() or b""
+        if message.topic() == self.topics.dlq:
+            letter = self.codec.decode(value, DeadLetter)
+            return False, json.dumps(
+                {
+                    "custom_id": custom_id,
+                    "request_id": str(request_id(self.job.job_id, custom_id)),
+                    "status": ResultStatus.ERROR.value,
+                    "error_code": letter.reason_code,
+                    "error_message": letter.reason_message,
+                    "model": letter.model,
+                }
+            )
+        result = self.codec.decode(value, InferenceResult)
+        line: dict[str, Any] = {"custom_id": custom_id, **readable(result)}
+        for name in _RESULT_FIELDS_DROPPED:
+            line.pop(name, None)
+        return result.status is ResultStatus.OK, json.dumps(line)
+
+    def _finalize(self, stop: str | None) -> BatchJob:
+        job = self._save(advance(self.job, BatchJobStatus.FINALIZING, self.now()))
+        unanswered = {
+            "cancelled": "the job was cancelled before this record was answered",
+            "expired": "the job's completion window ended before this record was answered",
+            None: "no outcome was recorded for this record",
+        }[stop]
+        results_path = self.scratch / RESULTS_FILE
+        errors_path = self.scratch / ERRORS_FILE
+        ok = failed = 0
+        with results_path.open("w") as results, errors_path.open("w") as errors:
+            for row in self.ledger.rows():
+                if row.ok:
+                    ok += 1
+                    results.write(f"{row.body}\n")
+                    continue
+                failed += 1
+                body = row.body or stopped_line(
+                    row.custom_id, job.job_id, stop or "lost", unanswered
+                )
+                errors.write(f"{body}\n")
+        job = job.model_copy(
+            update={
+                "output_uri": self.store.put_output(job.job_id, RESULTS_FILE, results_path),
+                "error_uri": self.store.put_output(job.job_id, ERRORS_FILE, errors_path),
+            }
+        )
+        status = final_status(cancelled=stop == "cancelled", expired=stop == "expired")
+        counts = BatchCounts(total=self.total, completed=ok, failed=failed)
+        done = self._save(advance(job, status, self.now(), counts=counts))
+        log.info(
+            'batch job="%s" status="%s" completed="%d" failed="%d"',
+            done.job_id,
+            done.status.value,
+            ok,
+            failed,
+        )
+        return done
+
+    def _fail(self, code: str, message: str) -> BatchJob:
+        return self._save(
+            advance(self.job, BatchJobStatus.FAILED, self.now(), error=(code, message))
+        )
+
+    # ------------------------------------------------------------- helpers
+
+    def _stop_reason(self) -> str | None:
+        if self.store.cancel_request(self.job.job_id) is not None:
+            return "cancelled"
+        if self.job.expires_at is not None and self.now() >= self.job.expires_at:
+            return "expired"
+        return None
+
+    def _progress_due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_progress < self.settings.batch.progress_interval_s:
+            return False
+        self._last_progress = now
+        return True
+
+    def _report_progress(self) -> None:
+        counts = BatchCounts(total=self.total, completed=self.ledger.ok, failed=self.ledger.failed)
+        self._save(self.job.model_copy(update={"counts": counts}))
+
+    def _save(self, job: BatchJob) -> BatchJob:
+        self.job = self.store.save(job)
+        if self.on_progress is not None:
+            self.on_progress(self.job)
+        return self.job
+
+    def _rejected_line(self, custom_id: str, error: RecordError) -> str:
+        return json.dumps(
+            {
+                "custom_id": custom_id,
+                "request_id": str(request_id(self.job.job_id, custom_id)),
+                "status": ResultStatus.REJECTED.value,
+                "error_code": error.code,
+                "error_message": f"line {error.line}: {error.message}",
+            }
+        )
+
+    # ---------------------------------------------------------------- kafka
+
+    def _transactional_producer(self) -> Producer:
+        producer = Producer(
+            {
+                **self.settings.kafka.client_config(),
+                # One id per job: a second runner of the same job fences the first.
+                "transactional.id": f"{self.settings.namespace}.batch-runner.{self.job.job_id}",
+                "enable.idempotence": True,
+                "linger.ms": 20,
+                "compression.type": "lz4",
+                "transaction.timeout.ms": int(_TRANSACTION_TIMEOUT_S * 1000),
+            }
+        )
+        producer.init_transactions(_TRANSACTION_TIMEOUT_S)
+        return producer
+
+    def _first_checkpoint(self, producer: Producer) -> Checkpoint:
+        """Where outcomes start: the topics' ends, taken before the first record goes out."""
+        checkpoint = Checkpoint(
+            0,
+            end_offsets(self.settings.kafka, self.topics.results),
+            end_offsets(self.settings.kafka, self.topics.dlq),
+        )
+        producer.begin_transaction()
+        _produce(producer, self.progress_topic, checkpoint.encode(), self.job.job_id.encode(), [])
+        producer.commit_transaction(_TRANSACTION_TIMEOUT_S)
+        return checkpoint
+
+    def _latest_checkpoint(self) -> Checkpoint | None:
+        """The job's last committed checkpoint (the compacted topic read to its end)."""
+        consumer = self._consumer()
+        try:
+            partition = TopicPartition(self.progress_topic, 0, 0)
+            _, high = consumer.get_watermark_offsets(partition, timeout=15)
+            if high == 0:
+                return None
+            consumer.assign([partition])
+            latest: Checkpoint | None = None
+            deadline = time.monotonic() + 60
+            key = self.job.job_id.encode()
+            while time.monotonic() < deadline:
+                message = consumer.poll(0.5)
+                if (
+                    message is not None
+                    and message.error() is None
+                    and message.key() == key
+                    and message.value()
+                ):
+                    latest = Checkpoint.decode(message.value() or b"")
+                position = consumer.position([partition])[0].offset
+                if position >= high:
+                    return latest
+                if message is None:
+                    # Committed reads stop short of another runner's open transaction (or
+                    # of the markers ending it): wait for it, it commits every chunk.
+                    _, high = consumer.get_watermark_offsets(partition, timeout=15)
+            raise SluicewayError(f"could not read {self.progress_topic} to its end in 60 s")
+        finally:
+            consumer.close()
+
+    def _outcome_consumer(self, checkpoint: Checkpoint) -> Consumer:
+        consumer = self._consumer()
+        consumer.assign(
+            [TopicPartition(self.topics.results, p, o) for p, o in checkpoint.results_from.items()]
+            + [
+                TopicPartition(self.topics.dlq, p, o)
+                for p, o in checkpoint.dead_letters_from.items()
+            ]
+        )
+        return consumer
+
+    def _consumer(self) -> Consumer:
+        return Consumer(
+            {
+                **self.settings.kafka.client_config(),
+                "group.id": f"{self.settings.namespace}.batch-runner.{self.job.job_id}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+            }
+        )
+
+
+def _produce(
+    producer: Producer,
+    topic: str,
+    value: bytes,
+    key: bytes,
+    headers: list[tuple[str, str | bytes | None]],
+) -> None:
+    while True:
+        try:
+            producer.produce(topic, value, key, headers=headers)
+            return
+        except BufferError:
+            producer.poll(0.05)  # the local queue is full: let deliveries drain it
