@@ -139,6 +139,19 @@ class WorkerSettings(_Section):
     """Concurrent backend calls per backend endpoint."""
     max_in_flight_records: int = Field(default=4096, ge=1)
     """Consumed records without an acknowledged outcome; above it, partitions pause."""
+    max_in_flight_bulk_records: int = Field(default=512, ge=1)
+    """Of those, how many may come from batch-job topics: enough to keep the backend busy,
+    few enough that real-time requests never queue behind a batch job's backlog."""
+    realtime_reserved_batches: int = Field(default=1, ge=0)
+    """Backend call slots (of ``max_in_flight_batches``) that batches holding only batch-job
+    records may not take, so a real-time request never waits for a bulk call to finish."""
+    realtime_latency_target_ms: float = Field(default=40.0, gt=0)
+    """While real-time requests keep arriving, batch-job work is paced so that they take no
+    longer than this from publish to outcome (see ``pipeline/batching/governor.py``)."""
+    bulk_batches_beside_realtime: int = Field(default=1, ge=1)
+    """While real-time requests keep arriving, batches holding only batch-job records get at
+    most this many backend calls in flight: the worker's CPU, not only the backend, then
+    goes to real-time traffic first, and a batch job runs on what is left."""
     max_message_bytes: int = Field(default=1_000_000, ge=1024)
     commit_interval_ms: float = Field(default=500.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, gt=0)
@@ -194,6 +207,8 @@ class BatchSettings(_Section):
     """After a cancel or the deadline, how long in-flight records may still answer."""
     progress_interval_s: float = Field(default=2.0, gt=0)
     """How often the runner writes its counts to the manifest (what ``batch status`` shows)."""
+    runner_niceness: int = Field(default=10, ge=0, le=19)
+    """``sluiceway batch run`` lowers its own CPU priority by this much (``nice``)."""
     poll_interval_s: float = Field(default=2.0, gt=0)
     """How often ``batch run --follow`` looks for newly submitted jobs."""
     prefix: str = Field(default="batch", pattern=r"^[A-Za-z0-9._-]+$")

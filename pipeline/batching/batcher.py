@@ -124,27 +124,41 @@ class MicroBatcher(Generic[K, T]):
         *,
         flush: bool = False,
         accept: Callable[[K], bool] | None = None,
+        accept_bulk_only: Callable[[K], bool] | None = None,
     ) -> tuple[list[Batch[K, T]], list[Pending[T]]]:
         """Remove and return up to ``limit`` due batches, plus every expired item found.
 
         ``flush`` treats every non-empty queue as due (used when draining on shutdown);
-        ``accept`` skips keys that cannot be served now (their backend's breaker is open).
+        ``accept`` skips keys that cannot be served now (their backend's breaker is open);
+        ``accept_bulk_only`` additionally decides for keys whose next batch would hold bulk
+        items only (no real-time item is waiting there).
         Keys whose oldest item waited longest go first, so no key starves another.
         """
         now = self._clock()
         expired = self._drop_expired(now)
+
+        def acceptable(key: K, queues: _Queues[T]) -> bool:
+            if accept is not None and not accept(key):
+                return False
+            bulk_next = not queues.lanes[Lane.REALTIME]
+            return not bulk_next or accept_bulk_only is None or accept_bulk_only(key)
+
         due_keys = sorted(
             (
                 key
                 for key, queues in self._queues.items()
-                if self._is_due(queues, now, flush) and (accept is None or accept(key))
+                if self._is_due(queues, now, flush) and acceptable(key, queues)
             ),
             key=lambda key: self._queues[key].oldest(),
         )
         batches: list[Batch[K, T]] = []
         for key in due_keys:
             queues = self._queues[key]
-            while self._is_due(queues, now, flush) and (limit is None or len(batches) < limit):
+            while (
+                self._is_due(queues, now, flush)
+                and (limit is None or len(batches) < limit)
+                and acceptable(key, queues)
+            ):
                 batches.append(Batch(key, self._pop(queues), now))
         self._queues = {key: queues for key, queues in self._queues.items() if len(queues)}
         return batches, expired
@@ -178,14 +192,15 @@ class MicroBatcher(Generic[K, T]):
         )
 
     def _pop(self, queues: _Queues[T]) -> tuple[Pending[T], ...]:
+        """The next batch, from one lane only: real-time items first, never padded with bulk
+        items, whose outcomes would have to be stored and produced before theirs."""
+        queue = next(queue for queue in queues.lanes.values() if queue)
         taken: list[Pending[T]] = []
-        for lane in Lane:
-            queue = queues.lanes[lane]
-            while queue and len(taken) < self.max_batch_size:
-                pending = queue.popleft()
-                if pending.deadline is not None:
-                    self._queued_with_deadline.discard(id(pending))
-                taken.append(pending)
+        while queue and len(taken) < self.max_batch_size:
+            pending = queue.popleft()
+            if pending.deadline is not None:
+                self._queued_with_deadline.discard(id(pending))
+            taken.append(pending)
         return tuple(taken)
 
     def _drop_expired(self, now: float) -> list[Pending[T]]:

@@ -115,6 +115,9 @@ def submit_command(args: argparse.Namespace, settings: Settings) -> int:
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
     from workers.batch.runner import JobRunner
 
+    # Batch work is background work: on a shared host it yields the CPU to the worker.
+    os.nice(settings.batch.runner_niceness)
+
     if not args.follow:
         job_ids = args.job_ids or [job.job_id for job in JobRunner(settings).pending_jobs()]
         if not job_ids:

@@ -49,7 +49,7 @@ def test_keys_are_batched_separately_and_the_longest_waiting_goes_first() -> Non
     assert [(b.key, [p.item for p in b.items]) for b in batches] == [("m:1", [10])]
 
 
-def test_realtime_items_go_ahead_of_bulk_items() -> None:
+def test_realtime_items_go_ahead_of_bulk_items_in_batches_of_their_own() -> None:
     clock = FakeClock()
     batcher = _batcher(clock, size=3)
     for i in range(3):
@@ -57,8 +57,22 @@ def test_realtime_items_go_ahead_of_bulk_items() -> None:
     batcher.add("m:1", 1)
     batcher.add("m:1", 2)
     batches, _ = batcher.take_due()
-    assert [p.item for p in batches[0].items] == [1, 2, 100]
-    assert [p.lane for p in batches[0].items] == [Lane.REALTIME, Lane.REALTIME, Lane.BULK]
+    assert [[p.item for p in b.items] for b in batches] == [[1, 2], [100, 101, 102]]
+    assert [p.lane for p in batches[0].items] == [Lane.REALTIME, Lane.REALTIME]
+
+
+def test_bulk_only_batches_wait_when_refused_while_real_time_ones_go() -> None:
+    clock = FakeClock()
+    batcher = _batcher(clock, size=2)
+    for i in range(4):
+        batcher.add("m:1", 100 + i, lane=Lane.BULK)
+    batcher.add("m:1", 1)
+    batches, _ = batcher.take_due(accept_bulk_only=lambda key: False)
+    assert [[p.item for p in b.items] for b in batches] == [[1]]
+    batches, _ = batcher.take_due(accept_bulk_only=lambda key: False)
+    assert batches == []
+    batches, _ = batcher.take_due(accept_bulk_only=lambda key: True)
+    assert [[p.item for p in b.items] for b in batches] == [[100, 101], [102, 103]]
 
 
 def test_expired_items_are_handed_back_and_never_batched() -> None:

@@ -30,10 +30,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from pipeline.backends import Backend, BackendError, RowOutput
 from pipeline.batching import Batch, Lane, MicroBatcher, Pending
+from pipeline.batching.governor import BulkGovernor
 from pipeline.kafka.producer import AsyncProducer, DeliveryError, OutgoingMessage
 from pipeline.kafka.watermark import OffsetTracker
 from pipeline.metrics import BREAKER_STATE_VALUES, WorkerMetrics
@@ -55,6 +62,8 @@ CONTROL_POLL_INTERVAL_S = 0.2
 LAG_INTERVAL_S = 5.0
 LAG_QUERY_TIMEOUT_S = 3.0
 """Lag asks the broker for each partition's end offset, so it is refreshed less often."""
+REALTIME_ACTIVE_S = 1.0
+"""Real-time traffic counts as flowing for this long after its last record arrived."""
 
 
 @dataclass(slots=True)
@@ -135,6 +144,12 @@ class InferenceWorker:
         self._in_flight_batches: dict[str, int] = dict.fromkeys(
             {self._backend_name(m) for m in models}, 0
         )
+        self._in_flight_bulk_batches: dict[str, int] = dict.fromkeys(self._in_flight_batches, 0)
+        self.governor = BulkGovernor(
+            clock,
+            target_s=workers.realtime_latency_target_ms / 1000.0,
+            active_window_s=REALTIME_ACTIVE_S,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._consumer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="consumer")
@@ -177,7 +192,11 @@ class InferenceWorker:
             "isolation.level": "read_committed",
             "partition.assignment.strategy": "cooperative-sticky",
             "max.poll.interval.ms": 300_000,
-            "fetch.max.bytes": 16 * 1024 * 1024,
+            # Small prefetch: records already fetched are served in arrival order, so a large
+            # prefetched run of batch-job records would hold real-time records back behind it.
+            "max.partition.fetch.bytes": 64 * 1024,
+            "fetch.max.bytes": 1024 * 1024,  # librdkafka: at least message.max.bytes
+            "queued.max.messages.kbytes": 1024,
         }
 
     def _producer_config(self) -> dict[str, Any]:
@@ -245,7 +264,9 @@ class InferenceWorker:
     async def _step(self) -> None:
         assert self._consumer is not None
         wait = self.batcher.next_due_in()
-        timeout = 0.05 if wait is None else min(max(wait, 0.0), 0.05)
+        # A batch still due after dispatching waits for a slot or the governor: poll briefly
+        # instead of spinning (a new record still ends the poll at once).
+        timeout = 0.05 if wait is None else min(max(wait, 0.002), 0.05)
         if self._saturated():
             timeout = min(timeout, 0.01)
         messages: list[Message] = await self._on_consumer(self._fetch, timeout)
@@ -325,6 +346,8 @@ class InferenceWorker:
             model, contracts.routing_key(request, message)
         )
         lane = Lane.BULK if topic == self.topics[model].batch else Lane.REALTIME
+        if lane is Lane.REALTIME:
+            self.governor.realtime_arrived()
         self.batcher.add((model, version), record, lane=lane, deadline=self._deadline(request))
         return topic
 
@@ -341,6 +364,7 @@ class InferenceWorker:
 
     def _dispatch(self, *, flush: bool = False) -> None:
         limit = self.settings.workers.max_in_flight_batches
+        bulk_limit = self._bulk_batch_limit()
 
         def servable(key: BatchKey) -> bool:
             backend = self._backend_name(key[0])
@@ -349,15 +373,34 @@ class InferenceWorker:
                 and self._breaker(key[0]).state is not BreakerState.OPEN
             )
 
+        def bulk_servable(key: BatchKey) -> bool:
+            return (
+                self._in_flight_bulk_batches[self._backend_name(key[0])] < bulk_limit
+                and self.governor.bulk_wait_s() == 0.0
+            )
+
         while True:
-            batches, expired = self.batcher.take_due(limit=1, flush=flush, accept=servable)
+            batches, expired = self.batcher.take_due(
+                limit=1, flush=flush, accept=servable, accept_bulk_only=bulk_servable
+            )
             if expired:
                 self._spawn(self._answer_expired([p.item for p in expired]))
             if not batches:
                 return
             batch = batches[0]
-            self._in_flight_batches[self._backend_name(batch.key[0])] += 1
-            self._spawn(self._serve(batch))
+            backend = self._backend_name(batch.key[0])
+            self._in_flight_batches[backend] += 1
+            bulk_only = all(pending.lane is Lane.BULK for pending in batch.items)
+            if bulk_only:
+                self._in_flight_bulk_batches[backend] += 1
+                self.governor.bulk_dispatched()
+            self._spawn(self._serve(batch, bulk_only=bulk_only))
+
+    def _bulk_batch_limit(self) -> int:
+        workers = self.settings.workers
+        if self.governor.realtime_active():
+            return workers.bulk_batches_beside_realtime
+        return max(workers.max_in_flight_batches - workers.realtime_reserved_batches, 1)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -376,13 +419,15 @@ class InferenceWorker:
 
     # ------------------------------------------------------------- serve
 
-    async def _serve(self, batch: Batch[BatchKey, Record]) -> None:
+    async def _serve(self, batch: Batch[BatchKey, Record], *, bulk_only: bool) -> None:
         model, version = batch.key
         backend_name = self._backend_name(model)
         try:
             await self._serve_batch(batch, model, version)
         finally:
             self._in_flight_batches[backend_name] -= 1
+            if bulk_only:
+                self._in_flight_bulk_batches[backend_name] -= 1
 
     async def _serve_batch(
         self, batch: Batch[BatchKey, Record], model: str, version: str | None
@@ -564,10 +609,28 @@ class InferenceWorker:
             if reply_to:
                 messages.append(OutgoingMessage(reply_to, value, key, headers))
         await self._deliver(messages)
+        self._observe_realtime_latency(model, [record for record, _ in outcomes])
         for record, _ in outcomes:
             self.tracker.complete(*record.position)
         self.stats.results += len(outcomes)
         self.metrics.produced.labels(model, status).inc(len(outcomes))
+
+    def _observe_realtime_latency(self, model: str, records: Sequence[Record]) -> None:
+        """Publish-to-outcome time of the slowest real-time record: what the governor steers."""
+        now_ms = time.time() * 1000
+        bulk_topic = self.topics[model].batch
+        slowest = max(
+            (
+                now_ms - created_ms
+                for record in records
+                if record.message.topic() != bulk_topic
+                for kind, created_ms in [record.message.timestamp()]
+                if kind != TIMESTAMP_NOT_AVAILABLE
+            ),
+            default=None,
+        )
+        if slowest is not None:
+            self.governor.observe_realtime(slowest / 1000.0)
 
     async def _deliver(self, messages: Sequence[OutgoingMessage]) -> None:
         assert self._producer is not None
@@ -640,17 +703,22 @@ class InferenceWorker:
 
         1. Too many records without an outcome: pause every assigned partition.
         2. A model whose breaker is open: pause that model's partitions.
-        3. Real-time work waiting: pause the bulk topics, so batch jobs only use spare capacity.
+        3. Real-time work waiting, or batch-job records at their own in-flight cap: pause the
+           bulk topics, so batch jobs only use spare capacity and never build a backlog that
+           real-time requests would queue behind.
         """
         assert self._consumer is not None
         saturated = self._saturated()
-        realtime_waiting = self.batcher.has_lane(Lane.REALTIME)
+        bulk_topics = {topics.batch for topics in self.topics.values()}
+        bulk_yields = self.batcher.has_lane(Lane.REALTIME) or (
+            sum(self.tracker.in_flight(topic) for topic in bulk_topics)
+            >= self.settings.workers.max_in_flight_bulk_records
+        )
         should_pause: set[tuple[str, int]] = set()
         for topic, partition in self._assignment:
             model = self._model_of_topic(topic)
             open_breaker = self._breaker(model).state is BreakerState.OPEN
-            bulk = topic == self.topics[model].batch
-            if saturated or open_breaker or (bulk and realtime_waiting):
+            if saturated or open_breaker or (topic in bulk_topics and bulk_yields):
                 should_pause.add((topic, partition))
         to_pause = should_pause - self.stats.paused
         to_resume = self.stats.paused - should_pause

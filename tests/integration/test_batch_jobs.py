@@ -1,0 +1,338 @@
+"""Bulk batch jobs end to end: real Kafka, MinIO, Triton and a real worker process.
+
+Each test submits a file, runs the job (in this process, or as `sluiceway batch run` in its
+own process where it gets killed), and checks the output files against the input: one line
+per custom id across results.jsonl and errors.jsonl, in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+import schemas
+from pipeline.batchjobs.examples import invoice_records, write_example
+from pipeline.batchjobs.store import JobStore
+from pipeline.batchjobs.submit import submit
+from pipeline.cli import main as cli_main
+from pipeline.kafka.admin import end_offsets
+from pipeline.settings import BatchSettings, Settings
+from pipeline.topics import ModelTopics
+from schemas.models import (
+    BatchInputFormat,
+    BatchJob,
+    BatchJobStatus,
+    InferenceRequest,
+    InferenceResult,
+    Inputs,
+)
+from tests.integration.waiting import wait_for
+from workers.batch.runner import JobRunner
+from workers.inference.runner import prepare_topics_and_bucket
+from workers.processes import ServiceProcess
+
+MODEL = "invoice_risk"
+POLL_S = 0.2
+
+
+def wait_until(condition: object, timeout_s: float, what: str) -> None:
+    assert callable(condition)
+
+    def check() -> bool:
+        if condition():
+            return True
+        time.sleep(POLL_S)
+        return False
+
+    wait_for(check, timeout_s, what)
+
+
+@dataclass
+class Scene:
+    settings: Settings
+    store: JobStore
+    logs: Path
+    worker: ServiceProcess
+
+
+@pytest.fixture
+def scene(settings: Settings, tmp_path: Path) -> Iterator[Scene]:
+    tuned = settings.model_copy(
+        update={
+            "batch": BatchSettings(
+                chunk_records=500, max_outstanding=4_000, progress_interval_s=0.5
+            )
+        }
+    )
+    prepare_topics_and_bucket(tuned, [MODEL])
+    worker = ServiceProcess(tuned, ["worker", "--model", MODEL], tmp_path / "worker.log")
+    with worker:
+        yield Scene(tuned, JobStore(tuned), tmp_path, worker)
+
+
+def _lines(store: JobStore, uri: str | None) -> list[dict[str, object]]:
+    assert uri is not None
+    body = b"".join(store.stream(uri))
+    return [json.loads(line) for line in body.splitlines()]
+
+
+def _outputs(
+    scene: Scene, job: BatchJob
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    return _lines(scene.store, job.output_uri), _lines(scene.store, job.error_uri)
+
+
+def _assert_one_line_per_custom_id_in_order(
+    expected_ids: list[str], results: list[dict[str, object]], errors: list[dict[str, object]]
+) -> None:
+    position = {custom_id: index for index, custom_id in enumerate(expected_ids)}
+    result_ids = [str(line["custom_id"]) for line in results]
+    error_ids = [str(line["custom_id"]) for line in errors]
+    assert sorted(result_ids + error_ids, key=position.__getitem__) == expected_ids
+    assert result_ids == sorted(result_ids, key=position.__getitem__), "results out of order"
+    assert error_ids == sorted(error_ids, key=position.__getitem__), "errors out of order"
+
+
+def _published_keys(settings: Settings, job_id: str) -> list[bytes]:
+    """Every committed record of the job on the batch topic (what the worker could see)."""
+    topic = ModelTopics(settings.namespace, MODEL).batch
+    ends = end_offsets(settings.kafka, topic)
+    consumer = Consumer(
+        {
+            **settings.kafka.client_config(),
+            "group.id": f"audit-{uuid.uuid4().hex[:6]}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+    keys: list[bytes] = []
+    prefix = f"{job_id}/".encode()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for message in consumer.consume(1000, 0.5):
+                key = message.key()
+                if message.error() is None and key and key.startswith(prefix):
+                    keys.append(key)
+            positions = consumer.position(consumer.assignment())
+            if all(tp.offset >= ends[tp.partition] for tp in positions):
+                return keys
+        raise AssertionError("could not read the batch topic to its end")
+    finally:
+        consumer.close()
+
+
+def _submit(scene: Scene, path: Path, **options: object) -> BatchJob:
+    submission = submit(scene.settings, scene.store, str(path), MODEL, **options)  # type: ignore[arg-type]
+    assert submission.validation.ok, submission.validation.summary()
+    assert submission.job.status is BatchJobStatus.VALIDATING
+    return submission.job
+
+
+def _answered(scene: Scene, job_id: str) -> int:
+    job = scene.store.load(job_id)
+    return job.counts.completed + job.counts.failed
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_jsonl_job_of_100k_records_completes_in_input_order(scene: Scene, tmp_path: Path) -> None:
+    rows = 100_000
+    path = write_example(
+        tmp_path / "invoices.jsonl", rows, BatchInputFormat.JSONL, explain_every=97
+    )
+    job = _submit(scene, path)
+    assert job.counts.total == rows
+
+    done = JobRunner(scene.settings).run(job.job_id)
+
+    assert done.status is BatchJobStatus.COMPLETED, scene.worker.tail()
+    assert (done.counts.total, done.counts.completed, done.counts.failed) == (rows, rows, 0)
+    assert done.started_at is not None
+    assert done.finalizing_at is not None
+    assert done.finished_at is not None
+    results, errors = _outputs(scene, done)
+    expected = [str(r["custom_id"]) for r in invoice_records(rows, explain_every=97)]
+    _assert_one_line_per_custom_id_in_order(expected, results, errors)
+    assert errors == []
+    asked = {str(r["custom_id"]) for r in invoice_records(rows, explain_every=97) if r["explain"]}
+    explained = {str(line["custom_id"]) for line in results if "explanation" in line}
+    assert explained == asked
+    scores = np.array([line["outputs"]["score"][0][0] for line in results])  # type: ignore[index]
+    assert np.all((scores > 0) & (scores < 1))
+    assert all(line["status"] == "ok" and line["model_version"] == "1" for line in results)
+    # The runner published each record exactly once.
+    keys = _published_keys(scene.settings, done.job_id)
+    assert len(keys) == rows
+    assert len(set(keys)) == rows
+
+
+def test_parquet_job_with_a_pinned_version_and_generated_ids(scene: Scene, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 3_000
+    records = list(invoice_records(rows))
+    for record in records[::3]:
+        record["custom_id"] = None  # every third row: the id comes from its row number
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "invoices.parquet")
+    job = _submit(scene, tmp_path / "invoices.parquet", model_version="2")
+    assert job.attributes["sluiceway.generated_custom_ids"] == str(rows // 3)
+
+    done = JobRunner(scene.settings).run(job.job_id)
+
+    assert done.status is BatchJobStatus.COMPLETED
+    results, errors = _outputs(scene, done)
+    expected = [str(r["custom_id"] or f"line-{n}") for n, r in enumerate(records, start=1)]
+    _assert_one_line_per_custom_id_in_order(expected, results, errors)
+    assert {line["model_version"] for line in results} == {"2"}
+
+
+def test_killed_runner_and_worker_resume_without_publishing_twice(
+    scene: Scene, tmp_path: Path
+) -> None:
+    rows = 15_000
+    path = write_example(tmp_path / "invoices.csv", rows, BatchInputFormat.CSV)
+    job = _submit(scene, path)
+    runner = ServiceProcess(scene.settings, ["batch", "run", job.job_id], tmp_path / "runner.log")
+    with runner:
+        wait_until(lambda: _answered(scene, job.job_id) >= 2_000, 120, "first answers")
+        runner.stop(signal.SIGKILL)
+        scene.worker.restart(signal.SIGKILL)
+        interrupted = scene.store.load(job.job_id)
+        assert interrupted.status is BatchJobStatus.IN_PROGRESS
+        runner.start()
+        wait_until(runner.exited, 300, "the resumed runner to finish")
+    assert runner.process is not None
+    assert runner.process.returncode == 0, runner.tail()
+
+    done = scene.store.load(job.job_id)
+    assert done.status is BatchJobStatus.COMPLETED, runner.tail()
+    assert (done.counts.completed, done.counts.failed) == (rows, 0)
+    results, errors = _outputs(scene, done)
+    expected = [str(r["custom_id"]) for r in invoice_records(rows)]
+    _assert_one_line_per_custom_id_in_order(expected, results, errors)
+    keys = _published_keys(scene.settings, job.job_id)
+    assert len(keys) == rows, f"{len(keys) - len(set(keys))} records published twice"
+    assert len(set(keys)) == rows
+
+
+def test_cancel_stops_publishing_and_finalizes_with_partial_results(
+    scene: Scene, tmp_path: Path
+) -> None:
+    rows = 40_000
+    path = write_example(tmp_path / "invoices.avro", rows, BatchInputFormat.AVRO)
+    job = _submit(scene, path)
+    runner = ServiceProcess(scene.settings, ["batch", "run", job.job_id], tmp_path / "runner.log")
+    with runner:
+        wait_until(lambda: _answered(scene, job.job_id) >= 1_000, 120, "first answers")
+        assert cli_main(["batch", "cancel", job.job_id, "--wait"]) == 0
+        wait_until(runner.exited, 120, "the runner to finish the cancelled job")
+
+    done = scene.store.load(job.job_id)
+    assert done.status is BatchJobStatus.CANCELLED, runner.tail()
+    results, errors = _outputs(scene, done)
+    expected = [str(r["custom_id"]) for r in invoice_records(rows)]
+    _assert_one_line_per_custom_id_in_order(expected, results, errors)
+    assert len(results) == done.counts.completed >= 1_000
+    cancelled = [line for line in errors if line["status"] == "cancelled"]
+    assert len(cancelled) == len(errors) == done.counts.failed > 0
+    published = _published_keys(scene.settings, job.job_id)
+    assert len(published) < rows
+    # Everything published before the cancel still got its answer (in-flight finished).
+    assert len(results) == len(published)
+
+
+def _latencies(settings: Settings, count: int, rate_per_s: float) -> list[float]:
+    """Publish ``count`` real-time requests at a steady rate; seconds from send to result."""
+    topics = ModelTopics(settings.namespace, MODEL)
+    producer = Producer({**settings.kafka.client_config(), "linger.ms": 0, "acks": "all"})
+    consumer = Consumer(
+        {
+            **settings.kafka.client_config(),
+            "group.id": f"latency-{uuid.uuid4().hex[:6]}",
+            "enable.auto.commit": False,
+        }
+    )
+    ends = end_offsets(settings.kafka, topics.results)
+    consumer.assign([TopicPartition(topics.results, p, o) for p, o in ends.items()])
+    records = [
+        {k: v for k, v in record.items() if k not in ("custom_id", "explain")}
+        for record in invoice_records(count, seed=5)
+    ]
+    sent_at: dict[str, float] = {}
+    sent = 0
+    latencies: list[float] = []
+    started = time.monotonic()
+    try:
+        while len(latencies) < count:
+            due = min(count, int((time.monotonic() - started) * rate_per_s) + 1)
+            while sent < due:
+                request = InferenceRequest(
+                    request_id=uuid.uuid4(), model=MODEL, inputs=Inputs(features=records[sent])
+                )
+                sent_at[str(request.request_id)] = time.monotonic()
+                producer.produce(topics.requests, schemas.encode(request), str(request.request_id))
+                sent += 1
+            producer.poll(0)
+            for message in consumer.consume(100, 0.002):
+                if message.error() is not None:
+                    continue
+                result = schemas.decode(message.value() or b"", InferenceResult)
+                at = sent_at.pop(str(result.request_id), None)
+                if at is not None:
+                    latencies.append(time.monotonic() - at)
+            if time.monotonic() - started > count / rate_per_s + 60:
+                raise AssertionError(f"only {len(latencies)} of {count} real-time results")
+    finally:
+        producer.flush(10)
+        consumer.close()
+    return latencies
+
+
+def _summary(latencies: list[float]) -> str:
+    p50, p90, p99 = np.percentile(latencies, [50, 90, 99]) * 1e3
+    return (
+        f"p50 {p50:.1f} ms, p90 {p90:.1f} ms, p99 {p99:.1f} ms, max {max(latencies) * 1e3:.1f} ms"
+    )
+
+
+def _p99(values: list[float]) -> float:
+    return float(np.percentile(values, 99))
+
+
+def test_real_time_latency_holds_while_a_large_batch_job_runs(scene: Scene, tmp_path: Path) -> None:
+    count, rate = 600, 40.0
+    _latencies(scene.settings, 100, rate)  # warm-up: connections, Triton, the worker's caches
+    alone = _latencies(scene.settings, count, rate)
+
+    path = write_example(tmp_path / "big.jsonl", 200_000, BatchInputFormat.JSONL)
+    job = _submit(scene, path)
+    runner = ServiceProcess(scene.settings, ["batch", "run", job.job_id], tmp_path / "runner.log")
+    with runner:
+        wait_until(lambda: _answered(scene, job.job_id) >= 2_000, 120, "the batch job to flow")
+        answered_before = _answered(scene, job.job_id)
+        beside_batch = _latencies(scene.settings, count, rate)
+        answered_after = _answered(scene, job.job_id)
+        scene.store.request_cancel(job.job_id, "test over")
+        wait_until(runner.exited, 120, "the runner to stop")
+
+    print(
+        f"\nreal-time latency alone: {_summary(alone)}\nbeside the batch job: "
+        f"{_summary(beside_batch)}\nbatch records answered meanwhile: "
+        f"{answered_after - answered_before}"
+    )
+    # The batch job really ran during the measurement, and real-time traffic kept its p99.
+    assert answered_after - answered_before > 2 * count
+    assert _p99(beside_batch) <= 2 * _p99(alone)
