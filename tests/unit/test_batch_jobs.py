@@ -69,8 +69,10 @@ def test_jsonl_lines_are_numbered_by_file_line_and_bad_lines_are_reported(tmp_pa
     path.write_text('{"a": 1}\n\nnot json\n[1, 2]\n{"b": 2}\n')
     records = list(read_records(path, BatchInputFormat.JSONL))
     assert [r.line for r in records] == [1, 3, 4, 5]
-    assert records[1].fields is None and "not valid JSON" in (records[1].error or "")
-    assert records[2].fields is None and "JSON object" in (records[2].error or "")
+    assert records[1].fields is None
+    assert "not valid JSON" in (records[1].error or "")
+    assert records[2].fields is None
+    assert "JSON object" in (records[2].error or "")
     assert records[3].fields == {"b": 2}
 
 
@@ -79,7 +81,8 @@ def test_csv_empty_cells_are_missing_and_short_rows_are_errors(tmp_path: Path) -
     path.write_text("custom_id,a,b\nx1,1,\nx2,1\n")
     records = list(read_records(path, BatchInputFormat.CSV))
     assert records[0].fields == {"custom_id": "x1", "a": "1", "b": None}
-    assert records[1].line == 3 and "2 columns" in (records[1].error or "")
+    assert records[1].line == 3
+    assert "2 columns" in (records[1].error or "")
 
 
 def test_unknown_suffix_and_broken_parquet_are_refused(tmp_path: Path) -> None:
@@ -133,20 +136,24 @@ def test_csv_text_values_become_numbers_and_flags() -> None:
 
 def test_oversized_record_is_refused() -> None:
     parsed = _parser().parse(SourceRecord(1, _invoice(), size=10_000))
-    assert isinstance(parsed, RecordError) and parsed.code == "too_large"
+    assert isinstance(parsed, RecordError)
+    assert parsed.code == "too_large"
 
 
 def test_text_models_take_prompts_or_messages() -> None:
     parser = _parser(TEXT_MODEL, text=True)
     prompt = parser.parse(SourceRecord(1, {"custom_id": "c1", "prompt": "Summarise: x"}))
     assert isinstance(prompt, BatchItem)
-    assert prompt.inputs.text is not None and prompt.inputs.text.prompt == "Summarise: x"
+    assert prompt.inputs.text is not None
+    assert prompt.inputs.text.prompt == "Summarise: x"
     chat = parser.parse(
         SourceRecord(2, {"messages": json.dumps([{"role": "user", "content": "hi"}])})
     )
-    assert isinstance(chat, BatchItem) and chat.inputs.text is not None
+    assert isinstance(chat, BatchItem)
+    assert chat.inputs.text is not None
     neither = parser.parse(SourceRecord(3, {"custom_id": "c3", "other": "x"}))
-    assert isinstance(neither, RecordError) and neither.code == "missing_field"
+    assert isinstance(neither, RecordError)
+    assert neither.code == "missing_field"
 
 
 def test_validation_reports_duplicates_with_both_lines(tmp_path: Path) -> None:
@@ -155,7 +162,8 @@ def test_validation_reports_duplicates_with_both_lines(tmp_path: Path) -> None:
     records[3]["custom_id"] = records[1]["custom_id"]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     report = validate(path, BatchInputFormat.JSONL, Settings(), "invoice_risk")
-    assert report.records == 5 and report.invalid == 1
+    assert report.records == 5
+    assert report.invalid == 1
     error = report.first_errors[0]
     assert (error.code, error.line) == ("duplicate_custom_id", 4)
     assert "line 2" in error.message
@@ -169,7 +177,8 @@ def test_ledger_keeps_the_first_outcome_and_lists_rows_in_input_order(tmp_path: 
     for position, custom_id in enumerate(["c", "a", "b"]):
         assert ledger.add_item(position, position + 1, custom_id) is None
     duplicate = ledger.add_item(3, 4, "a")
-    assert duplicate is not None and duplicate.first_line == 2
+    assert duplicate is not None
+    assert duplicate.first_line == 2
     assert ledger.record_by_custom_id("b", ok=True, body="B1") is True
     assert ledger.record_by_custom_id("b", ok=False, body="B2") is False  # redelivery
     assert ledger.record_by_custom_id("zz", ok=True, body="?") is False  # not this job's
