@@ -7,9 +7,12 @@ governor paces bulk-only batches by their observed effect (AIMD, as TCP does wit
 
 - every real-time request's latency (publish to outcome) above ``target_s`` doubles the pause
   between bulk batches (from ``min_step_s`` up to ``max_interval_s``);
-- every one within target shrinks that pause by ``recovery`` (multiplicative), so bulk work
-  speeds up again as soon as real-time traffic is comfortable;
-- with no real-time request for ``active_window_s``, bulk work is not paced at all.
+- every one within target shrinks that pause by ``recovery`` (multiplicative). One breach
+  undoes about a hundred comfortable requests (0.993^99 = 1/2), so the pace settles where
+  about 1 % of real-time requests exceed the target: the governor steers the p99, not the
+  median;
+- with no real-time request for ``active_window_s``, bulk work is not paced at all; when
+  real-time requests come back, the pause starts at ``resume_interval_s`` at least.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ class BulkGovernor:
         active_window_s: float = 1.0,
         min_step_s: float = 0.005,
         max_interval_s: float = 1.0,
-        recovery: float = 0.9,
+        recovery: float = 0.993,
+        resume_interval_s: float = 0.1,
     ) -> None:
         self._clock = clock
         self.target_s = target_s
@@ -34,11 +38,16 @@ class BulkGovernor:
         self.min_step_s = min_step_s
         self.max_interval_s = max_interval_s
         self.recovery = recovery
+        self.resume_interval_s = resume_interval_s
         self.interval_s = 0.0
         self._last_realtime = float("-inf")
         self._last_bulk = float("-inf")
 
     def realtime_arrived(self) -> None:
+        if not self.realtime_active():
+            # Real-time traffic is back: bulk work starts paced rather than finding out by
+            # breaching the target, and speeds up from there if comfortable.
+            self.interval_s = max(self.interval_s, self.resume_interval_s)
         self._last_realtime = self._clock()
 
     def realtime_active(self) -> bool:

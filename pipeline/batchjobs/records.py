@@ -63,6 +63,15 @@ def generated_custom_id(line: int) -> str:
     return f"line-{line}"
 
 
+def custom_id_of(fields: dict[str, Any] | None, line: int) -> str:
+    """The record's custom id as :meth:`RecordParser.parse` names it, without the other
+    checks: valid, or ``line-<n>`` where there is none (or none that is valid)."""
+    if fields is None:
+        return generated_custom_id(line)
+    custom_id, _, error = _custom_id(fields.get(CUSTOM_ID), line)
+    return generated_custom_id(line) if error is not None else custom_id
+
+
 class RecordParser:
     """Turns source records into :class:`BatchItem` or :class:`RecordError` for one model."""
 

@@ -80,6 +80,11 @@ def end_offsets(kafka: KafkaSettings, topic: str, timeout_s: float = 15.0) -> di
     return _list_end_offsets(AdminClient(kafka.client_config()), topic, timeout_s)
 
 
+def end_offsets_with(admin: AdminClient, topic: str, timeout_s: float) -> dict[int, int]:
+    """:func:`end_offsets` through an admin client the caller keeps (one request per topic)."""
+    return _list_end_offsets(admin, topic, timeout_s)
+
+
 def _list_end_offsets(admin: AdminClient, topic: str, timeout_s: float) -> dict[int, int]:
     deadline = time.monotonic() + timeout_s
     while True:

@@ -199,6 +199,31 @@ def test_parquet_job_with_a_pinned_version_and_generated_ids(scene: Scene, tmp_p
     assert {line["model_version"] for line in results} == {"2"}
 
 
+def test_records_invalid_under_the_runners_settings_land_in_errors_in_order(
+    scene: Scene, tmp_path: Path
+) -> None:
+    rows = 2_000
+    path = write_example(tmp_path / "invoices.jsonl", rows, BatchInputFormat.JSONL)
+    job = _submit(scene, path)
+    sizes = sorted(len(line) for line in path.read_bytes().splitlines(keepends=True))
+    limit = sizes[rows // 2]
+    # The operator lowered the record limit after this job was accepted.
+    stricter = scene.settings.model_copy(
+        update={"batch": scene.settings.batch.model_copy(update={"max_record_bytes": limit})}
+    )
+
+    done = JobRunner(stricter).run(job.job_id)
+
+    assert done.status is BatchJobStatus.COMPLETED
+    results, errors = _outputs(scene, done)
+    expected = [str(r["custom_id"]) for r in invoice_records(rows)]
+    _assert_one_line_per_custom_id_in_order(expected, results, errors)
+    too_large = sum(1 for size in sizes if size > limit)
+    assert len(errors) == done.counts.failed == too_large > 0
+    assert {(line["status"], line["error_code"]) for line in errors} == {("rejected", "too_large")}
+    assert len(results) == done.counts.completed == rows - too_large
+
+
 def test_killed_runner_and_worker_resume_without_publishing_twice(
     scene: Scene, tmp_path: Path
 ) -> None:
@@ -313,7 +338,7 @@ def _p99(values: list[float]) -> float:
 
 
 def test_real_time_latency_holds_while_a_large_batch_job_runs(scene: Scene, tmp_path: Path) -> None:
-    count, rate = 600, 40.0
+    count, rate = 1_000, 50.0
     _latencies(scene.settings, 100, rate)  # warm-up: connections, Triton, the worker's caches
     alone = _latencies(scene.settings, count, rate)
 

@@ -37,7 +37,13 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 from pipeline.batchjobs.formats import read_records, values_are_text
 from pipeline.batchjobs.ledger import Ledger
 from pipeline.batchjobs.lifecycle import advance, final_status, is_final
-from pipeline.batchjobs.records import BatchItem, RecordError, RecordParser
+from pipeline.batchjobs.records import (
+    BatchItem,
+    RecordError,
+    RecordParser,
+    custom_id_of,
+    generated_custom_id,
+)
 from pipeline.batchjobs.store import ERRORS_FILE, RESULTS_FILE, JobStore
 from pipeline.client import readable, request_id_for
 from pipeline.errors import SluicewayError
@@ -199,17 +205,19 @@ class _JobRun:
         return self._finalize(stop)
 
     def _index(self, local: Path) -> None:
-        """Positions and custom ids into the ledger; records invalid now are answered now."""
-        for position, parsed in enumerate(self._parsed(local)):
-            custom_id = parsed.custom_id or f"line-{parsed.line}"
-            self.ledger.add_item(position, parsed.line, custom_id)
-            if isinstance(parsed, RecordError):
-                # Submission refuses such files; this covers settings changed since then.
-                self.ledger.record_by_position(
-                    position, ok=False, body=self._rejected_line(custom_id, parsed)
-                )
+        """Positions and custom ids into the ledger (the full record rules run when
+        publishing: submission already checked them, so this pass only reads ids)."""
+        for position, source in enumerate(read_records(local, self.job.input_format)):
+            self.ledger.add_item(position, source.line, custom_id_of(source.fields, source.line))
             self.total = position + 1
         self.ledger.checkpoint()
+
+    def _answer_invalid(self, position: int, error: RecordError) -> None:
+        # Submission refuses such records; this covers model settings changed since then.
+        custom_id = error.custom_id or generated_custom_id(error.line)
+        self.ledger.record_by_position(
+            position, ok=False, body=self._rejected_line(custom_id, error)
+        )
 
     def _parsed(self, local: Path) -> Iterator[BatchItem | RecordError]:
         parser = RecordParser(
@@ -232,7 +240,9 @@ class _JobRun:
         records = enumerate(self._parsed(local))
         published = checkpoint.published
         for _ in range(published):
-            next(records)  # committed by an earlier run
+            position, parsed = next(records)  # committed by an earlier run
+            if isinstance(parsed, RecordError):
+                self._answer_invalid(position, parsed)
         stop = self._stop_reason()
         stopped_at = time.monotonic()
         try:
@@ -292,9 +302,10 @@ class _JobRun:
         try:
             producer.begin_transaction()
             for _ in range(published, end):
-                _, parsed = next(records)
+                position, parsed = next(records)
                 if isinstance(parsed, RecordError):
-                    continue  # answered while indexing
+                    self._answer_invalid(position, parsed)
+                    continue
                 request = InferenceRequest(
                     request_id=request_id(job.job_id, parsed.custom_id),
                     model=job.model,

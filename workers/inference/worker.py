@@ -25,7 +25,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,10 +37,13 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from pipeline.backends import Backend, BackendError, RowOutput
 from pipeline.batching import Batch, Lane, MicroBatcher, Pending
 from pipeline.batching.governor import BulkGovernor
+from pipeline.kafka.admin import end_offsets_with
+from pipeline.kafka.exceptions import TopicAdminError
 from pipeline.kafka.producer import AsyncProducer, DeliveryError, OutgoingMessage
 from pipeline.kafka.watermark import OffsetTracker
 from pipeline.metrics import BREAKER_STATE_VALUES, WorkerMetrics
@@ -153,6 +156,9 @@ class InferenceWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._consumer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="consumer")
+        self._lag_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lag")
+        self._lag_query: Future[None] | None = None
+        self._lag_admin: AdminClient | None = None
         self._consumer: Consumer | None = None
         self._producer: AsyncProducer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -256,6 +262,7 @@ class InferenceWorker:
                 await self._on_consumer(self._control.close)
             remaining = self._producer.close(timeout_s=5 if self._fatal else 30)
             self._consumer_thread.shutdown(wait=self._fatal is None)
+            self._lag_thread.shutdown(wait=False, cancel_futures=True)
             log.info('worker="%s" stopped undelivered="%d"', self.worker_id, remaining)
         if self._fatal is not None:
             raise self._fatal
@@ -284,9 +291,13 @@ class InferenceWorker:
         await self._apply_backpressure()
         if self.clock() - self._last_commit >= self.settings.workers.commit_interval_ms / 1000:
             await self._commit()
-        if self.clock() - self._last_lag_update >= LAG_INTERVAL_S:
+        lag_idle = self._lag_query is None or self._lag_query.done()
+        if lag_idle and self.clock() - self._last_lag_update >= LAG_INTERVAL_S:
             self._last_lag_update = self.clock()
-            await self._on_consumer(self._update_lag)
+            positions = await self._on_consumer(self._positions)
+            # Asking the broker takes round trips: never on the loop or the consumer thread,
+            # where it would hold every request back while it waits.
+            self._lag_query = self._lag_thread.submit(self._update_lag, positions)
 
     def _fetch(self, timeout_s: float) -> list[Message]:
         """Up to 500 records; returns as soon as one arrives rather than when 500 have.
@@ -762,34 +773,34 @@ class InferenceWorker:
             self.tracker.mark_committed(pending)
             self.stats.commits += 1
 
-    def _update_lag(self) -> None:
+    def _positions(self) -> list[TopicPartition]:
+        assert self._consumer is not None
+        return list(self._consumer.position(_partitions(self._assignment)))
+
+    def _update_lag(self, positions: list[TopicPartition]) -> None:
         """Set ``sluiceway_consumer_lag`` per assigned partition: end offset minus position.
 
-        Runs on the consumer thread. The end offset is asked of the broker, not taken from the
+        Runs on its own thread. The end offset is asked of the broker, not taken from the
         fetch cache, because a paused partition fetches nothing and its cached end would stand
-        still exactly when its lag grows. A partition the broker does not answer for keeps its
-        last value.
+        still exactly when its lag grows. A topic the broker does not answer for keeps its
+        last values.
         """
-        assert self._consumer is not None
-        assigned = _partitions(self._assignment)
-        for position in self._consumer.position(assigned):
+        if self._lag_admin is None:
+            self._lag_admin = AdminClient(self.settings.kafka.client_config())
+        for topic in sorted({position.topic for position in positions}):
             try:
-                # Generous: on a broker holding many topics the answer can take a second, and a
-                # partition whose query fails keeps its last, stale value.
-                _, end = self._consumer.get_watermark_offsets(
-                    TopicPartition(position.topic, position.partition), timeout=LAG_QUERY_TIMEOUT_S
-                )
-            except KafkaException as error:
-                log.warning(
-                    'lag query failed topic="%s" partition="%d" error="%s"',
-                    position.topic,
-                    position.partition,
-                    error,
-                )
+                # Generous: on a broker holding many topics the answer can take a second.
+                ends = end_offsets_with(self._lag_admin, topic, LAG_QUERY_TIMEOUT_S)
+            except (TopicAdminError, KafkaException) as error:
+                log.warning('lag query failed topic="%s" error="%s"', topic, error)
                 continue
-            # Before the first fetch the position is unknown (negative): all of it is lag.
-            lag = end - position.offset if position.offset >= 0 else end
-            self.metrics.consumer_lag.labels(position.topic, str(position.partition)).set(lag)
+            for position in positions:
+                if position.topic != topic or position.partition not in ends:
+                    continue
+                end = ends[position.partition]
+                # Before the first fetch the position is unknown (negative): all of it is lag.
+                lag = end - position.offset if position.offset >= 0 else end
+                self.metrics.consumer_lag.labels(topic, str(position.partition)).set(lag)
 
     # ------------------------------------------------- drain, rebalance
 
