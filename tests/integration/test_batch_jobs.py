@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -124,8 +125,10 @@ def _published_keys(settings: Settings, job_id: str) -> list[bytes]:
                 key = message.key()
                 if message.error() is None and key and key.startswith(prefix):
                     keys.append(key)
+            # The position steps over transaction markers; it is negative until a partition
+            # yields a record, which an empty partition never does.
             positions = consumer.position(consumer.assignment())
-            if all(tp.offset >= ends[tp.partition] for tp in positions):
+            if all(max(tp.offset, 0) >= ends[tp.partition] for tp in positions):
                 return keys
         raise AssertionError("could not read the batch topic to its end")
     finally:
@@ -277,6 +280,30 @@ def test_cancel_stops_publishing_and_finalizes_with_partial_results(
     assert len(published) < rows
     # Everything published before the cancel still got its answer (in-flight finished).
     assert len(results) == len(published)
+
+
+def test_a_job_past_its_completion_window_expires_with_every_record_named(
+    scene: Scene, tmp_path: Path
+) -> None:
+    rows = 500
+    brief = scene.settings.model_copy(
+        update={"batch": scene.settings.batch.model_copy(update={"completion_window_s": 0.5})}
+    )
+    path = write_example(tmp_path / "invoices.jsonl", rows, BatchInputFormat.JSONL)
+    submission = submit(brief, scene.store, str(path), MODEL)
+    expires_at = submission.job.expires_at
+    assert expires_at is not None
+    wait_until(lambda: datetime.now(UTC) > expires_at, 10, "the completion window to end")
+
+    done = JobRunner(brief).run(submission.job.job_id)
+
+    assert done.status is BatchJobStatus.EXPIRED
+    assert (done.counts.completed, done.counts.failed) == (0, rows)
+    results, errors = _outputs(scene, done)
+    expected = [str(r["custom_id"]) for r in invoice_records(rows)]
+    _assert_one_line_per_custom_id_in_order(expected, results, errors)
+    assert {line["status"] for line in errors} == {"expired"}
+    assert _published_keys(scene.settings, done.job_id) == []
 
 
 def _latencies(settings: Settings, count: int, rate_per_s: float) -> list[float]:

@@ -174,6 +174,8 @@ class _JobRun:
         self.ledger = Ledger(scratch / "ledger.sqlite")
         self.total = 0
         self._last_progress = 0.0
+        self._read_from: dict[tuple[str, int], int] = {}
+        """Where this run started reading each outcome partition."""
 
     # ---------------------------------------------------------------- steps
 
@@ -282,9 +284,20 @@ class _JobRun:
         try:
             while time.monotonic() < deadline:
                 self._gather(consumer, timeout_s=0.2)
-                positions = consumer.position(consumer.assignment())
-                if all(tp.offset >= ends[tp.topic].get(tp.partition, 0) for tp in positions):
+                # The consumer's position steps over transaction markers; before a partition
+                # yields its first record it is unknown (negative): then where reading began.
+                positions = {
+                    (tp.topic, tp.partition): tp.offset
+                    for tp in consumer.position(consumer.assignment())
+                }
+                if all(
+                    max(positions.get((topic, partition), -1), self._read_from[(topic, partition)])
+                    >= end
+                    for topic, topic_ends in ends.items()
+                    for partition, end in topic_ends.items()
+                ):
                     return
+            raise SluicewayError("could not read the outcome topics to their end in 120 s")
         finally:
             consumer.close()
 
@@ -509,6 +522,10 @@ class _JobRun:
             consumer.close()
 
     def _outcome_consumer(self, checkpoint: Checkpoint) -> Consumer:
+        for partition, offset in checkpoint.results_from.items():
+            self._read_from[(self.topics.results, partition)] = offset
+        for partition, offset in checkpoint.dead_letters_from.items():
+            self._read_from[(self.topics.dlq, partition)] = offset
         consumer = self._consumer()
         consumer.assign(
             [TopicPartition(self.topics.results, p, o) for p, o in checkpoint.results_from.items()]
