@@ -27,6 +27,7 @@ from pipeline.batchjobs.submit import submit
 from pipeline.cli import main as cli_main
 from pipeline.kafka.admin import end_offsets
 from pipeline.settings import BatchSettings, Settings
+from pipeline.storage.client import make_client
 from pipeline.topics import ModelTopics
 from schemas.models import (
     BatchInputFormat,
@@ -225,6 +226,42 @@ def test_records_invalid_under_the_runners_settings_land_in_errors_in_order(
     assert len(errors) == done.counts.failed == too_large > 0
     assert {(line["status"], line["error_code"]) for line in errors} == {("rejected", "too_large")}
     assert len(results) == done.counts.completed == rows - too_large
+
+
+def test_cli_submits_from_the_object_store_and_shows_status_list_and_results(
+    scene: Scene,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in scene.settings.as_environment().items():
+        monkeypatch.setenv(name, value)
+    rows = 1_200
+    local = write_example(tmp_path / "invoices.csv", rows, BatchInputFormat.CSV, explain_every=10)
+    source_key = f"uploads/{uuid.uuid4().hex[:8]}/invoices.csv"
+    make_client(scene.settings.object_store).fput_object(
+        scene.settings.object_store.bucket, source_key, str(local)
+    )
+    source = f"s3://{scene.settings.object_store.bucket}/{source_key}"
+
+    assert cli_main(["batch", "submit", source, "--model", MODEL, "--wait"]) == 0
+    job_id = capsys.readouterr().out.splitlines()[0]
+    assert cli_main(["batch", "status", job_id]) == 0
+    status = capsys.readouterr().out
+    assert f"{job_id}  completed" in status
+    assert f"{rows}/{rows}  ok {rows}  failed 0" in status
+    assert cli_main(["batch", "list"]) == 0
+    assert job_id in capsys.readouterr().out
+    assert cli_main(["batch", "results", job_id, "-o", str(tmp_path / "results.jsonl")]) == 0
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["custom_id"] for line in lines] == [
+        r["custom_id"] for r in invoice_records(rows)
+    ]
+    capsys.readouterr()
+    assert cli_main(["batch", "results", job_id, "--errors"]) == 0
+    assert capsys.readouterr().out == ""
+    job = scene.store.load(job_id)
+    assert job.input_uri == scene.store.uri(job_id, "input.csv")
 
 
 def test_killed_runner_and_worker_resume_without_publishing_twice(
