@@ -29,6 +29,8 @@ SUBCOMMAND_MODULES = (
     "pipeline.cli.client_cmd",
     "pipeline.cli.topics_cmd",
     "pipeline.cli.batch_cmd",
+    "pipeline.cli.salesforce_cmd",
+    "pipeline.cli.sap_cmd",
 )
 
 Handler = Callable[[argparse.Namespace, Settings], int]

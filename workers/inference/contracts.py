@@ -385,10 +385,14 @@ def encode_dead_letter(
         model=model,
         worker_id=worker_id,
     )
-    headers = [
-        *message_headers(letter.AVRO_NAME),
+    return schemas.encode(letter), dead_letter_headers(reason, error_class, attempts)
+
+
+def dead_letter_headers(reason: str, error_class: str, attempts: int) -> list[tuple[str, bytes]]:
+    """Headers of a dead letter: its contract, and why, readable without decoding it."""
+    return [
+        *message_headers(DeadLetter.AVRO_NAME),
         ("sluiceway-dlq-reason", reason.encode()),
         ("sluiceway-dlq-error-class", error_class.encode()),
         ("sluiceway-dlq-attempts", str(attempts).encode()),
     ]
-    return schemas.encode(letter), headers

@@ -1,0 +1,127 @@
+"""The Salesforce parts of a mapping file: ``source`` (where events come from) and
+``writeback`` (which fields a result fills), plus the pure helpers that use them.
+
+Example (``connectors/salesforce/mappings/supplier_invoice_risk.yaml``)::
+
+    source:
+      topic: /data/Supplier_Invoice__ChangeEvent
+      replay_preset: EARLIEST        # where to start when no checkpoint exists
+      batch_size: 100                # num_requested credits per window
+      integration_users: [005...]    # commitUser ids whose changes are the connector's own
+    writeback:
+      fields:
+        Risk_Score__c: tensor:score            # first value of the output tensor "score"
+        Risk_Model_Version__c: model_version
+      marker_field: Risk_Request_Id__c         # optional: skip results already written
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from connectors.common.mapping import Mapping
+from connectors.salesforce.exceptions import ConfigurationError
+from schemas.models import InferenceResult, ResultStatus, TensorDatatype
+
+_SOURCES = re.compile(r"^(tensor:[A-Za-z0-9_.-]+|text|model_version|request_id)$")
+_NUMPY = {TensorDatatype.FP32: "<f4", TensorDatatype.FP64: "<f8", TensorDatatype.INT64: "<i8"}
+CORRELATION_PREFIX = "salesforce"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Section):
+    topic: str = Field(pattern=r"^/(data|event)/[A-Za-z0-9_]+$")
+    replay_preset: Literal["LATEST", "EARLIEST"] = "LATEST"
+    batch_size: int = Field(default=100, ge=1, le=1000)
+    integration_users: tuple[str, ...] = ()
+
+
+class WritebackConfig(_Section):
+    fields: dict[str, str] = Field(min_length=1)
+    """Salesforce field -> what fills it: ``tensor:<output>``, ``text``, ``model_version``,
+    ``request_id``."""
+    marker_field: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    """A text field that receives the result's request id with every write. Before writing,
+    the connector reads it and skips records that already hold the id: a result delivered
+    again (a crash between the write and the offset commit) is not written twice."""
+
+    @field_validator("fields")
+    @classmethod
+    def _known_sources(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, source in value.items():
+            if not _SOURCES.match(source):
+                raise ValueError(
+                    f"{name}: {source!r} is none of tensor:<name>, text, model_version, request_id"
+                )
+        return value
+
+
+def salesforce_sections(mapping: Mapping) -> tuple[SourceConfig, WritebackConfig | None]:
+    """The validated ``source`` and (optional) ``writeback`` sections of a mapping."""
+    try:
+        source = SourceConfig.model_validate(mapping.source)
+        writeback = WritebackConfig.model_validate(mapping.writeback) if mapping.writeback else None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigurationError(f"mapping: {where}: {first['msg']}") from None
+    return source, writeback
+
+
+def input_fields(mapping: Mapping) -> tuple[str, ...]:
+    """The Salesforce fields the mapping reads (dotted compound paths as CDC flattens them)."""
+    names: list[str] = []
+    for spec in mapping.spec.features.values():
+        names.append(spec.path.replace("/", "."))
+        if spec.transform is not None and spec.transform.plus_days_path:
+            names.append(spec.transform.plus_days_path.replace("/", "."))
+    return tuple(dict.fromkeys(names))
+
+
+def correlation_id(connector: str, sobject: str, record_id: str) -> str:
+    """Carried by the request and echoed by its result: which record the result is for."""
+    return f"{CORRELATION_PREFIX}:{connector}:{sobject}:{record_id}"
+
+
+def record_of(result: InferenceResult, connector: str) -> tuple[str, str] | None:
+    """``(sobject, record id)`` of a result this connector asked for, else ``None``."""
+    parts = (result.correlation_id or "").split(":")
+    if len(parts) != 4 or parts[0] != CORRELATION_PREFIX or parts[1] != connector:
+        return None
+    return parts[2], parts[3]
+
+
+def writeback_values(result: InferenceResult, config: WritebackConfig) -> dict[str, Any] | None:
+    """The field values a result writes, or ``None`` for a result that is not ``ok`` (nothing
+    is written over the record's last good score)."""
+    if result.status is not ResultStatus.OK or result.outputs is None:
+        return None
+    values: dict[str, Any] = {}
+    for name, source in config.fields.items():
+        if source == "model_version":
+            values[name] = result.model_version
+        elif source == "request_id":
+            values[name] = str(result.request_id)
+        elif source == "text":
+            values[name] = result.outputs.text.text if result.outputs.text else None
+        else:
+            values[name] = _first_value(result, source.removeprefix("tensor:"))
+    if config.marker_field is not None:
+        values[config.marker_field] = str(result.request_id)
+    return values
+
+
+def _first_value(result: InferenceResult, tensor_name: str) -> float | None:
+    assert result.outputs is not None
+    for tensor in result.outputs.tensors or ():
+        if tensor.name == tensor_name and tensor.datatype in _NUMPY:
+            data = np.frombuffer(tensor.data, dtype=_NUMPY[tensor.datatype])
+            return float(data[0]) if data.size else None
+    return None

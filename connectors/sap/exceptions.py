@@ -1,0 +1,34 @@
+"""Errors of the SAP connector."""
+
+from __future__ import annotations
+
+from connectors.common.exceptions import ConnectorError, UnmappableRecord
+
+
+class SapError(ConnectorError):
+    """Base class of the SAP connector's errors."""
+
+
+class SapConfigError(SapError):
+    """The mapping's ``source`` or ``writeback`` section, or the auth settings, are invalid."""
+
+
+class InvalidCloudEvent(UnmappableRecord):
+    """An HTTP request that is not a valid CloudEvent (it is dead-lettered, not retried)."""
+
+
+class ODataError(SapError):
+    """An OData call failed; ``status`` is the HTTP status (0 when none came back)."""
+
+    def __init__(self, message: str, *, status: int = 0, transient: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.transient = transient
+
+
+class EntityNotFound(ODataError):
+    """The entity named by an event does not exist (any more)."""
+
+
+class PreconditionFailed(ODataError):
+    """412: the entity changed since its ETag was read."""

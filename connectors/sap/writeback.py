@@ -1,0 +1,176 @@
+"""What a result writes back to SAP, and where. Pure.
+
+The mapping file's ``writeback`` section::
+
+    writeback:
+      method: patch                 # patch: update fields (PATCH in v4, MERGE in v2, If-Match)
+      output: score                 # the result's output tensor whose first value is written
+      fields: {YY1_RiskScore: "{score:.4f}", YY1_RiskRequestId: "{request_id}"}
+      marker_field: YY1_RiskRequestId   # holds the request id once written: a replay skips
+
+    writeback:
+      method: action                # a function import (v2) / bound action (v4) instead
+      output: score
+      action: Release
+      parameters: {Note: "risk {score:.2f}"}
+
+Templates are Python format strings over ``score`` (float), ``request_id``, ``model`` and
+``model_version``. Results are matched to entities through the request's ``correlation_id``,
+which the connector sets to ``sap|<connector>|<key predicate>``; the worker copies it into the
+result, so the writeback needs no lookup table and survives restarts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from connectors.sap.exceptions import SapConfigError
+from connectors.sap.odata import EntitySource, entity_path
+from pipeline.client import readable
+from schemas.models import InferenceResult, ResultStatus
+
+CORRELATION_PREFIX = "sap|"
+
+
+class WritebackSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["patch", "action"] = "patch"
+    output: str = "score"
+    fields: dict[str, str] = Field(default_factory=dict)
+    marker_field: str | None = None
+    action: str | None = None
+    parameters: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _complete(self) -> WritebackSpec:
+        if self.method == "patch" and not self.fields:
+            raise ValueError("method patch needs fields to write")
+        if self.method == "action" and not self.action:
+            raise ValueError("method action needs the action's name")
+        if self.marker_field is not None and self.marker_field not in self.fields:
+            raise ValueError("marker_field must be one of the written fields")
+        return self
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any]) -> WritebackSpec:
+        try:
+            return cls.model_validate(dict(section))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "(section)"
+            raise SapConfigError(f"mapping writeback.{where}: {first['msg']}") from None
+
+
+def correlation_id(connector: str, predicate: str) -> str:
+    """The request's correlation id: which connector made it, and which entity it is about."""
+    return f"{CORRELATION_PREFIX}{connector}|{predicate}"
+
+
+def predicate_of(connector: str, correlation: str | None) -> str | None:
+    """The key predicate of a result this connector asked for; ``None`` for anybody else's."""
+    prefix = f"{CORRELATION_PREFIX}{connector}|"
+    if correlation is None or not correlation.startswith(prefix):
+        return None
+    predicate = correlation[len(prefix) :]
+    return predicate if predicate.startswith("(") and predicate.endswith(")") else None
+
+
+def output_value(result: InferenceResult, output: str) -> float | None:
+    """The first value of the named output tensor, or ``None`` when the result lacks it."""
+    outputs = readable(result).get("outputs")
+    if not isinstance(outputs, dict) or output not in outputs:
+        return None
+    value: Any = outputs[output]
+    while isinstance(value, list):
+        if not value:
+            return None
+        value = value[0]
+    return float(value) if isinstance(value, int | float) else None
+
+
+def predicate_parts(predicate: str) -> list[str]:
+    """``Key='a,b'`` pairs of a key predicate, split at commas outside quoted literals."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for char in predicate.removeprefix("(").removesuffix(")"):
+        if char == "'":
+            quoted = not quoted  # a doubled quote toggles twice and stays inside
+        if char == "," and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return [part for part in parts if part]
+
+
+@dataclass(frozen=True)
+class WritebackCall:
+    """One HTTP call that writes a result back."""
+
+    method: Literal["PATCH", "MERGE", "POST"]
+    path: str
+    body: dict[str, Any] | None
+    entity_path: str
+    """The entity's own path: read for its ETag (and marker) before a PATCH/MERGE."""
+    marker: tuple[str, str] | None = None
+    """(field, value) that shows this result was already written."""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A result that is not written back, and why (counted, logged)."""
+
+    reason: str
+
+
+def plan_writeback(
+    result: InferenceResult,
+    *,
+    predicate: str,
+    source: EntitySource,
+    spec: WritebackSpec,
+) -> WritebackCall | Skip:
+    """The call that writes ``result`` to the entity named by ``predicate``."""
+    if result.status is not ResultStatus.OK:
+        return Skip(f"status_{result.status.value}")
+    score = output_value(result, spec.output)
+    if score is None:
+        return Skip("no_output")
+    values = {
+        "score": score,
+        "request_id": str(result.request_id),
+        "model": result.model,
+        "model_version": result.model_version or "",
+    }
+    path = entity_path(source, predicate)
+    if spec.method == "patch":
+        body = {name: template.format_map(values) for name, template in spec.fields.items()}
+        marker = None if spec.marker_field is None else (spec.marker_field, body[spec.marker_field])
+        return WritebackCall(
+            method="PATCH" if source.odata_version == 4 else "MERGE",
+            path=path,
+            body=body,
+            entity_path=path,
+            marker=marker,
+        )
+    assert spec.action is not None  # the spec's validator guarantees it
+    parameters = {name: template.format_map(values) for name, template in spec.parameters.items()}
+    if source.odata_version == 4:
+        # A bound action: POST <entity>/<action> with its parameters as a JSON object.
+        return WritebackCall("POST", f"{path}/{spec.action}", parameters, path)
+    # A v2 function import: keys and parameters as URL literals, no body.
+    query = predicate_parts(predicate) + [
+        f"{name}='" + value.replace("'", "''") + "'" for name, value in parameters.items()
+    ]
+    encoded = "&".join(quote(part, safe="=',") for part in query)
+    return WritebackCall(
+        "POST", f"{source.service.rstrip('/')}/{spec.action}?{encoded}", None, path
+    )

@@ -1,0 +1,140 @@
+"""Which results the SAP connector writes back, where, and what it writes."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+
+from connectors.sap.exceptions import SapConfigError
+from connectors.sap.odata import EntitySource
+from connectors.sap.writeback import (
+    Skip,
+    WritebackCall,
+    WritebackSpec,
+    correlation_id,
+    output_value,
+    plan_writeback,
+    predicate_of,
+    predicate_parts,
+)
+from schemas.models import InferenceResult, Outputs, ResultStatus, Tensor, TensorDatatype
+
+V2 = EntitySource(
+    service="/sap/opu/odata/sap/API_SUPPLIERINVOICE_PROCESS_SRV",
+    entity_set="A_SupplierInvoice",
+    keys={"SupplierInvoice": "string", "FiscalYear": "string"},
+)
+V4 = V2.model_copy(update={"odata_version": 4, "service": "/odata4/x", "entity_set": "Inv"})
+PREDICATE = "(SupplierInvoice='5105600001',FiscalYear='2024')"
+REQUEST_ID = uuid.UUID("00000000-0000-0000-0000-000000000042")
+PATCH = WritebackSpec(
+    fields={"YY1_RiskScore": "{score:.4f}", "YY1_RiskRequestId": "{request_id}"},
+    marker_field="YY1_RiskRequestId",
+)
+
+
+def _result(score: float | None = 0.73125, **changes: Any) -> InferenceResult:
+    outputs = (
+        None
+        if score is None
+        else Outputs(
+            tensors=[
+                Tensor(
+                    name="score",
+                    datatype=TensorDatatype.FP32,
+                    shape=[1, 1],
+                    data=np.array([[score]], dtype="<f4").tobytes(),
+                )
+            ]
+        )
+    )
+    fields: dict[str, Any] = {
+        "request_id": REQUEST_ID,
+        "status": ResultStatus.OK,
+        "model": "invoice_risk",
+        "model_version": "1",
+        "outputs": outputs,
+        "correlation_id": correlation_id("sap", PREDICATE),
+    }
+    fields.update(changes)
+    return InferenceResult(**fields)
+
+
+def test_correlation_ids_name_the_connector_and_the_entity() -> None:
+    correlation = correlation_id("sap", PREDICATE)
+    assert predicate_of("sap", correlation) == PREDICATE
+    assert predicate_of("sap-other", correlation) is None
+    assert predicate_of("sap", None) is None
+    assert predicate_of("sap", "sap|sap|not-a-predicate") is None
+
+
+def test_v2_updates_merge_with_the_rendered_fields() -> None:
+    call = plan_writeback(_result(), predicate=PREDICATE, source=V2, spec=PATCH)
+    assert call == WritebackCall(
+        method="MERGE",
+        path=f"/sap/opu/odata/sap/API_SUPPLIERINVOICE_PROCESS_SRV/A_SupplierInvoice{PREDICATE}",
+        body={"YY1_RiskScore": "0.7312", "YY1_RiskRequestId": str(REQUEST_ID)},
+        entity_path=f"/sap/opu/odata/sap/API_SUPPLIERINVOICE_PROCESS_SRV/A_SupplierInvoice{PREDICATE}",
+        marker=("YY1_RiskRequestId", str(REQUEST_ID)),
+    )
+
+
+def test_v4_updates_patch() -> None:
+    call = plan_writeback(_result(), predicate=PREDICATE, source=V4, spec=PATCH)
+    assert isinstance(call, WritebackCall)
+    assert (call.method, call.path) == ("PATCH", f"/odata4/x/Inv{PREDICATE}")
+
+
+def test_v2_function_imports_take_keys_and_parameters_in_the_url() -> None:
+    spec = WritebackSpec(method="action", action="Release", parameters={"Note": "risk {score:.2f}"})
+    call = plan_writeback(_result(), predicate=PREDICATE, source=V2, spec=spec)
+    assert isinstance(call, WritebackCall)
+    assert call.method == "POST"
+    assert call.body is None
+    assert call.path == (
+        "/sap/opu/odata/sap/API_SUPPLIERINVOICE_PROCESS_SRV/Release"
+        "?SupplierInvoice='5105600001'&FiscalYear='2024'&Note='risk%200.73'"
+    )
+
+
+def test_v4_bound_actions_post_a_json_body() -> None:
+    spec = WritebackSpec(
+        method="action", action="SAP__self.Release", parameters={"Score": "{score}"}
+    )
+    call = plan_writeback(_result(0.5), predicate=PREDICATE, source=V4, spec=spec)
+    assert isinstance(call, WritebackCall)
+    assert call.path == f"/odata4/x/Inv{PREDICATE}/SAP__self.Release"
+    assert call.body == {"Score": "0.5"}
+
+
+def test_results_without_a_score_are_skipped_with_a_reason() -> None:
+    failed = _result(None, status=ResultStatus.ERROR, error_code="backend_error")
+    assert plan_writeback(failed, predicate=PREDICATE, source=V2, spec=PATCH) == Skip(
+        "status_error"
+    )
+    assert plan_writeback(_result(None), predicate=PREDICATE, source=V2, spec=PATCH) == Skip(
+        "no_output"
+    )
+    assert output_value(_result(0.25), "score") == 0.25
+    assert output_value(_result(0.25), "other") is None
+
+
+def test_key_predicates_split_outside_quotes() -> None:
+    assert predicate_parts("(A='x,y',B='it''s',C=3)") == ["A='x,y'", "B='it''s'", "C=3"]
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"method": "patch"}, "needs fields"),
+        ({"method": "action"}, "action's name"),
+        ({"fields": {"A": "{score}"}, "marker_field": "B"}, "marker_field"),
+        ({"method": "put", "fields": {"A": "x"}}, "method"),
+    ],
+)
+def test_invalid_writeback_sections_say_why(section: dict[str, Any], message: str) -> None:
+    with pytest.raises(SapConfigError, match=message):
+        WritebackSpec.from_mapping(section)
