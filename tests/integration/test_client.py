@@ -153,7 +153,7 @@ def test_cli_infer_and_subscribe(serving: Settings) -> None:
 
 def test_cli_topics_create_and_describe(settings: Settings) -> None:
     created = _cli(settings, "topics", "create", "--model", "invoice_risk", "--partitions", "2")
-    assert created.count("created") == 7
+    assert created.count("created") == 8
     assert "exists" in _cli(settings, "topics", "create", "--model", "invoice_risk")
     rows = {
         line.split()[0]: line.split()[1:]
@@ -162,4 +162,5 @@ def test_cli_topics_create_and_describe(settings: Settings) -> None:
     ns = settings.namespace
     assert rows[f"{ns}.invoice_risk.requests"][:2] == ["2", "1"]
     assert rows[f"{ns}.control"][:3] == ["1", "1", "compact"]
+    assert rows[f"{ns}.batch.progress"][:3] == ["1", "1", "compact"]
     assert rows[f"{ns}.invoice_risk.dlq"][3:] == ["14", "d"]
