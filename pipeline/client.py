@@ -244,7 +244,7 @@ class SluicewayClient:
             if self._replies is not None:
                 return
             try:
-                ensure_topics(
+                created = ensure_topics(
                     self.settings.kafka,
                     [
                         TopicSpec(
@@ -263,8 +263,16 @@ class SluicewayClient:
                     "enable.auto.commit": False,
                 }
             )
-            # The topic is this client's own and new: read all of it, no group coordination.
-            consumer.assign([TopicPartition(self.reply_topic, 0, OFFSET_BEGINNING)])
+            # The topic is this client's own: no group coordination. A new topic is read from
+            # its start; one kept from an earlier run (a stable client id) from its current
+            # end, looked up now, so a reply to a request sent after this returns is never
+            # skipped (OFFSET_END would be resolved later, racing the reply).
+            start = OFFSET_BEGINNING
+            if self.reply_topic not in created:
+                _, start = consumer.get_watermark_offsets(
+                    TopicPartition(self.reply_topic, 0), timeout=10
+                )
+            consumer.assign([TopicPartition(self.reply_topic, 0, start)])
             self._replies = consumer
             self._reply_thread = threading.Thread(
                 target=self._dispatch_replies, name=f"replies-{self.client_id}", daemon=True

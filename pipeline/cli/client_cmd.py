@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import socket
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +28,15 @@ def register(subparsers: Any) -> None:
     publish.set_defaults(handler=publish_command)
 
     infer = subparsers.add_parser("infer", help="send one request and print its result")
-    infer.add_argument("--model", required=True)
+    infer.add_argument("--model", help="required unless --example")
     inputs = infer.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--features", help="a JSON object, e.g. '{\"f0\": 1.5}'")
     inputs.add_argument("--prompt", help="text for a text model")
+    inputs.add_argument(
+        "--example",
+        action="store_true",
+        help="one example SAP invoice for invoice_risk, with an explanation",
+    )
     infer.add_argument("--explain", action="store_true")
     infer.add_argument("--timeout", type=float, default=30.0)
     infer.set_defaults(handler=infer_command)
@@ -103,17 +111,31 @@ def infer_command(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.client import ClientError, RequestFailedError, SluicewayClient, readable
     from schemas.models import InferenceRequest, Inputs, TextInput
 
-    inputs = (
-        Inputs(features=json.loads(args.features))
-        if args.features
-        else Inputs(text=TextInput(prompt=args.prompt))
-    )
-    request = InferenceRequest(
-        request_id=uuid.uuid4(), model=args.model, inputs=inputs, explain=args.explain
-    )
-    with SluicewayClient(settings) as client:
+    if args.example:
+        request = InferenceRequest.model_validate(
+            {**_example_invoice(), "request_id": uuid.uuid4()}
+        )
+    elif args.model is None:
+        print("sluiceway infer: error: --model is required (or use --example)", file=sys.stderr)
+        return 2
+    else:
+        inputs = (
+            Inputs(features=json.loads(args.features))
+            if args.features
+            else Inputs(text=TextInput(prompt=args.prompt))
+        )
+        request = InferenceRequest(
+            request_id=uuid.uuid4(), model=args.model, inputs=inputs, explain=args.explain
+        )
+    # One reply topic per user and host, kept between runs: creating a topic for every
+    # one-shot call would cost more than the inference itself.
+    client_id = f"cli-{getpass.getuser()}-{socket.gethostname()}"
+    with SluicewayClient(settings, client_id=_safe_name(client_id)) as client:
         try:
+            started = time.monotonic()
             result = client.infer(request, timeout_s=args.timeout)
+            took_ms = (time.monotonic() - started) * 1000
+            print(f"answered in {took_ms:.0f} ms", file=sys.stderr)
         except RequestFailedError as failure:
             print(json.dumps(readable(failure.result), indent=2))
             return 1
@@ -122,6 +144,10 @@ def infer_command(args: argparse.Namespace, settings: Settings) -> int:
             return 2
     print(json.dumps(readable(result), indent=2))
     return 0
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)[:100]
 
 
 def subscribe_command(args: argparse.Namespace, settings: Settings) -> int:
