@@ -151,6 +151,21 @@ def test_cli_infer_and_subscribe(serving: Settings) -> None:
     assert json.loads(lines[0])["request_id"] == answer["request_id"]
 
 
+def test_cli_infer_example_answers_an_sap_invoice_with_its_explanation(
+    settings: Settings, tmp_path: Path
+) -> None:
+    prepare_topics_and_bucket(settings, ["invoice_risk"])
+    with ServiceProcess(settings, ["worker", "--model", "invoice_risk"], tmp_path / "w.log"):
+        first = json.loads(_cli(settings, "infer", "--example"))
+        again = json.loads(_cli(settings, "infer", "--example"))  # reuses the reply topic
+    for answer in (first, again):
+        assert answer["status"] == "ok"
+        assert answer["model"] == "invoice_risk"
+        assert 0.0 < answer["outputs"]["score"][0][0] < 1.0
+        assert len(answer["explanation"]["attributions"]) == 5
+    assert first["request_id"] != again["request_id"]
+
+
 def test_cli_topics_create_and_describe(settings: Settings) -> None:
     created = _cli(settings, "topics", "create", "--model", "invoice_risk", "--partitions", "2")
     assert created.count("created") == 8
