@@ -17,17 +17,8 @@ from pipeline.modeling.invoices import FEATURES, generate
 from schemas.models import BatchInputFormat
 
 _CHUNK = 50_000
-_INTEGER_FEATURES = frozenset(
-    {
-        "vendor_tenure_days",
-        "payment_terms_days",
-        "days_to_due",
-        "past_late_payments",
-        "new_bank_account",
-        "foreign_vendor",
-        "manual_entry",
-    }
-)
+# Every input but the amount is a count, a number of days or a 0/1 flag.
+_INTEGER_FEATURES = frozenset(FEATURES) - {"amount_eur"}
 
 
 def invoice_records(rows: int, seed: int = 11, explain_every: int = 0) -> Iterator[dict[str, Any]]:

@@ -38,25 +38,12 @@ from schemas.models import (
     InferenceResult,
     Inputs,
 )
-from tests.integration.waiting import wait_for
+from tests.integration.waiting import wait_until
 from workers.batch.runner import JobRunner
 from workers.inference.runner import prepare_topics_and_bucket
 from workers.processes import ServiceProcess
 
 MODEL = "invoice_risk"
-POLL_S = 0.2
-
-
-def wait_until(condition: object, timeout_s: float, what: str) -> None:
-    assert callable(condition)
-
-    def check() -> bool:
-        if condition():
-            return True
-        time.sleep(POLL_S)
-        return False
-
-    wait_for(check, timeout_s, what)
 
 
 @dataclass

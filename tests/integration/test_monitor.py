@@ -27,12 +27,11 @@ from schemas.models import (
     DriftDecision,
     DriftReport,
 )
-from tests.integration.waiting import wait_for
+from tests.integration.waiting import wait_until
 from workers.feeds import LabelledFeed
 from workers.inference.runner import prepare_topics_and_bucket
 from workers.processes import ServiceProcess
 
-POLL_S = 0.1
 WINDOW_S = 2.0
 RATE = 120.0
 """Requests per second: about 240 per window, over min_window_count."""
@@ -54,18 +53,6 @@ def monitored(settings: Settings) -> Settings:
             )
         }
     )
-
-
-def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> None:
-    """``wait_for`` for conditions that do not block: checked every ``POLL_S``."""
-
-    def check() -> bool:
-        if condition():
-            return True
-        time.sleep(POLL_S)
-        return False
-
-    wait_for(check, timeout_s, what)
 
 
 @dataclass

@@ -12,3 +12,17 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def wait_until(
+    condition: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.1
+) -> None:
+    """``wait_for`` for conditions that return at once: checked every ``poll_s``."""
+
+    def check() -> bool:
+        if condition():
+            return True
+        time.sleep(poll_s)
+        return False
+
+    wait_for(check, timeout_s, what)
