@@ -78,12 +78,9 @@ class JobStore:
         return job
 
     def load(self, job_id: str) -> BatchJob:
-        try:
-            body = self._get(self.key(job_id, _MANIFEST))
-        except ObjectStoreError as exc:
-            if exc.__cause__ is not None and getattr(exc.__cause__, "code", "") == "NoSuchKey":
-                raise JobNotFoundError(f"no batch job {job_id!r} in s3://{self.bucket}") from exc
-            raise
+        body = self._get(self.key(job_id, _MANIFEST))
+        if body is None:
+            raise JobNotFoundError(f"no batch job {job_id!r} in s3://{self.bucket}")
         return BatchJob.model_validate_json(body)
 
     def list(self) -> list[BatchJob]:
@@ -157,12 +154,8 @@ class JobStore:
         self._put(self.key(job_id, _CANCEL), body.encode(), "application/json")
 
     def cancel_request(self, job_id: str) -> dict[str, Any] | None:
-        try:
-            return dict(json.loads(self._get(self.key(job_id, _CANCEL))))
-        except ObjectStoreError as exc:
-            if exc.__cause__ is not None and getattr(exc.__cause__, "code", "") == "NoSuchKey":
-                return None
-            raise
+        body = self._get(self.key(job_id, _CANCEL))
+        return None if body is None else dict(json.loads(body))
 
     # -- plumbing
 
@@ -174,10 +167,15 @@ class JobStore:
         except (S3Error, urllib3.exceptions.HTTPError) as exc:
             raise ObjectStoreError(f"writing s3://{self.bucket}/{key} failed: {exc}") from exc
 
-    def _get(self, key: str) -> bytes:
+    def _get(self, key: str) -> bytes | None:
+        """The object's bytes, or None when there is no such object."""
         try:
             response = self._client.get_object(self.bucket, key)
-        except (S3Error, urllib3.exceptions.HTTPError) as exc:
+        except S3Error as exc:
+            if exc.code == "NoSuchKey":
+                return None
+            raise ObjectStoreError(f"reading s3://{self.bucket}/{key} failed: {exc}") from exc
+        except urllib3.exceptions.HTTPError as exc:
             raise ObjectStoreError(f"reading s3://{self.bucket}/{key} failed: {exc}") from exc
         try:
             return bytes(response.read())

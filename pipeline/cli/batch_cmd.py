@@ -8,9 +8,12 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from schemas.models import BatchJob
 
 _STATUS_POLL_S = 1.0
 
@@ -87,7 +90,6 @@ def submit_command(args: argparse.Namespace, settings: Settings) -> int:
         tenant=args.tenant,
         on_record=counted,
     )
-    counted.close()
     job, validation = submission.job, submission.validation
     if job.status is BatchJobStatus.FAILED:
         print(f"job {job.job_id} refused: {job.error_code}", file=sys.stderr)
@@ -137,7 +139,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
 def _run_jobs(settings: Settings, job_ids: list[str]) -> int:
     from pipeline.batchjobs.lifecycle import describe_duration, progress
     from pipeline.console import ProgressBar
-    from schemas.models import BatchJob, BatchJobStatus
+    from schemas.models import BatchJobStatus
     from workers.batch.runner import JobRunner
 
     worst = 0
@@ -194,7 +196,7 @@ def status_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _status_line(job: Any) -> str:
+def _status_line(job: BatchJob) -> str:
     from pipeline.batchjobs.lifecycle import describe_duration, progress
 
     figures = progress(job, datetime.now(UTC))
@@ -295,6 +297,3 @@ class _Counter:
         if count % 100_000 == 0:
             rate = count / max(time.monotonic() - self._started, 1e-9)
             print(f"  {self.label}: {count:,} records ({rate:,.0f}/s)", file=sys.stderr)
-
-    def close(self) -> None:
-        pass

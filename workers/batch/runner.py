@@ -114,14 +114,18 @@ def message_key(job_id: str, custom_id: str) -> bytes:
     return f"{job_id}/{custom_id}".encode()
 
 
-def stopped_line(custom_id: str, job_id: str, status: str, message: str) -> str:
+def error_line(
+    job_id: str, custom_id: str, status: str, code: str, message: str, **extra: Any
+) -> str:
+    """One line of errors.jsonl: whose record, what became of it, and why."""
     return json.dumps(
         {
             "custom_id": custom_id,
             "request_id": str(request_id(job_id, custom_id)),
             "status": status,
-            "error_code": status,
+            "error_code": code,
             "error_message": message,
+            **extra,
         }
     )
 
@@ -363,15 +367,13 @@ class _JobRun:
         value = message.value() or b""
         if message.topic() == self.topics.dlq:
             letter = self.codec.decode(value, DeadLetter)
-            return False, json.dumps(
-                {
-                    "custom_id": custom_id,
-                    "request_id": str(request_id(self.job.job_id, custom_id)),
-                    "status": ResultStatus.ERROR.value,
-                    "error_code": letter.reason_code,
-                    "error_message": letter.reason_message,
-                    "model": letter.model,
-                }
+            return False, error_line(
+                self.job.job_id,
+                custom_id,
+                ResultStatus.ERROR.value,
+                letter.reason_code,
+                letter.reason_message,
+                model=letter.model,
             )
         result = self.codec.decode(value, InferenceResult)
         line: dict[str, Any] = {"custom_id": custom_id, **readable(result)}
@@ -396,9 +398,8 @@ class _JobRun:
                     results.write(f"{row.body}\n")
                     continue
                 failed += 1
-                body = row.body or stopped_line(
-                    row.custom_id, job.job_id, stop or "lost", unanswered
-                )
+                status = stop or "lost"
+                body = row.body or error_line(job.job_id, row.custom_id, status, status, unanswered)
                 errors.write(f"{body}\n")
         job = job.model_copy(
             update={
@@ -450,14 +451,12 @@ class _JobRun:
         return self.job
 
     def _rejected_line(self, custom_id: str, error: RecordError) -> str:
-        return json.dumps(
-            {
-                "custom_id": custom_id,
-                "request_id": str(request_id(self.job.job_id, custom_id)),
-                "status": ResultStatus.REJECTED.value,
-                "error_code": error.code,
-                "error_message": f"line {error.line}: {error.message}",
-            }
+        return error_line(
+            self.job.job_id,
+            custom_id,
+            ResultStatus.REJECTED.value,
+            error.code,
+            f"line {error.line}: {error.message}",
         )
 
     # ---------------------------------------------------------------- kafka
