@@ -9,8 +9,9 @@ machines drift; the ratios are the result):
 
 (a) ceiling: a direct async tritonclient load on the same model, same rows per request
     (``workers.max_batch_size``) and same concurrency (``workers.max_in_flight_batches``);
-(b) ceiling: a Kafka pass-through: consume, decode and re-encode the same messages, produce them
-    with the worker's client settings, no inference;
+(b) ceiling: a Kafka pass-through: consume and decode the same requests and encode an outcome
+    for each with the worker's own codec paths, produce them with the worker's client settings,
+    no inference;
 worker: ``sluiceway worker`` serving pre-published requests end to end (Avro decode, batching,
     Triton, segment objects in MinIO, results produced, offsets committed);
 naive: consume one record, call Triton with one row, produce, commit, repeat.
@@ -50,6 +51,7 @@ from pipeline.storage.client import ensure_bucket, make_client  # noqa: E402
 from pipeline.topics import ModelTopics  # noqa: E402
 from schemas.models import InferenceRequest, InferenceResult, Inputs, ResultStatus  # noqa: E402
 from tests.integration.traffic import worker_env  # noqa: E402
+from workers.inference import contracts  # noqa: E402
 
 MODEL = "scaler"
 
@@ -143,6 +145,7 @@ def kafka_passthrough(settings: Settings, source: str, sink: str, count: int) ->
             "compression.type": "lz4",
         }
     )
+    max_message_bytes = settings.workers.max_message_bytes
     done = 0
     started: float | None = None
     while done < count:
@@ -152,9 +155,12 @@ def kafka_passthrough(settings: Settings, source: str, sink: str, count: int) ->
         for message in messages:
             if message.error() is not None:
                 continue
-            # The architecture's definition: decode and re-encode the same message.
-            request = schemas.decode(message.value() or b"", InferenceRequest)
-            producer.produce(sink, schemas.encode(request), key=message.key())
+            # The architecture's definition: decode and encode the same messages. With the
+            # worker's own codec paths, so the ratio measures what the worker adds around them.
+            request = contracts.decode_request(message.value() or b"", max_message_bytes)
+            outcome = contracts.expired_result(request, model=MODEL, worker_id="passthrough")
+            value, headers = contracts.encode_result(outcome)
+            producer.produce(sink, value, key=message.key(), headers=headers)
             producer.poll(0)
             done += 1
     producer.flush(60)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
-from fastavro import schemaless_reader, schemaless_writer
+from fastavro import schemaless_reader
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import to_parsing_canonical_form
 from pydantic import ValidationError
@@ -56,6 +56,7 @@ from schemas.headers import (
 )
 from schemas.limits import DEFAULT_LIMITS, Limits
 from schemas.models import EVENT_MODELS, Event
+from schemas.writer import Write, compile_writer
 
 E = TypeVar("E", bound=Event)
 
@@ -89,21 +90,21 @@ class _Codec:
     def __init__(self, catalog: Catalog | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
         self.catalog = catalog if catalog is not None else default_catalog()
         self.limits = limits
-        self._writers: dict[type[Event], tuple[dict[str, Any], bytes]] = {}
+        self._writers: dict[type[Event], tuple[Write, bytes]] = {}
 
     # -- encoding
 
     def _header_for(self, entry: SchemaVersion) -> bytes:
         raise NotImplementedError
 
-    def _writer_for(self, event_type: type[Event]) -> tuple[dict[str, Any], bytes]:
+    def _writer_for(self, event_type: type[Event]) -> tuple[Write, bytes]:
         cached = self._writers.get(event_type)
         if cached is None:
             try:
                 entry = self.catalog.current(event_type.AVRO_NAME)
             except CatalogError as exc:
                 raise EncodeError(EncodeReason.UNKNOWN_SCHEMA, str(exc)) from exc
-            cached = (entry.parsed, self._header_for(entry))
+            cached = (compile_writer(entry.parsed), self._header_for(entry))
             self._writers[event_type] = cached
         return cached
 
@@ -119,20 +120,19 @@ class _Codec:
         """Encode a record already shaped like ``event_type``'s current schema.
 
         The producer's fast path: no pydantic model is built or dumped, so the caller owns the
-        record's validity (fastavro still refuses a datum that does not fit the schema). Union
+        record's validity (the compiled writer still refuses a datum that does not fit). Union
         branches may be named with fastavro's ``(full_name, value)`` tuples, which skips the
         branch search. Raises :class:`EncodeError` like :meth:`encode`.
         """
-        schema, header = self._writer_for(event_type)
-        out = io.BytesIO()
-        out.write(header)
+        write, header = self._writer_for(event_type)
+        out = bytearray(header)
         try:
-            schemaless_writer(out, schema, record)
-        except Exception as exc:  # fastavro raises ValueError/TypeError/... for a bad datum
+            write(out, record)
+        except Exception as exc:  # a datum that does not fit: TypeError, KeyError, ValueError...
             raise EncodeError(
                 EncodeReason.INVALID, f"{event_type.AVRO_NAME}: {type(exc).__name__}: {exc}"
             ) from exc
-        data = out.getvalue()
+        data = bytes(out)
         if len(data) > self.limits.max_message_bytes:
             raise EncodeError(
                 EncodeReason.TOO_LARGE,
