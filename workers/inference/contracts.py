@@ -162,10 +162,14 @@ def full_record(
     model: str,
     version: str,
     feature_names: Sequence[str] = (),
+    request_id: str | None = None,
 ) -> dict[str, Any]:
-    """The complete result as stored in the segment: every output, every attribution."""
+    """The complete result as stored in the segment: every output, every attribution.
+
+    ``request_id`` is the request's id as text when the caller already has it.
+    """
     record: dict[str, Any] = {
-        "request_id": str(request.request_id),
+        "request_id": request_id or str(request.request_id),
         "model": model,
         "model_version": version,
         "outputs": {name: array.tolist() for name, array in output.tensors.items()},

@@ -178,6 +178,7 @@ class InferenceWorker:
         self._fatal: BaseException | None = None
         self._assignment: set[tuple[str, int]] = set()
         self._saturated_since: float | None = None
+        self._topic_models: dict[str, str] = {}
 
     # ----------------------------------------------------------------- wiring
 
@@ -394,7 +395,11 @@ class InferenceWorker:
         return topic
 
     def _model_of_topic(self, topic: str) -> str:
-        return topic[len(self.settings.namespace) + 1 :].rsplit(".", 1)[0]
+        model = self._topic_models.get(topic)
+        if model is None:  # computed once per topic: this runs for every record
+            model = topic[len(self.settings.namespace) + 1 :].rsplit(".", 1)[0]
+            self._topic_models[topic] = model
+        return model
 
     def _deadline(self, request: contracts.Request) -> float | None:
         deadline_ms = contracts.deadline_ms(request)
@@ -581,13 +586,13 @@ class InferenceWorker:
         assert self._producer is not None
         served_version = version or "latest"
         model_settings = self.settings.models[model]
+        ids = [contracts.request_id(r.request) for r, _ in served]
         full = [
             contracts.full_record(
-                r.request, out, model, served_version, model_settings.feature_order
+                r.request, out, model, served_version, model_settings.feature_order, request_id
             )
-            for r, out in served
+            for (r, out), request_id in zip(served, ids, strict=True)
         ]
-        ids = [contracts.request_id(r.request) for r, _ in served]
         segment = build_segment(model, served_version, full, ids, datetime.now(UTC))
         etag = await self._put_with_retry(segment)
         now = self.clock()
