@@ -56,6 +56,7 @@ from schemas.headers import (
 )
 from schemas.limits import DEFAULT_LIMITS, Limits
 from schemas.models import EVENT_MODELS, Event
+from schemas.reader import compile_reader
 from schemas.writer import Write, compile_writer
 
 E = TypeVar("E", bound=Event)
@@ -72,12 +73,14 @@ _SIZE_ERROR_TYPES = frozenset({"string_too_long", "too_long", "bytes_too_long", 
 class _Reading:
     """How to read one writer schema: into which reader schema and model (cached per writer)."""
 
-    __slots__ = ("model", "reader", "writer")
+    __slots__ = ("compiled", "model", "reader", "writer")
 
     def __init__(self, writer: SchemaVersion, current: SchemaVersion, model: type[Event]) -> None:
         self.writer = writer.parsed
-        # Same wire schema: skip fastavro's resolution pass, it is pure overhead.
-        self.reader = None if writer.canonical == current.canonical else current.parsed
+        # Same wire schema: no resolution, so the compiled reader reads it (fastavro otherwise).
+        same = writer.canonical == current.canonical
+        self.reader = None if same else current.parsed
+        self.compiled = compile_reader(writer.parsed) if same else None
         self.model = model
 
 
@@ -196,11 +199,16 @@ class _Codec:
 
     @staticmethod
     def _read_body(data: bytes | bytearray | memoryview, start: int, reading: _Reading) -> Any:
-        buf = io.BytesIO(data)
-        buf.seek(start)
+        end = len(data)
         try:
-            record = schemaless_reader(buf, reading.writer, reading.reader)
-        except EOFError as exc:
+            if reading.compiled is not None:
+                record, end = reading.compiled(bytes(data), start)
+            else:
+                buf = io.BytesIO(data)
+                buf.seek(start)
+                record = schemaless_reader(buf, reading.writer, reading.reader)
+                end = buf.tell()
+        except (EOFError, IndexError) as exc:
             # fastavro checks every length against what is left, so a bumped length field
             # ends here (not in a huge allocation): the body ends before the record does.
             raise DecodeError(DecodeReason.TRUNCATED, f"body ends early: {exc}") from exc
@@ -212,9 +220,9 @@ class _Codec:
             raise DecodeError(
                 DecodeReason.MALFORMED, f"body does not match the schema: {type(exc).__name__}"
             ) from exc
-        if buf.tell() != len(data):
+        if end != len(data):
             raise DecodeError(
-                DecodeReason.TRAILING_BYTES, f"{len(data) - buf.tell()} bytes after the record"
+                DecodeReason.TRAILING_BYTES, f"{len(data) - end} bytes after the record"
             )
         return record
 

@@ -128,6 +128,40 @@ _BRANCH_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+_STRING_SOURCE = [
+    "b = x.encode()",
+    "n = len(b)",
+    "if n < 64:",
+    "    out.append(n << 1)",
+    "else:",
+    "    write_long(out, n)",
+    "out += b",
+]
+_PRIMITIVE_SOURCE: dict[str, list[str]] = {
+    "string": _STRING_SOURCE,
+    "long": [
+        "if type(x) is not int:",
+        "    raise TypeError(f'{x!r} is not an integer')",
+        "if 0 <= x < 64:",
+        "    out.append(x << 1)",
+        "else:",
+        "    write_long(out, x)",
+    ],
+    "boolean": ["out.append(1 if x else 0)"],
+    "double": ["out += pack_double(x)"],
+    "float": ["out += pack_float(x)"],
+    "bytes": ["write_long(out, len(x))", "out += x"],
+    "null": ["if x is not None:", "    raise TypeError(f'{x!r} is not null')"],
+}
+_PRIMITIVE_SOURCE["int"] = _PRIMITIVE_SOURCE["long"]
+_GENERATED_HELPERS: dict[str, Any] = {
+    "write_long": write_long,
+    "timestamp_millis": _timestamp_millis,
+    "pack_double": _PACK_DOUBLE,
+    "pack_float": _PACK_FLOAT,
+}
+
+
 class _Compiler:
     def __init__(self) -> None:
         self.named: dict[str, Write] = {}
@@ -179,17 +213,83 @@ class _Compiler:
         return str(branch["type"])
 
     def _record(self, schema: Mapping[str, Any]) -> Write:
+        """Generated source: one function per record, simple fields written inline.
+
+        A call per field was most of the closure tree's cost; inlining the common shapes
+        (strings, numbers, optional strings and numbers, enums) leaves calls only for nested
+        records, arrays, maps and general unions.
+        """
         name = str(schema["name"])
-        fields: list[tuple[str, Write]] = []
-
-        def write_record(out: bytearray, value: Mapping[str, Any]) -> None:
-            for field_name, write_field in fields:
-                write_field(out, value[field_name])
-
-        self.named[name] = write_record
+        cell: list[Write] = []
+        self.named[name] = lambda out, value: cell[0](out, value)  # until generated: recursion
         self.kinds[name] = "record"
-        fields.extend((str(f["name"]), self.compile(f["type"])) for f in schema["fields"])
+        namespace: dict[str, Any] = dict(_GENERATED_HELPERS)
+        lines = ["def write_record(out, v):"]
+        for field in schema["fields"]:
+            lines.append(f"    x = v[{str(field['name'])!r}]")
+            lines.extend("    " + line for line in self._field_source(field["type"], namespace))
+        if len(lines) == 1:
+            lines.append("    pass")
+        exec(compile("\n".join(lines), f"<avro writer {name}>", "exec"), namespace)  # noqa: S102
+        write_record: Write = namespace["write_record"]
+        cell.append(write_record)
+        self.named[name] = write_record
         return write_record
+
+    def _field_source(self, schema: Any, namespace: dict[str, Any]) -> list[str]:
+        """Lines writing the value in ``x``: inline for simple types, else a call."""
+        inline = self._inline_source(schema, namespace)
+        if inline is not None:
+            return inline
+        if (
+            isinstance(schema, list)
+            and len(schema) == 2
+            and schema[0] == "null"
+            and not isinstance(schema[1], list)
+        ):
+            branch = schema[1]
+            inner = self._inline_source(branch, namespace) or [
+                f"{self._bind(self.compile(branch), namespace)}(out, x)"
+            ]
+            unwrap = []
+            if self._kind(branch) in {"record", "enum", "fixed"}:
+                named = repr(_branch_name(branch))
+                unwrap = [
+                    f"    if type(x) is tuple and len(x) == 2 and x[0] == {named}:",
+                    "        x = x[1]",
+                ]
+            return [
+                "if x is None:",
+                "    out.append(0)",
+                "else:",
+                "    out.append(2)",
+                *unwrap,
+                *("    " + line for line in inner),
+            ]
+        return [f"{self._bind(self.compile(schema), namespace)}(out, x)"]
+
+    def _inline_source(self, schema: Any, namespace: dict[str, Any]) -> list[str] | None:
+        kind = schema if isinstance(schema, str) else None
+        if isinstance(schema, dict):
+            logical = schema.get("logicalType")
+            if logical == "uuid" and schema["type"] == "string":
+                return ["if type(x) is not str:", "    x = str(x)", *_STRING_SOURCE]
+            if logical == "timestamp-millis" and schema["type"] == "long":
+                return ["write_long(out, timestamp_millis(x))"]
+            if logical is not None:
+                return None
+            if schema["type"] == "enum":
+                table = self._bind({s: i for i, s in enumerate(schema["symbols"])}, namespace)
+                self._enum(schema)
+                return [f"write_long(out, {table}[x])"]
+            kind = schema["type"] if schema["type"] in _PRIMITIVES else None
+        return None if kind is None else _PRIMITIVE_SOURCE.get(kind)
+
+    @staticmethod
+    def _bind(value: Any, namespace: dict[str, Any]) -> str:
+        name = f"bound_{len(namespace)}"
+        namespace[name] = value
+        return name
 
     def _enum(self, schema: Mapping[str, Any]) -> Write:
         index = {symbol: position for position, symbol in enumerate(schema["symbols"])}
