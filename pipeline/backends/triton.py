@@ -147,12 +147,13 @@ class TritonBackend:
             raise TransientBackendError(
                 f"triton: {type(exc).__name__}: {exc}", reason="backend_unavailable"
             ) from exc
-        metadata = (
-            response.get_response(as_json=True)
+        # Only the names: the gRPC response as JSON would base64 every output tensor first.
+        names = (
+            [output.name for output in response.get_response().outputs]
             if self._protocol == "grpc"
-            else response.get_response()
+            else [output["name"] for output in response.get_response()["outputs"]]
         )
-        outputs = {out["name"]: response.as_numpy(out["name"]) for out in metadata["outputs"]}
+        outputs = {name: response.as_numpy(name) for name in names}
         try:
             pieces = split_rows(outputs, [row.rows for row in rows])
         except ValueError as exc:
