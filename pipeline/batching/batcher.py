@@ -125,13 +125,15 @@ class MicroBatcher(Generic[K, T]):
         flush: bool = False,
         accept: Callable[[K], bool] | None = None,
         accept_bulk_only: Callable[[K], bool] | None = None,
+        accept_partial: Callable[[K, Lane], bool] | None = None,
     ) -> tuple[list[Batch[K, T]], list[Pending[T]]]:
         """Remove and return up to ``limit`` due batches, plus every expired item found.
 
         ``flush`` treats every non-empty queue as due (used when draining on shutdown);
         ``accept`` skips keys that cannot be served now (their backend's breaker is open);
         ``accept_bulk_only`` additionally decides for keys whose next batch would hold bulk
-        items only (no real-time item is waiting there).
+        items only (no real-time item is waiting there); ``accept_partial`` for keys whose
+        next batch would not be full (due by its wait, not its size), given that batch's lane.
         Keys whose oldest item waited longest go first, so no key starves another.
         """
         now = self._clock()
@@ -140,6 +142,10 @@ class MicroBatcher(Generic[K, T]):
         def acceptable(key: K, queues: _Queues[T]) -> bool:
             if accept is not None and not accept(key):
                 return False
+            if accept_partial is not None and not flush:
+                lane, queued = self._next_lane(queues)
+                if queued < self.max_batch_size and not accept_partial(key, lane):
+                    return False
             bulk_next = not queues.lanes[Lane.REALTIME]
             return not bulk_next or accept_bulk_only is None or accept_bulk_only(key)
 
@@ -190,6 +196,11 @@ class MicroBatcher(Generic[K, T]):
         return (
             flush or len(queues) >= self.max_batch_size or now - queues.oldest() >= self.max_wait_s
         )
+
+    @staticmethod
+    def _next_lane(queues: _Queues[T]) -> tuple[Lane, int]:
+        """The lane the next batch comes from, and how many items wait in it."""
+        return next((lane, len(queue)) for lane, queue in queues.lanes.items() if queue)
 
     def _pop(self, queues: _Queues[T]) -> tuple[Pending[T], ...]:
         """The next batch, from one lane only: real-time items first, never padded with bulk

@@ -75,6 +75,41 @@ def test_bulk_only_batches_wait_when_refused_while_real_time_ones_go() -> None:
     assert [[p.item for p in b.items] for b in batches] == [[100, 101], [102, 103]]
 
 
+def test_a_refused_partial_batch_keeps_gathering_while_full_batches_go() -> None:
+    clock = FakeClock()
+    batcher = _batcher(clock, size=3)
+    asked: list[tuple[str, Lane]] = []
+
+    def refuse_partial(key: str, lane: Lane) -> bool:
+        asked.append((key, lane))
+        return False
+
+    for i in range(4):
+        batcher.add("m:1", i)
+    clock.advance(0.02)
+    batches, _ = batcher.take_due(accept_partial=refuse_partial)
+    assert [[p.item for p in b.items] for b in batches] == [[0, 1, 2]]
+    assert asked == [("m:1", Lane.REALTIME)]
+    batcher.add("m:1", 4)
+    assert batcher.take_due(accept_partial=refuse_partial) == ([], [])
+    batches, _ = batcher.take_due(accept_partial=lambda key, lane: True)
+    assert [[p.item for p in b.items] for b in batches] == [[3, 4]]
+
+
+def test_a_partial_batch_is_judged_by_the_lane_it_comes_from() -> None:
+    clock = FakeClock()
+    batcher = _batcher(clock, size=3)
+    for i in range(3):
+        batcher.add("m:1", 100 + i, lane=Lane.BULK)
+    batcher.add("m:1", 1)
+    clock.advance(0.02)
+    only_bulk = {Lane.BULK: True, Lane.REALTIME: False}
+    batches, _ = batcher.take_due(accept_partial=lambda key, lane: only_bulk[lane])
+    assert batches == []  # the real-time batch (1 item) is next and partial: it waits
+    batches, _ = batcher.take_due(flush=True, accept_partial=lambda key, lane: False)
+    assert [[p.item for p in b.items] for b in batches] == [[1], [100, 101, 102]]
+
+
 def test_expired_items_are_handed_back_and_never_batched() -> None:
     clock = FakeClock()
     batcher = _batcher(clock, size=2)

@@ -411,6 +411,7 @@ class InferenceWorker:
 
     def _dispatch(self, *, flush: bool = False) -> None:
         limit = self.settings.workers.max_in_flight_batches
+        partial_limit = self.settings.workers.max_in_flight_partial_batches
         bulk_limit = self._bulk_batch_limit()
 
         def servable(key: BatchKey) -> bool:
@@ -420,6 +421,15 @@ class InferenceWorker:
                 and self._breaker(key[0]).state is not BreakerState.OPEN
             )
 
+        def partial_servable(key: BatchKey, lane: Lane) -> bool:
+            if lane is Lane.BULK:
+                return True  # batch-job calls have their own limit (bulk_servable)
+            backend = self._backend_name(key[0])
+            realtime_calls = (
+                self._in_flight_batches[backend] - self._in_flight_bulk_batches[backend]
+            )
+            return realtime_calls < partial_limit
+
         def bulk_servable(key: BatchKey) -> bool:
             return (
                 self._in_flight_bulk_batches[self._backend_name(key[0])] < bulk_limit
@@ -428,7 +438,11 @@ class InferenceWorker:
 
         while True:
             batches, expired = self.batcher.take_due(
-                limit=1, flush=flush, accept=servable, accept_bulk_only=bulk_servable
+                limit=1,
+                flush=flush,
+                accept=servable,
+                accept_bulk_only=bulk_servable,
+                accept_partial=partial_servable,
             )
             if expired:
                 self._spawn(self._answer_expired([p.item for p in expired]))
