@@ -8,11 +8,12 @@ travel in its result event, so a caller fetches its own record with one ranged G
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ def build_segment(
     spans: list[RecordSpan] = []
     offset = 0
     for record in records:
-        line = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+        # Sorted keys: a retried write of the same batch must produce the same bytes.
+        line = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
         spans.append(RecordSpan(offset, len(line)))
         parts.append(line + b"\n")
         offset += len(line) + 1

@@ -14,6 +14,7 @@ app = faust.App(
     os.environ.get("FAUST_ECHO_APP", "sluiceway-echo"),
     broker=os.environ.get("FAUST_ECHO_BROKER", "kafka://127.0.0.1:9092"),
     store="memory://",
+    datadir=".sluiceway/faust/{conf.name}",
     web_enabled=False,
     topic_partitions=1,
 )
