@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import faust
 
+Path(".sluiceway/faust").mkdir(parents=True, exist_ok=True)  # faust makes only the last folder
 app = faust.App(
     os.environ.get("FAUST_ECHO_APP", "sluiceway-echo"),
     broker=os.environ.get("FAUST_ECHO_BROKER", "kafka://127.0.0.1:9092"),

@@ -170,13 +170,15 @@ class Monitor:
             }
         )
         self.follower: ControlFollower | None = None
+        faust_home = settings.stack.state_dir / "faust"
+        faust_home.mkdir(parents=True, exist_ok=True)  # faust makes only the last folder
         self.app = faust.App(
             f"{settings.namespace}-monitor",
             broker=f"kafka://{settings.kafka.bootstrap_servers}",
             store="memory://",
             # faust's own files go with the rest of the local state, not into the working
             # directory (its default, "<app id>-data", left one folder per run there).
-            datadir=str(settings.stack.state_dir / "faust" / f"{settings.namespace}-monitor"),
+            datadir=str(faust_home / f"{settings.namespace}-monitor"),
             web_enabled=False,
             topic_partitions=1,
             table_cleanup_interval=3600.0,
