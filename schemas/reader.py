@@ -106,10 +106,7 @@ class _Compiler:
     def compile(self, schema: Any) -> Read:
         if isinstance(schema, dict) and schema.get("type") == "record":
             return self._record(schema)
-        source = ["def read_value(data, p):"]
-        source += ["    " + line for line in self._source(schema, "x", 0)]
-        source.append("    return x, p")
-        return self._exec(source, "read_value", "value")
+        return self._function(self._source(schema, "x", 0), "value")
 
     def _exec(self, source: list[str], function: str, label: str) -> Read:
         namespace = self.namespace
@@ -156,12 +153,13 @@ class _Compiler:
         if kind == "record":
             return self._call(self._record(schema), target)
         if kind == "enum":
+            name = str(schema["name"])
             symbols = self._bind(tuple(schema["symbols"]))
-            self.readers[str(schema["name"])] = self._named(self._enum(symbols, "x"), schema)
+            self.readers[name] = self._function(self._enum(symbols, "x"), name)
             return self._enum(symbols, target)
         if kind == "fixed":
-            size = int(schema["size"])
-            self.readers[str(schema["name"])] = self._named(self._fixed("x", size), schema)
+            name, size = str(schema["name"]), int(schema["size"])
+            self.readers[name] = self._function(self._fixed("x", size), name)
             return self._fixed(target, size)
         if kind == "array":
             return self._blocks(
@@ -173,10 +171,10 @@ class _Compiler:
             return self._blocks(target, depth, value, key)
         return self._primitive(kind, target)
 
-    def _named(self, lines: list[str], schema: Mapping[str, Any]) -> Read:
-        """A reader function for a named type, for later references by name."""
-        source = ["def read_named(data, p):", *("    " + line for line in lines), "    return x, p"]
-        return self._exec(source, "read_named", str(schema["name"]))
+    def _function(self, lines: list[str], label: str) -> Read:
+        """A reader function from ``lines`` that read one datum into ``x``."""
+        source = ["def read_value(data, p):", *("    " + line for line in lines), "    return x, p"]
+        return self._exec(source, "read_value", label)
 
     @staticmethod
     def _fixed(target: str, size: int) -> list[str]:
