@@ -18,7 +18,7 @@ import schemas
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, model_topic_specs
 from pipeline.settings import Settings, load_settings
 from pipeline.stack import manager
-from pipeline.stack.services import TritonService
+from pipeline.stack.services import MinioService, TritonService
 from pipeline.storage.client import ensure_bucket, make_client
 from pipeline.topics import ModelTopics
 from schemas.models import InferenceRequest, Inputs, ResultStatus
@@ -240,6 +240,56 @@ def _rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def test_object_store_outage_saturates_then_pauses_and_recovers_without_dlq(
+    settings: Settings, topics: ModelTopics, workers: Workers, endpoints: Endpoints
+) -> None:
+    """Segment PUTs fail while MinIO is down: the worker stops taking records at its in-flight
+    limit, pauses its partitions once saturated for long (and keeps polling), and serves
+    everything once MinIO is back."""
+    if endpoints.source != "native stack":
+        pytest.fail("the outage test stops and restarts the native stack's MinIO")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    worker = workers.start(
+        SLUICEWAY_WORKERS__METRICS_PORT=str(metrics_port),
+        SLUICEWAY_WORKERS__MAX_IN_FLIGHT_RECORDS="1000",
+    )
+    before = [traffic.scaler_request(i) for i in range(500)]
+    traffic.publish_requests(settings, topics.requests, before)
+    traffic.collect(settings, topics.results, topics.dlq, len(before), timeout_s=60)
+
+    minio = MinioService(load_settings())
+    assert minio.process.stop()
+    try:
+        during = [traffic.scaler_request(i) for i in range(4000)]
+        traffic.publish_requests(settings, topics.requests, during)
+
+        def every_partition_paused() -> bool:
+            # Only saturation pauses the request partitions here (the breaker stays closed:
+            # Triton answers), and then every assigned partition pauses.
+            assigned = len(_metric_lines(metrics_port, "sluiceway_consumer_lag{"))
+            paused = _metric(metrics_port, "sluiceway_paused_partitions")
+            return assigned > 0 and paused == assigned
+
+        wait_for(every_partition_paused, 60, "every partition to pause after 5 s saturated")
+        in_flight_paused = _metric(metrics_port, "sluiceway_in_flight")
+    finally:
+        manager.up(load_settings(), progress=lambda _line: None)
+
+    got = traffic.collect(settings, topics.results, topics.dlq, 4500, timeout_s=120)
+    # At most one fetch beyond the limit: a saturated worker stops taking records.
+    assert 1000 <= in_flight_paused < 1000 + 500
+    assert got.dead_letters == []
+    assert len({r.request_id for r in got.results}) == 4500
+    wait_for(
+        lambda: _metric(metrics_port, "sluiceway_paused_partitions") == 0,
+        30,
+        "partitions to resume",
+    )
+    assert workers.stop(worker) == 0, workers.logs()
 
 
 def test_triton_outage_opens_the_breaker_pauses_and_recovers_without_dlq(

@@ -286,10 +286,14 @@ class InferenceWorker:
         # instead of spinning (a new record still ends the poll at once).
         timeout = 0.05 if wait is None else min(max(wait, 0.002), 0.05)
         messages: list[Message] = []
-        if self._saturated():
-            await self._await_outcomes(min(timeout, 0.01))
-        else:
+        if not self._saturated():
             messages = await self._on_consumer(self._fetch, timeout)
+        elif self._saturated_for_long():
+            # Paused first, so the poll that keeps the group membership brings no records.
+            await self._apply_backpressure()
+            messages = await self._on_consumer(self._fetch, timeout)
+        else:
+            await self._await_outcomes(min(timeout, 0.01))
         consumed: dict[str, int] = {}
         for message in messages:
             topic = self._accept(message)
