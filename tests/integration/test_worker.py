@@ -242,6 +242,24 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def _serving_worker_with_metrics(
+    settings: Settings, topics: ModelTopics, workers: Workers, warm_up: int
+) -> tuple[subprocess.Popen[bytes], int, list[InferenceRequest]]:
+    """A worker with /metrics on a free port and 1,000 in-flight records at most, which has
+    served ``warm_up`` requests (returned), so it is assigned and warm before an outage."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    worker = workers.start(
+        SLUICEWAY_WORKERS__METRICS_PORT=str(metrics_port),
+        SLUICEWAY_WORKERS__MAX_IN_FLIGHT_RECORDS="1000",
+    )
+    before = [traffic.scaler_request(i) for i in range(warm_up)]
+    traffic.publish_requests(settings, topics.requests, before)
+    traffic.collect(settings, topics.results, topics.dlq, len(before), timeout_s=60)
+    return worker, metrics_port, before
+
+
 def test_object_store_outage_saturates_then_pauses_and_recovers_without_dlq(
     settings: Settings, topics: ModelTopics, workers: Workers, endpoints: Endpoints
 ) -> None:
@@ -250,16 +268,7 @@ def test_object_store_outage_saturates_then_pauses_and_recovers_without_dlq(
     everything once MinIO is back."""
     if endpoints.source != "native stack":
         pytest.fail("the outage test stops and restarts the native stack's MinIO")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
-    worker = workers.start(
-        SLUICEWAY_WORKERS__METRICS_PORT=str(metrics_port),
-        SLUICEWAY_WORKERS__MAX_IN_FLIGHT_RECORDS="1000",
-    )
-    before = [traffic.scaler_request(i) for i in range(500)]
-    traffic.publish_requests(settings, topics.requests, before)
-    traffic.collect(settings, topics.results, topics.dlq, len(before), timeout_s=60)
+    worker, metrics_port, _ = _serving_worker_with_metrics(settings, topics, workers, 500)
 
     minio = MinioService(load_settings())
     assert minio.process.stop()
@@ -297,16 +306,7 @@ def test_triton_outage_opens_the_breaker_pauses_and_recovers_without_dlq(
 ) -> None:
     if endpoints.source != "native stack":
         pytest.fail("the outage test stops and restarts the native stack's Triton")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
-    worker = workers.start(
-        SLUICEWAY_WORKERS__METRICS_PORT=str(metrics_port),
-        SLUICEWAY_WORKERS__MAX_IN_FLIGHT_RECORDS="1000",
-    )
-    before = [traffic.scaler_request(i) for i in range(1000)]
-    traffic.publish_requests(settings, topics.requests, before)
-    traffic.collect(settings, topics.results, topics.dlq, len(before), timeout_s=60)
+    worker, metrics_port, before = _serving_worker_with_metrics(settings, topics, workers, 1000)
 
     triton = TritonService(load_settings())
     assert triton.process.stop()
