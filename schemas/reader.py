@@ -84,11 +84,12 @@ def _sized(target: str) -> list[str]:
     ]
 
 
-def _fixed_width(target: str, width: int, unpack: str) -> list[str]:
+def _fixed_width(target: str, width: int, value: str, what: str) -> list[str]:
+    """``width`` bytes at ``p``, read by the expression ``value``, into ``target``."""
     return [
         f"if p + {width} > len(data):",
-        "    raise EOFError('number ends early')",
-        f"{target} = {unpack}(data, p)[0]",
+        f"    raise EOFError('{what} ends early')",
+        f"{target} = {value}",
         f"p += {width}",
     ]
 
@@ -159,8 +160,9 @@ class _Compiler:
             return self._enum(symbols, target)
         if kind == "fixed":
             name, size = str(schema["name"]), int(schema["size"])
-            self.readers[name] = self._function(self._fixed("x", size), name)
-            return self._fixed(target, size)
+            sliced = f"data[p:p + {size}]"
+            self.readers[name] = self._function(_fixed_width("x", size, sliced, "fixed"), name)
+            return _fixed_width(target, size, sliced, "fixed")
         if kind == "array":
             return self._blocks(
                 target, depth, self._source(schema["items"], f"y{depth}", depth + 1)
@@ -177,15 +179,6 @@ class _Compiler:
         return self._exec(source, "read_value", label)
 
     @staticmethod
-    def _fixed(target: str, size: int) -> list[str]:
-        return [
-            f"if p + {size} > len(data):",
-            "    raise EOFError('fixed ends early')",
-            f"{target} = data[p:p + {size}]",
-            f"p += {size}",
-        ]
-
-    @staticmethod
     def _enum(symbols: str, target: str) -> list[str]:
         return [
             *_long("i"),
@@ -199,18 +192,13 @@ class _Compiler:
         if kind == "null":
             return [f"{target} = None"]
         if kind == "boolean":
-            return [
-                "if p >= len(data):",
-                "    raise EOFError('boolean ends early')",
-                f"{target} = data[p] == 1",
-                "p += 1",
-            ]
+            return _fixed_width(target, 1, "data[p] == 1", "boolean")
         if kind in {"int", "long"}:
             return _long(target)
         if kind == "double":
-            return _fixed_width(target, 8, "unpack_double")
+            return _fixed_width(target, 8, "unpack_double(data, p)[0]", "number")
         if kind == "float":
-            return _fixed_width(target, 4, "unpack_float")
+            return _fixed_width(target, 4, "unpack_float(data, p)[0]", "number")
         if kind == "bytes":
             return _sized(target)
         if kind == "string":
