@@ -137,14 +137,13 @@ class WorkerSettings(_Section):
     max_wait_ms: float = Field(default=5.0, ge=0)
     max_in_flight_batches: int = Field(default=4, ge=1)
     """Concurrent backend calls per backend endpoint."""
-    max_in_flight_partial_batches: int = Field(default=1, ge=1)
+    max_in_flight_partial_batches: int | None = Field(default=None, ge=1)
     """Of those, how many may hold a real-time batch that is not full (sent because its oldest
-    record waited ``max_wait_ms``). Full batches take every slot; a partial one goes only while
-    fewer real-time calls than this are in flight, so under rising load records gather into
-    fuller batches instead of each paying a call, a segment PUT and a produce round of its own
-    (measured at 3,000 req/s here: p50/p99 40/132 ms with 1, 57/270 ms with 4).
-    Raise it for a slow backend whose calls overlap well (a large GPU model) when latency at
-    moderate load matters more than the worker's CPU."""
+    record waited ``max_wait_ms``); ``None``: no separate limit. A lower limit makes records
+    gather into fuller batches under rising load, which saves the worker CPU per record but
+    makes each record wait for the call before it: on this 2-core machine 1 raised p99 at
+    4,300 req/s (``benchmarks/bench_worker_latency.py``), so it is off by default. It may pay
+    off where the worker's CPU, not latency, is what runs out."""
     max_in_flight_records: int = Field(default=4096, ge=1)
     """Consumed records without an acknowledged outcome; above it, partitions pause."""
     max_in_flight_bulk_records: int = Field(default=512, ge=1)

@@ -432,7 +432,7 @@ class InferenceWorker:
             realtime_calls = (
                 self._in_flight_batches[backend] - self._in_flight_bulk_batches[backend]
             )
-            return realtime_calls < partial_limit
+            return partial_limit is None or realtime_calls < partial_limit
 
         def bulk_servable(key: BatchKey) -> bool:
             return (
@@ -446,7 +446,7 @@ class InferenceWorker:
                 flush=flush,
                 accept=servable,
                 accept_bulk_only=bulk_servable,
-                accept_partial=partial_servable,
+                accept_partial=None if partial_limit is None else partial_servable,
             )
             if expired:
                 self._spawn(self._answer_expired([p.item for p in expired]))
