@@ -31,13 +31,14 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
-    Producer,
     TopicPartition,
 )
 
 import schemas
 from pipeline.errors import SluicewayError
+from pipeline.kafka import clients
 from pipeline.kafka.admin import TopicSpec, ensure_topics
+from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.exceptions import DecodeError
@@ -124,14 +125,7 @@ class SluicewayClient:
     def __init__(self, settings: Settings, *, client_id: str | None = None) -> None:
         self.settings = settings
         self.client_id = client_id or uuid.uuid4().hex[:12]
-        self._producer = Producer(
-            {
-                **settings.kafka.client_config(),
-                "acks": "all",
-                "enable.idempotence": True,
-                "linger.ms": 2,
-            }
-        )
+        self._producer = clients.producer(settings.kafka, role=ProducerRole.REQUESTS)
         self._lock = threading.Lock()
         self._waiting: dict[str, Future[InferenceResult]] = {}
         self._replies: Consumer | None = None
@@ -256,12 +250,10 @@ class SluicewayClient:
                 raise BrokerUnavailableError(
                     f"cannot create {self.reply_topic}: {error}"
                 ) from error
-            consumer = Consumer(
-                {
-                    **self.settings.kafka.client_config(),
-                    "group.id": f"sluiceway-client-{self.client_id}",
-                    "enable.auto.commit": False,
-                }
+            consumer = clients.consumer(
+                self.settings.kafka,
+                group_id=f"sluiceway-client-{self.client_id}",
+                role=ConsumerRole.READER,
             )
             # The topic is this client's own: no group coordination. A new topic is read from
             # its start; one kept from an earlier run (a stable client id) from its current
@@ -307,13 +299,15 @@ class SluicewayClient:
         """Iterate over a model's results. With ``group``, offsets are committed as results
         are yielded, so a restarted subscriber continues where it stopped. Stops after
         ``idle_timeout_s`` without results (never, by default)."""
-        consumer = Consumer(
-            {
-                **self.settings.kafka.client_config(),
-                "group.id": group or f"sluiceway-subscriber-{uuid.uuid4().hex[:8]}",
+        consumer = clients.consumer(
+            self.settings.kafka,
+            group_id=group or clients.throwaway_group("sluiceway-subscriber"),
+            role=ConsumerRole.SUBSCRIBER,
+            overrides={
                 "auto.offset.reset": "earliest" if from_beginning else "latest",
+                # Without a group of its own, nothing is remembered for a restart.
                 "enable.auto.commit": group is not None,
-            }
+            },
         )
         consumer.subscribe([ModelTopics(self.settings.namespace, model).results])
         idle = 0.0

@@ -13,6 +13,7 @@ from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._listoffsets import OffsetSpec
 from confluent_kafka.cimpl import NewTopic
 
+from pipeline.kafka import clients
 from pipeline.kafka.exceptions import TopicAdminError
 from pipeline.settings import KafkaSettings
 from pipeline.topics import ModelTopics, batch_progress_topic, control_topic, drift_topic
@@ -47,7 +48,7 @@ def ensure_topics(
     specs = list(topics)
     if not specs:
         return []
-    admin = AdminClient(kafka.client_config())
+    admin = clients.admin(kafka)
     new_topics = [
         NewTopic(spec.name, spec.partitions, spec.replication_factor, config=spec.config)
         for spec in specs
@@ -77,7 +78,7 @@ def end_offsets(kafka: KafkaSettings, topic: str, timeout_s: float = 15.0) -> di
 
     Retries while the broker answers with a retriable error (a leader still moving in).
     """
-    return _list_end_offsets(AdminClient(kafka.client_config()), topic, timeout_s)
+    return _list_end_offsets(clients.admin(kafka), topic, timeout_s)
 
 
 def end_offsets_with(admin: AdminClient, topic: str, timeout_s: float) -> dict[int, int]:
@@ -171,7 +172,7 @@ def describe_topics(
     kafka: KafkaSettings, prefix: str, timeout_s: float = 15.0
 ) -> list[TopicDescription]:
     """Every topic whose name starts with ``prefix``: layout and the settings that matter."""
-    admin = AdminClient(kafka.client_config())
+    admin = clients.admin(kafka)
     metadata = admin.list_topics(timeout=timeout_s)
     names = sorted(name for name in metadata.topics if name.startswith(prefix))
     if not names:

@@ -8,10 +8,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 import schemas
+from pipeline.kafka import clients
 from pipeline.kafka.admin import control_topic_spec, end_offsets, ensure_topics
+from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.kafka.exceptions import KafkaError
 from pipeline.settings import KafkaSettings, Settings
 from pipeline.topics import control_topic
@@ -28,7 +30,7 @@ def send_events(
     timeout_s: float = 15.0,
 ) -> None:
     """Produce ``(key, event)`` pairs with ``acks=all``; raise unless all are acknowledged."""
-    producer = Producer({**kafka.client_config(), "acks": "all", "enable.idempotence": True})
+    producer = clients.producer(kafka, role=ProducerRole.RELIABLE)
     failures: list[str] = []
     for key, event in events:
         headers: list[tuple[str, str | bytes | None]] = list(
@@ -59,8 +61,10 @@ class TopicTail(Generic[E]):
         self.undecodable = 0
         self._kind = kind
         self._stop = threading.Event()
-        self._consumer = Consumer(
-            {**kafka.client_config(), "group.id": f"sluiceway-tail-{uuid.uuid4().hex[:8]}"}
+        # A reader, not a subscriber: it assigns its own start offsets, so committing them
+        # (the library default) only left offsets of a throwaway group on the broker.
+        self._consumer = clients.consumer(
+            kafka, group_id=clients.throwaway_group("sluiceway-tail"), role=ConsumerRole.READER
         )
         starts = end_offsets(kafka, topic) if not from_beginning else {}
         metadata = self._consumer.list_topics(topic, timeout=10)

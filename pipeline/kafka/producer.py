@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaError as RdKafkaError
-from confluent_kafka import Message, Producer
+from confluent_kafka import Message, Producer, TopicPartition
 
 from pipeline.kafka.exceptions import KafkaError
 
@@ -33,8 +33,15 @@ class DeliveryError(KafkaError):
 class AsyncProducer:
     """Owns one confluent-kafka producer and the thread that serves its callbacks."""
 
-    def __init__(self, config: dict[str, Any], poll_interval_s: float = 0.05) -> None:
-        self._producer = Producer(config)
+    def __init__(
+        self, producer: Producer | Mapping[str, Any], poll_interval_s: float = 0.05
+    ) -> None:
+        """Take over ``producer`` (built by :mod:`pipeline.kafka.clients`).
+
+        A configuration mapping is still accepted and turned into a producer as it is, for
+        callers not yet moved to the factory.
+        """
+        self._producer = producer if isinstance(producer, Producer) else Producer(dict(producer))
         self._poll_interval_s = poll_interval_s
         self._stopping = threading.Event()
         self._thread = threading.Thread(
@@ -90,6 +97,26 @@ class AsyncProducer:
     ) -> None:
         """Produce one message and wait for the broker's acknowledgement."""
         await self.submit_all([OutgoingMessage(topic, value, key, headers)])
+
+    def init_transactions(self, timeout_s: float) -> None:
+        self._producer.init_transactions(timeout_s)
+
+    def begin_transaction(self) -> None:
+        self._producer.begin_transaction()
+
+    def commit_offsets_in_transaction(
+        self, offsets: Sequence[tuple[Mapping[tuple[str, int], int], Any]], timeout_s: float
+    ) -> None:
+        """Send each group's offsets into the open transaction, commit it, begin the next.
+
+        One transaction may carry the offsets of several consumer groups (a worker serving
+        several models has one group per model), so their results and offsets commit together.
+        """
+        for positions, group_metadata in offsets:
+            partitions = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+            self._producer.send_offsets_to_transaction(partitions, group_metadata, timeout_s)
+        self._producer.commit_transaction(timeout_s)
+        self._producer.begin_transaction()
 
     def flush(self, timeout_s: float) -> int:
         """Wait for every queued message; return how many are still undelivered."""
