@@ -33,13 +33,14 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
-from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import ConsumerGroupState, KafkaException, TopicPartition
 
 import schemas
 from pipeline.client import readable
 from pipeline.console import ProgressBar
+from pipeline.kafka import clients
 from pipeline.kafka.admin import end_offsets
+from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.modeling.cases import CASE_MODEL, generate_cases
 from pipeline.modeling.invoices import FEATURES, generate
 from pipeline.modeling.logistic import LinearModel
@@ -191,7 +192,7 @@ def _publish(
 ) -> dict[str, float]:
     """Produce every request at ``rate`` per second (interleaving the feeds); return when
     each was handed to the producer (monotonic seconds), by request id."""
-    producer = Producer({**settings.kafka.client_config(), "linger.ms": 5, "acks": "all"})
+    producer = clients.producer(settings.kafka, role=ProducerRole.FEED)
     failures: list[str] = []
     sent_at: dict[str, float] = {}
     # Encoded before the clock starts, so the paced feed costs the process almost nothing.
@@ -250,12 +251,10 @@ def _end_offsets(settings: Settings, topics: list[str]) -> list[TopicPartition]:
 def _read_results(
     settings: Settings, start: list[TopicPartition], wanted: set[str], timeout_s: float
 ) -> dict[str, tuple[InferenceResult, float]]:
-    consumer = Consumer(
-        {
-            **settings.kafka.client_config(),
-            "group.id": f"sluiceway-demo-reader-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-        }
+    consumer = clients.consumer(
+        settings.kafka,
+        group_id=clients.throwaway_group("sluiceway-demo-reader"),
+        role=ConsumerRole.READER,
     )
     consumer.assign(start)
     found: dict[str, tuple[InferenceResult, float]] = {}
@@ -476,7 +475,7 @@ class WorkerRun:
 
     def wait_until_assigned(self, settings: Settings, timeout_s: float = 60.0) -> None:
         """Block until the worker's consumer group is stable with partitions assigned."""
-        admin = AdminClient(settings.kafka.client_config())
+        admin = clients.admin(settings.kafka)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.service.exited():

@@ -14,9 +14,9 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, Producer
-
 import schemas
+from pipeline.kafka import clients
+from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.modeling.invoices import FEATURES, Shift, generate
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
@@ -61,7 +61,7 @@ class LabelledFeed:
         return any(t > since and v == version for t, v in list(self.served_by))
 
     def _publish(self) -> None:
-        producer = Producer({**self.settings.kafka.client_config(), "linger.ms": 5})
+        producer = clients.producer(self.settings.kafka, role=ProducerRole.FEED)
         second = 0
         while not self._stop.is_set():
             second += 1
@@ -92,15 +92,13 @@ class LabelledFeed:
         producer.flush(10)
 
     def _label(self) -> None:
-        consumer = Consumer(
-            {
-                **self.settings.kafka.client_config(),
-                "group.id": f"sluiceway-feedback-{uuid.uuid4().hex[:8]}",
-                "auto.offset.reset": "latest",
-            }
+        consumer = clients.consumer(
+            self.settings.kafka,
+            group_id=clients.throwaway_group("sluiceway-feedback"),
+            role=ConsumerRole.SUBSCRIBER,
         )
         consumer.subscribe([self.topics.results])
-        producer = Producer({**self.settings.kafka.client_config(), "linger.ms": 5})
+        producer = clients.producer(self.settings.kafka, role=ProducerRole.FEED)
         try:
             while not self._stop.is_set():
                 for message in consumer.consume(200, 0.2):

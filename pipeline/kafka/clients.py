@@ -285,9 +285,7 @@ def admin(
     overrides: Mapping[str, ConfigValue] | None = None,
 ) -> AdminClient:
     """An admin client built from :func:`admin_config`."""
-    return AdminClient(
-        admin_config(kafka, client_id_suffix=client_id_suffix, overrides=overrides)
-    )
+    return AdminClient(admin_config(kafka, client_id_suffix=client_id_suffix, overrides=overrides))
 
 
 def _base(kafka: KafkaSettings, client_id_suffix: str | None) -> Config:

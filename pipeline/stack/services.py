@@ -183,9 +183,15 @@ class KafkaService(Service):
     def healthy(self) -> bool:
         if not port_open(self.stack.kafka_port):
             return False
-        from confluent_kafka.admin import AdminClient
+        from pipeline.kafka import clients
+        from pipeline.settings import KafkaSettings
 
-        admin = AdminClient({"bootstrap.servers": self.endpoint(), "socket.timeout.ms": 2000})
+        # The local broker listens in plaintext whatever the deployment's security settings.
+        admin = clients.admin(
+            KafkaSettings(bootstrap_servers=self.endpoint()),
+            # A health probe answers within the status command's patience, not librdkafka's.
+            overrides={"socket.timeout.ms": 2000},
+        )
         try:
             metadata = admin.list_topics(timeout=2)
         except Exception:

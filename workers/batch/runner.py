@@ -47,12 +47,14 @@ from pipeline.batchjobs.records import (
 from pipeline.batchjobs.store import ERRORS_FILE, RESULTS_FILE, JobStore
 from pipeline.client import readable, request_id_for
 from pipeline.errors import SluicewayError
+from pipeline.kafka import clients
 from pipeline.kafka.admin import (
     batch_progress_topic_spec,
     end_offsets,
     ensure_topics,
     model_topic_specs,
 )
+from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics, batch_progress_topic
 from schemas import default_codec
@@ -462,16 +464,12 @@ class _JobRun:
     # ---------------------------------------------------------------- kafka
 
     def _transactional_producer(self) -> Producer:
-        producer = Producer(
-            {
-                **self.settings.kafka.client_config(),
-                # One id per job: a second runner of the same job fences the first.
-                "transactional.id": f"{self.settings.namespace}.batch-runner.{self.job.job_id}",
-                "enable.idempotence": True,
-                "linger.ms": 20,
-                "compression.type": "lz4",
-                "transaction.timeout.ms": int(_TRANSACTION_TIMEOUT_S * 1000),
-            }
+        producer = clients.producer(
+            self.settings.kafka,
+            role=ProducerRole.TRANSACTIONAL,
+            # One id per job: a second runner of the same job fences the first.
+            transactional_id=f"{self.settings.namespace}.batch-runner.{self.job.job_id}",
+            transaction_timeout_ms=int(_TRANSACTION_TIMEOUT_S * 1000),
         )
         producer.init_transactions(_TRANSACTION_TIMEOUT_S)
         return producer
@@ -536,14 +534,10 @@ class _JobRun:
         return consumer
 
     def _consumer(self) -> Consumer:
-        return Consumer(
-            {
-                **self.settings.kafka.client_config(),
-                "group.id": f"{self.settings.namespace}.batch-runner.{self.job.job_id}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "auto.offset.reset": "earliest",
-            }
+        return clients.consumer(
+            self.settings.kafka,
+            group_id=f"{self.settings.namespace}.batch-runner.{self.job.job_id}",
+            role=ConsumerRole.COMMITTED,
         )
 
 

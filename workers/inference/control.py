@@ -7,13 +7,16 @@ restores the current routing; later events arrive within one poll of the worker 
 from __future__ import annotations
 
 import logging
-import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 import schemas
+from pipeline.kafka import clients
+from pipeline.kafka.clients import ConsumerRole
 from pipeline.routing import RouteAction, RouteDecision, RoutingTable
+from pipeline.settings import KafkaSettings
 from schemas.exceptions import DecodeError
 from schemas.models import ControlAction, ControlEvent
 
@@ -54,17 +57,20 @@ def to_decision(event: ControlEvent) -> RouteDecision:
 class ControlFollower:
     """Reads the control topic without a consumer group (every worker reads all of it)."""
 
-    def __init__(self, kafka_config: dict[str, Any], topic: str, routing: RoutingTable) -> None:
+    def __init__(
+        self, kafka: KafkaSettings | Mapping[str, Any], topic: str, routing: RoutingTable
+    ) -> None:
+        """``kafka`` is the settings; a ``client_config()`` mapping is still accepted (the
+        worker passes one until it builds its clients through :mod:`pipeline.kafka.clients`)."""
         self.topic = topic
         self.routing = routing
-        self._consumer = Consumer(
-            {
-                **kafka_config,
-                "group.id": f"sluiceway-control-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            }
-        )
+        group_id = clients.throwaway_group("sluiceway-control")
+        if isinstance(kafka, KafkaSettings):
+            self._consumer = clients.consumer(kafka, group_id=group_id, role=ConsumerRole.READER)
+        else:
+            self._consumer = Consumer(
+                {**kafka, **clients.consumer_profile(ConsumerRole.READER), "group.id": group_id}
+            )
         metadata = self._consumer.list_topics(topic, timeout=10)
         partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
         self._consumer.assign(
