@@ -18,7 +18,6 @@ import threading
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
-    Consumer,
     KafkaError,
     KafkaException,
     Producer,
@@ -27,7 +26,9 @@ from confluent_kafka import (
 
 from connectors.common.exceptions import CheckpointError
 from pipeline.errors import SluicewayError
+from pipeline.kafka import clients
 from pipeline.kafka.admin import TopicSpec, end_offsets, ensure_topics
+from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import Settings
 
 
@@ -95,14 +96,10 @@ class CheckpointStore:
         if end == 0:
             return positions
         prefix = f"{self.connector}/"
-        consumer = Consumer(
-            {
-                **self.settings.kafka.client_config(),
-                "group.id": f"sluiceway-checkpoints-{self.connector}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": True,
-            }
+        consumer = clients.consumer(
+            self.settings.kafka,
+            group_id=f"sluiceway-checkpoints-{self.connector}",
+            role=ConsumerRole.SNAPSHOT,
         )
         try:
             consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
@@ -149,13 +146,7 @@ class CheckpointStore:
                 # Before the first write, not only in load(): a topic the broker auto-creates
                 # would get its default partitions, and load() reads partition 0 only.
                 self.ensure_topic()
-                self._producer = Producer(
-                    {
-                        **self.settings.kafka.client_config(),
-                        "acks": "all",
-                        "enable.idempotence": True,
-                    }
-                )
+                self._producer = clients.producer(self.settings.kafka, role=ProducerRole.RELIABLE)
             producer = self._producer
             try:
                 producer.produce(

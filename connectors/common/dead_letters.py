@@ -15,6 +15,8 @@ from confluent_kafka import KafkaException, Producer
 
 import schemas
 from connectors.common.exceptions import DeadLetterError
+from pipeline.kafka import clients
+from pipeline.kafka.clients import ProducerRole
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.models import DeadLetter, Header
@@ -103,9 +105,7 @@ def send_unmappable(
     )
     value, headers = encode_letter(letter)
     topic = ModelTopics(settings.namespace, model).dlq
-    sender = producer or Producer(
-        {**settings.kafka.client_config(), "acks": "all", "enable.idempotence": True}
-    )
+    sender = producer or clients.producer(settings.kafka, role=ProducerRole.RELIABLE)
     failures: list[str] = []
     try:
         sender.produce(

@@ -16,7 +16,6 @@ from typing import Literal
 
 import grpc
 import httpx2
-from confluent_kafka import Consumer, Producer
 
 from connectors.common.checkpoint import CheckpointStore
 from connectors.common.dead_letters import send_unmappable
@@ -36,7 +35,9 @@ from connectors.salesforce.exceptions import ConfigurationError
 from connectors.salesforce.pubsub import PubSubClient
 from connectors.salesforce.rest import DEFAULT_API_VERSION, SalesforceRest
 from pipeline.client import SluicewayClient
+from pipeline.kafka import clients
 from pipeline.kafka.admin import ensure_topics, model_topic_specs
+from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 
@@ -95,9 +96,7 @@ class SalesforceConnector:
         ensure_topics(settings.kafka, model_topic_specs(topics))
         self.client = SluicewayClient(settings, client_id=f"salesforce-{options.name}")
         self.checkpoints = CheckpointStore(settings, f"salesforce-{options.name}")
-        self._dlq_producer = Producer(
-            {**settings.kafka.client_config(), "acks": "all", "enable.idempotence": True}
-        )
+        self._dlq_producer = clients.producer(settings.kafka, role=ProducerRole.RELIABLE)
         self.ingest: IngestLoop | None = None
         self.writeback: WritebackLoop | None = None
         fields = input_fields(mapping)
@@ -148,14 +147,10 @@ class SalesforceConnector:
                 dead_letter=dead_letter,
             )
         if options.writeback and writeback is not None:
-            consumer = Consumer(
-                {
-                    **settings.kafka.client_config(),
-                    "group.id": f"sluiceway-salesforce-{options.name}",
-                    "enable.auto.commit": False,
-                    "auto.offset.reset": "earliest",
-                    "isolation.level": "read_committed",
-                }
+            consumer = clients.consumer(
+                settings.kafka,
+                group_id=f"sluiceway-salesforce-{options.name}",
+                role=ConsumerRole.COMMITTED,
             )
             consumer.subscribe([topics.results])
             self.writeback = WritebackLoop(

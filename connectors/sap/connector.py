@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import signal
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -61,7 +60,9 @@ from connectors.sap.writeback import (
     predicate_of,
 )
 from pipeline.client import request_id_for
+from pipeline.kafka import clients
 from pipeline.kafka.admin import ensure_topics, model_topic_specs
+from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.kafka.producer import AsyncProducer, DeliveryError, OutgoingMessage
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
@@ -159,12 +160,7 @@ class SapConnector:
             since,
         )
         self._producer = AsyncProducer(
-            {
-                **self.settings.kafka.client_config(),
-                "acks": "all",
-                "enable.idempotence": True,
-                "linger.ms": 2,
-            }
+            clients.producer(self.settings.kafka, role=ProducerRole.REQUESTS)
         )
         log.info(
             'sap connector started name="%s" model="%s" known_requests="%d" positions="%s"',
@@ -441,18 +437,16 @@ class SapConnector:
         """Write results back until ``stop``; commit offsets only after their writes."""
         if self.writeback_spec is None:
             return
-        consumer = Consumer(
-            {
-                **self.settings.kafka.client_config(),
-                "group.id": self.writeback_group,
+        consumer = clients.consumer(
+            self.settings.kafka,
+            group_id=self.writeback_group,
+            role=ConsumerRole.COMMITTED,
+            overrides={
                 # Static membership: a restarted connector takes its partitions back at once
                 # instead of waiting out the dead member's session.
                 "group.instance.id": f"{self.writeback_group}.0",
                 "session.timeout.ms": 10_000,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-            }
+            },
         )
         consumer.subscribe([self.topics.results])
         try:
@@ -623,13 +617,10 @@ def published_request_ids(
     broker acked a request but before it answered the sender finds the request here, and the
     redelivered event is recognised as a duplicate.
     """
-    consumer = Consumer(
-        {
-            **settings.kafka.client_config(),
-            "group.id": f"sluiceway-dedupe-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
+    consumer = clients.consumer(
+        settings.kafka,
+        group_id=clients.throwaway_group("sluiceway-dedupe"),
+        role=ConsumerRole.SNAPSHOT,
     )
     found: set[str] = set()
     try:
