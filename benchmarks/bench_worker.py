@@ -33,18 +33,20 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import schemas  # noqa: E402
+from pipeline.kafka import clients  # noqa: E402
 from pipeline.kafka.admin import (  # noqa: E402
     TopicSpec,
     control_topic_spec,
     ensure_topics,
     model_topic_specs,
 )
+from pipeline.kafka.clients import ConsumerRole, ProducerRole  # noqa: E402
 from pipeline.settings import Settings, load_settings  # noqa: E402
 from pipeline.stack import manager  # noqa: E402
 from pipeline.storage.client import ensure_bucket, make_client  # noqa: E402
@@ -76,7 +78,7 @@ def make_requests(count: int) -> list[bytes]:
 
 
 def publish_all(settings: Settings, topic: str, values: list[bytes]) -> None:
-    producer = Producer({**settings.kafka.client_config(), "linger.ms": 5, "acks": "all"})
+    producer = clients.producer(settings.kafka, role=ProducerRole.FEED)
     for index, value in enumerate(values):
         while True:
             try:
@@ -89,14 +91,12 @@ def publish_all(settings: Settings, topic: str, values: list[bytes]) -> None:
 
 
 def consumer_for(settings: Settings, topic: str, group: str) -> Consumer:
-    consumer = Consumer(
-        {
-            **settings.kafka.client_config(),
-            "group.id": group,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "fetch.max.bytes": 16 * 1024 * 1024,
-        }
+    consumer = clients.consumer(
+        settings.kafka,
+        group_id=group,
+        role=ConsumerRole.COMMITTED,
+        # Large fetches: a benchmark loop should wait on the pipeline, not on small fetches.
+        overrides={"fetch.max.bytes": 16 * 1024 * 1024},
     )
     consumer.subscribe([topic])
     return consumer
@@ -136,15 +136,8 @@ async def triton_direct(settings: Settings, rows_total: int) -> float:
 
 def kafka_passthrough(settings: Settings, source: str, sink: str, count: int) -> float:
     consumer = consumer_for(settings, source, f"bench-pass-{uuid.uuid4().hex[:6]}")
-    producer = Producer(  # the worker's producer settings
-        {
-            **settings.kafka.client_config(),
-            "acks": "all",
-            "enable.idempotence": True,
-            "linger.ms": 2,
-            "compression.type": "lz4",
-        }
-    )
+    # The worker's producer profile.
+    producer = clients.producer(settings.kafka, role=ProducerRole.LOW_LATENCY)
     max_message_bytes = settings.workers.max_message_bytes
     done = 0
     started: float | None = None
@@ -218,7 +211,7 @@ def worker_throughput(settings: Settings, topics: ModelTopics, count: int, log: 
 
 def naive_loop(settings: Settings, source: str, sink: str, count: int) -> float:
     consumer = consumer_for(settings, source, f"bench-naive-{uuid.uuid4().hex[:6]}")
-    producer = Producer({**settings.kafka.client_config(), "acks": "all"})
+    producer = clients.producer(settings.kafka, role=ProducerRole.FEED)
     client = triton_grpc.InferenceServerClient(settings.backends.triton.grpc_url)
     done = 0
     started: float | None = None
@@ -276,7 +269,9 @@ def latency_at(
         # Publishing as the SDK does (pipeline/client.py: linger 2 ms): with linger 0 every
         # request is a produce request of its own, and at thousands per second that load on
         # the broker (on the worker's 2 cores) measured the load generator, not the worker.
-        producer = Producer({**settings.kafka.client_config(), "linger.ms": 2, "acks": "all"})
+        producer = clients.producer(
+            settings.kafka, role=ProducerRole.FEED, overrides={"linger.ms": 2}
+        )
         total = int(rate * seconds)
         bodies = make_requests(total)
         ids = [str(schemas.decode(b, InferenceRequest).request_id) for b in bodies]

@@ -18,8 +18,6 @@ import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka import Producer
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -30,7 +28,9 @@ from benchmarks.bench_worker import (  # noqa: E402
     progress,
     publish_all,
 )
+from pipeline.kafka import clients  # noqa: E402
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, model_topic_specs  # noqa: E402
+from pipeline.kafka.clients import ProducerRole  # noqa: E402
 from pipeline.settings import Settings, load_settings  # noqa: E402
 from pipeline.stack import manager  # noqa: E402
 from pipeline.topics import ModelTopics  # noqa: E402
@@ -44,7 +44,8 @@ def publish_at(
 ) -> list[float]:
     """Publish ``bodies`` at ``rate`` per second, keyed from ``first_key`` on; return each
     one's publish time (epoch s)."""
-    producer = Producer({**settings.kafka.client_config(), "linger.ms": 2, "acks": "all"})
+    # Linger 2 ms as the SDK publishes (see bench_worker.py's live rate).
+    producer = clients.producer(settings.kafka, role=ProducerRole.FEED, overrides={"linger.ms": 2})
     sent: list[float] = []
     started = time.perf_counter()
     for index, body in enumerate(bodies):
