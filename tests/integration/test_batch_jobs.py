@@ -19,14 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import TopicPartition
 
 import schemas
 from pipeline.batchjobs.examples import invoice_records, write_example
 from pipeline.batchjobs.store import JobStore
 from pipeline.batchjobs.submit import submit
 from pipeline.cli import main as cli_main
+from pipeline.kafka import clients
 from pipeline.kafka.admin import end_offsets
+from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import BatchSettings, Settings
 from pipeline.storage.client import make_client
 from pipeline.topics import ModelTopics
@@ -96,13 +98,8 @@ def _published_keys(settings: Settings, job_id: str) -> list[bytes]:
     """Every committed record of the job on the batch topic (what the worker could see)."""
     topic = ModelTopics(settings.namespace, MODEL).batch
     ends = end_offsets(settings.kafka, topic)
-    consumer = Consumer(
-        {
-            **settings.kafka.client_config(),
-            "group.id": f"audit-{uuid.uuid4().hex[:6]}",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-        }
+    consumer = clients.consumer(
+        settings.kafka, group_id=f"audit-{uuid.uuid4().hex[:6]}", role=ConsumerRole.READER
     )
     consumer.assign([TopicPartition(topic, p, 0) for p in ends])
     keys: list[bytes] = []
@@ -334,13 +331,10 @@ def test_a_job_past_its_completion_window_expires_with_every_record_named(
 def _latencies(settings: Settings, count: int, rate_per_s: float) -> list[float]:
     """Publish ``count`` real-time requests at a steady rate; seconds from send to result."""
     topics = ModelTopics(settings.namespace, MODEL)
-    producer = Producer({**settings.kafka.client_config(), "linger.ms": 0, "acks": "all"})
-    consumer = Consumer(
-        {
-            **settings.kafka.client_config(),
-            "group.id": f"latency-{uuid.uuid4().hex[:6]}",
-            "enable.auto.commit": False,
-        }
+    # Linger 0: each request leaves at once, so the latency measured is the pipeline's.
+    producer = clients.producer(settings.kafka, role=ProducerRole.FEED, overrides={"linger.ms": 0})
+    consumer = clients.consumer(
+        settings.kafka, group_id=f"latency-{uuid.uuid4().hex[:6]}", role=ConsumerRole.READER
     )
     ends = end_offsets(settings.kafka, topics.results)
     consumer.assign([TopicPartition(topics.results, p, o) for p, o in ends.items()])

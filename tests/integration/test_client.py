@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 import schemas
 from pipeline.client import (
@@ -25,6 +25,8 @@ from pipeline.client import (
     SluicewayClient,
     request_id_for,
 )
+from pipeline.kafka import clients
+from pipeline.kafka.clients import ConsumerRole
 from pipeline.settings import Settings
 from schemas.models import InferenceRequest, InferenceResult, ResultStatus
 from tests.integration import traffic
@@ -54,7 +56,7 @@ def test_publish_is_acknowledged_where_the_request_is_stored(settings: Settings)
     with SluicewayClient(settings) as client:
         receipts = client.publish_many(requests)
     assert [r.request_id for r in receipts] == [str(r.request_id) for r in requests]
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": "receipt-check"})
+    consumer = clients.consumer(settings.kafka, group_id="receipt-check", role=ConsumerRole.READER)
     try:
         for receipt, request in list(zip(receipts, requests, strict=True))[:5]:
             consumer.assign([TopicPartition(receipt.topic, receipt.partition, receipt.offset)])

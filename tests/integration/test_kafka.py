@@ -8,8 +8,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
+from pipeline.kafka import clients
+from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import Settings
 from tests.integration.waiting import wait_for
 
@@ -17,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _produce(settings: Settings, topic: str, values: list[bytes]) -> None:
-    producer = Producer({**settings.kafka.client_config(), "acks": "all"})
+    producer = clients.producer(settings.kafka, role=ProducerRole.FEED)
     errors: list[object] = []
     for index, value in enumerate(values):
         producer.produce(
@@ -31,14 +33,7 @@ def _produce(settings: Settings, topic: str, values: list[bytes]) -> None:
 
 
 def _consumer(settings: Settings, group: str) -> Consumer:
-    return Consumer(
-        {
-            **settings.kafka.client_config(),
-            "group.id": group,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
+    return clients.consumer(settings.kafka, group_id=group, role=ConsumerRole.COMMITTED)
 
 
 def test_confluent_kafka_round_trip_keeps_every_message_and_offset(

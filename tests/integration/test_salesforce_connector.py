@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 import schemas
 from connectors.common.checkpoint import CheckpointStore, position_bytes
@@ -26,7 +26,9 @@ from connectors.salesforce.exceptions import AuthenticationError, ReplayIdReject
 from connectors.salesforce.rest import RecordUpdate, SalesforceRest
 from connectors.salesforce.runner import ConnectorOptions, SalesforceConnector
 from pipeline.client import request_id_for
+from pipeline.kafka import clients
 from pipeline.kafka.admin import end_offsets
+from pipeline.kafka.clients import ConsumerRole
 from pipeline.modeling.invoices import generate
 from pipeline.resilience.retry import RetryPolicy
 from pipeline.settings import Settings
@@ -115,12 +117,8 @@ def _expected_request_id(index: int) -> uuid.UUID:
 def _read_all(settings: Settings, topic: str) -> list[bytes]:
     """Every message value of ``topic`` up to its current end."""
     ends = end_offsets(settings.kafka, topic)
-    consumer = Consumer(
-        {
-            **settings.kafka.client_config(),
-            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-        }
+    consumer = clients.consumer(
+        settings.kafka, group_id=f"reader-{uuid.uuid4().hex[:8]}", role=ConsumerRole.READER
     )
     values: list[bytes] = []
     try:

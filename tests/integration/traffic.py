@@ -11,10 +11,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import TopicPartition
 
 import schemas
 from pipeline.kafka import admin as kafka_admin
+from pipeline.kafka import clients
+from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import Settings
 from schemas.models import DeadLetter, InferenceRequest, InferenceResult, Inputs
 
@@ -29,7 +31,7 @@ def scaler_request(index: int, **fields: object) -> InferenceRequest:
 
 
 def publish(settings: Settings, topic: str, values: Iterable[tuple[bytes | None, bytes]]) -> int:
-    producer = Producer({**settings.kafka.client_config(), "acks": "all", "linger.ms": 5})
+    producer = clients.producer(settings.kafka, role=ProducerRole.FEED)
     errors: list[object] = []
     count = 0
     for key, value in values:
@@ -64,14 +66,11 @@ def collect(
     read_committed: bool = True,
 ) -> Collected:
     """Read outcomes until ``expected`` distinct request outcomes arrived or time runs out."""
-    consumer = Consumer(
-        {
-            **settings.kafka.client_config(),
-            "group.id": f"collector-{uuid.uuid4().hex[:8]}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed" if read_committed else "read_uncommitted",
-        }
+    consumer = clients.consumer(
+        settings.kafka,
+        group_id=clients.throwaway_group("collector"),
+        role=ConsumerRole.COMMITTED,
+        overrides={"isolation.level": "read_committed" if read_committed else "read_uncommitted"},
     )
     consumer.subscribe([results_topic, dlq_topic])
     results: list[InferenceResult] = []
@@ -102,7 +101,7 @@ def collect(
 def committed_offsets(
     settings: Settings, group: str, topic: str, partitions: int
 ) -> dict[int, int]:
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": group})
+    consumer = clients.consumer(settings.kafka, group_id=group, role=ConsumerRole.READER)
     try:
         committed = consumer.committed(
             [TopicPartition(topic, p) for p in range(partitions)], timeout=10
