@@ -5,11 +5,17 @@ idempotent and order-safe: each model keeps the decision with the newest ``issue
 so replaying the topic from the start, or seeing an event twice, gives the same table. A
 manual pin outranks automatic decisions until a manual unpin (or another manual decision)
 replaces it.
+
+A decision may carry an ``idempotency_key`` (the monitor derives one from the rollback's model,
+versions and breaching windows): a key the table has already seen is a no-op whatever the
+decision's ``issued_at_ms``, so a rollback emitted twice (a monitor killed after producing it and
+before recording that it did) takes effect once, even if an operator acted in between.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -34,6 +40,8 @@ class RouteDecision:
     canary_version: str | None = None
     canary_fraction: float = 0.0
     reason: str = ""
+    idempotency_key: str | None = None
+    """The same key twice is one decision: the second is a no-op (see the module doc)."""
 
     def __post_init__(self) -> None:
         if self.action is not RouteAction.UNPIN and not self.version:
@@ -50,15 +58,33 @@ class _Route:
     pinned: bool
 
 
+KEYS_PER_MODEL = 1024
+"""Idempotency keys remembered per model (oldest forgotten first): far more than the rollbacks a
+model sees between two restarts of the monitor that could repeat one."""
+
+
 class RoutingTable:
     """Serving versions per model; ``default_versions`` apply until a decision arrives."""
 
     def __init__(self, default_versions: Mapping[str, str] | None = None) -> None:
         self._defaults = dict(default_versions or {})
         self._routes: dict[str, _Route] = {}
+        self._keys: dict[str, OrderedDict[str, None]] = {}
 
     def apply(self, decision: RouteDecision) -> bool:
-        """Fold one decision in; return whether it changed the table."""
+        """Fold one decision in; return whether it changed the table.
+
+        A decision whose ``idempotency_key`` was seen before is a no-op. The key is remembered
+        the first time it is seen, whether or not that decision changed the table (a rollback
+        refused because of a pin stays refused when it is repeated after the unpin).
+        """
+        if decision.idempotency_key is not None:
+            if self.has_seen(decision.model, decision.idempotency_key):
+                return False  # the same decision, emitted again
+            keys = self._keys.setdefault(decision.model, OrderedDict())
+            keys[decision.idempotency_key] = None
+            while len(keys) > KEYS_PER_MODEL:
+                keys.popitem(last=False)
         current = self._routes.get(decision.model)
         if current is not None:
             if decision.issued_at_ms <= current.decision.issued_at_ms:
@@ -86,6 +112,10 @@ class RoutingTable:
         ):
             return decision.canary_version
         return decision.version
+
+    def has_seen(self, model: str, idempotency_key: str) -> bool:
+        """Whether a decision with this key was folded in (applied or not)."""
+        return idempotency_key in self._keys.get(model, ())
 
     def is_pinned(self, model: str) -> bool:
         route = self._routes.get(model)

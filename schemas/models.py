@@ -515,6 +515,8 @@ class ControlEvent(Event):
     issued_at: Timestamp
     issued_by: Name | None = None
     trace: TraceContext | None = None
+    idempotency_key: Name | None = None
+    """Followers fold a repeated key as a no-op (``RoutingTable.apply``)."""
 
     @model_validator(mode="after")
     def _action_arguments(self) -> Self:

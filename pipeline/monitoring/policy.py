@@ -14,6 +14,13 @@ continues the count). The rules:
   healthy (``recovery_windows`` clean windows) more recently than any alert of its own; no
   operator pin; and the model's last automatic action is older than ``cooldown_s``.
 - After a rollback the rolled-back version's count starts again, so it is not rolled back twice.
+- The policy remembers, per version, the last window it judged and what it decided: the same
+  window seen again (a monitor that died after judging it and before forgetting it) gets the same
+  decision back without being counted twice, and ``ModelState.behind`` tells an older window of
+  that version, already judged and written, from a new one.
+- A rollback carries an idempotency key derived from the model, both versions and the starts of
+  the breaching windows (``rollback_key``): deciding the same rollback again gives the same key,
+  which followers of the control topic fold once.
 
 Every decision carries an explanation that names the evidence: metric, value, threshold,
 windows.
@@ -21,6 +28,9 @@ windows.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -54,6 +64,10 @@ class VersionState:
     """End of the window that last completed a healthy streak."""
     recent_windows: list[tuple[int, int]] = field(default_factory=list)
     """(start, end) of the current breaching streak's windows, for the explanation."""
+    judged_start_ms: int | None = None
+    """Start of the last window judged (``observe``) for this version."""
+    judged: dict[str, Any] | None = None
+    """What that window was decided (``Decision.to_json``), replayed if it is seen again."""
 
 
 @dataclass
@@ -75,10 +89,22 @@ class ModelState:
                 alerting=bool(v["alerting"]),
                 healthy_at_ms=v.get("healthy_at_ms"),
                 recent_windows=[(int(s), int(e)) for s, e in v.get("recent_windows", [])],
+                judged_start_ms=v.get("judged_start_ms"),
+                judged=v.get("judged"),
             )
             for name, v in data.get("versions", {}).items()
         }
         return cls(versions=versions, last_action_ms=data.get("last_action_ms"))
+
+    def behind(self, version: str, start_ms: int) -> bool:
+        """Whether a later window of ``version`` than the one at ``start_ms`` was judged: that
+        one was judged and written before it (windows are judged in order) and is done."""
+        state = self.versions.get(version)
+        return (
+            state is not None
+            and state.judged_start_ms is not None
+            and start_ms < state.judged_start_ms
+        )
 
 
 @dataclass(frozen=True)
@@ -91,6 +117,39 @@ class Decision:
     rollback_to: str | None
     explanation: str
     evidence: tuple[Breach, ...]
+    windows: tuple[tuple[int, int], ...] = ()
+    """(start, end) of the breaching windows the decision rests on."""
+    idempotency_key: str | None = None
+    """A rollback's key (``rollback_key``): the same rollback decided twice has the same key."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Decision:
+        return cls(
+            decision=str(data["decision"]),
+            severity=str(data["severity"]),
+            consecutive_breaches=int(data["consecutive_breaches"]),
+            rollback_to=data.get("rollback_to"),
+            explanation=str(data["explanation"]),
+            evidence=tuple(
+                Breach(str(b["metric"]), float(b["value"]), float(b["threshold"]))
+                for b in data.get("evidence", [])
+            ),
+            windows=tuple((int(s), int(e)) for s, e in data.get("windows", [])),
+            idempotency_key=data.get("idempotency_key"),
+        )
+
+
+def rollback_key(
+    model: str, from_version: str, to_version: str, window_starts: Sequence[int]
+) -> str:
+    """The idempotency key of a rollback: a digest of what identifies it, so it is the same
+    however often, and by whichever monitor, the rollback is decided, whatever the characters in
+    the names."""
+    identity = json.dumps([model, from_version, to_version, [int(s) for s in window_starts]])
+    return "rollback-" + hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
 def _time(ms: int) -> str:
@@ -117,8 +176,32 @@ class RollbackPolicy:
         serving_version: str | None,
         pinned: bool,
     ) -> Decision:
-        """Fold one closed window into ``state`` (mutated) and decide."""
+        """Fold one closed window into ``state`` (mutated) and decide.
+
+        The window judged last for its version, seen again, gets the same decision back and
+        changes nothing. A window older than that one must not be passed in (``behind``).
+        """
         version = state.versions.setdefault(window.version, VersionState())
+        if version.judged is not None and version.judged_start_ms == window.start_ms:
+            return Decision.from_json(version.judged)
+        if version.judged_start_ms is not None and window.start_ms < version.judged_start_ms:
+            raise ValueError(
+                f"{window.model} v{window.version}: window at {window.start_ms} is older than "
+                f"the one judged last ({version.judged_start_ms})"
+            )
+        decision = self._decide(state, version, window, serving_version, pinned)
+        version.judged_start_ms = window.start_ms
+        version.judged = decision.to_json()
+        return decision
+
+    def _decide(
+        self,
+        state: ModelState,
+        version: VersionState,
+        window: WindowSummary,
+        serving_version: str | None,
+        pinned: bool,
+    ) -> Decision:
         if not window.breached:
             return self._clean(version, window)
         version.consecutive_breaches += 1
@@ -134,14 +217,23 @@ class RollbackPolicy:
             f"({', '.join(f'{_time(s)}-{_time(e)}' for s, e in version.recent_windows)}): "
             f"{_describe(window.breaches)}."
         )
+        spans = tuple(version.recent_windows)
         if streak < needed:
             return Decision(
-                "none", "warning", streak, None, f"{found} Alert after {needed}.", window.breaches
+                "none",
+                "warning",
+                streak,
+                None,
+                f"{found} Alert after {needed}.",
+                window.breaches,
+                spans,
             )
         version.alerting = True
         reason = self._why_not_rollback(state, window, serving_version, pinned)
         if reason is not None:
-            return Decision("alert", "critical", streak, None, f"{found} {reason}", window.breaches)
+            return Decision(
+                "alert", "critical", streak, None, f"{found} {reason}", window.breaches, spans
+            )
         target = self._healthy_other(state, window.version)
         assert target is not None  # _why_not_rollback checked it
         healthy_at = state.versions[target].healthy_at_ms
@@ -153,7 +245,10 @@ class RollbackPolicy:
             f"{found} v{target} was healthy (clean through {_time(healthy_at)}); "
             f"rolling {window.model} back from v{window.version} to v{target}."
         )
-        return Decision("rollback", "critical", streak, target, explanation, window.breaches)
+        key = rollback_key(window.model, window.version, target, [s for s, _ in spans])
+        return Decision(
+            "rollback", "critical", streak, target, explanation, window.breaches, spans, key
+        )
 
     def _clean(self, version: VersionState, window: WindowSummary) -> Decision:
         version.consecutive_breaches = 0

@@ -30,6 +30,7 @@ from schemas.models import (
 from tests.integration.waiting import wait_until
 from workers.feeds import LabelledFeed
 from workers.inference.runner import prepare_topics_and_bucket
+from workers.monitor.app import FAULT_ENV
 from workers.processes import ServiceProcess
 
 WINDOW_S = 2.0
@@ -227,5 +228,56 @@ def test_a_monitor_killed_mid_window_resumes_and_still_decides(scene: Scene) -> 
         assert scene.rollbacks()[0].to_version == "1"
         second = [r for r in _judged(scene, "2")() if r.consecutive_breaches == 2]
         assert second, "the breach count carried over the restart"
+    finally:
+        traffic.stop()
+
+
+@pytest.fixture
+def kill_after_rollback(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """The monitor started next SIGKILLs itself right after its rollback is acknowledged."""
+    monkeypatch.setenv(FAULT_ENV, "kill-after-rollback")
+    return monkeypatch
+
+
+def test_a_monitor_killed_right_after_emitting_a_rollback_rolls_back_once(
+    kill_after_rollback: pytest.MonkeyPatch, scene: Scene
+) -> None:
+    """Killed between the acknowledged rollback and forgetting its window, the monitor judges
+    that window again on restart, finds the rollback's idempotency key on the control topic,
+    and does not send it again: exactly one rollback."""
+    traffic = LabelledFeed(scene.settings, DEMO_MODEL, RATE).start()
+    try:
+        _healthy_v1_then_promote_v2(scene, traffic)
+        wait_until(lambda: scene.rollbacks(), timeout_s=60, what="a rollback control event")
+        wait_until(scene.monitor.exited, timeout_s=30, what="the monitor killed by its fault")
+        assert scene.monitor.process is not None
+        assert scene.monitor.process.returncode == -signal.SIGKILL
+        [rollback] = scene.rollbacks()
+        assert rollback.idempotency_key is not None
+        assert (rollback.from_version, rollback.to_version) == ("2", "1")
+
+        kill_after_rollback.delenv(FAULT_ENV)
+        scene.monitor.start()
+        wait_until(
+            lambda: [r.report_id for r in scene.reports()].count(rollback.report_id) >= 2,
+            timeout_s=90,
+            what="the window behind the rollback judged again after the restart",
+        )
+        again = [r for r in scene.reports() if r.report_id == rollback.report_id][-1]
+        assert again.decision is DriftDecision.ROLLBACK  # the same decision, not a new one
+        judged_before = len(_judged(scene, "1")())
+        wait_until(
+            lambda: len(_judged(scene, "1")()) >= judged_before + 2,
+            timeout_s=60,
+            what="two more judged windows of v1 after the restart",
+        )
+        assert len(scene.rollbacks()) == 1
+        assert not scene.monitor.exited()  # it never got to send (and be killed for) another
+        after = time.monotonic()
+        wait_until(
+            lambda: traffic.served_since(after, "1"),
+            timeout_s=30,
+            what="results served by v1",
+        )
     finally:
         traffic.stop()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pipeline.monitoring.evidence import Breach, WindowSummary
-from pipeline.monitoring.policy import ModelState, PolicySettings, RollbackPolicy
+from pipeline.monitoring.policy import ModelState, PolicySettings, RollbackPolicy, rollback_key
 
 WINDOW_MS = 30_000
 SCORE_DRIFT = Breach("psi:score", 2.4, 0.2)
@@ -159,3 +161,47 @@ def test_state_survives_a_json_round_trip_mid_streak() -> None:
         restored, _window(index + 1, "2", SCORE_DRIFT), serving_version="2", pinned=False
     )
     assert decision.decision == "rollback"
+
+
+def test_the_same_window_seen_again_gets_the_same_decision_and_is_not_counted_twice() -> None:
+    policy, state = _policy(), ModelState()
+    index = _healthy_v1(policy, state)
+    first = _window(index, "2", SCORE_DRIFT)
+    assert policy.observe(state, first, serving_version="2", pinned=False).decision == "none"
+    again = policy.observe(state, first, serving_version="2", pinned=False)
+    assert (again.decision, again.consecutive_breaches) == ("none", 1)
+    second = _window(index + 1, "2", SCORE_DRIFT)
+    rollback = policy.observe(state, second, serving_version="2", pinned=False)
+    assert rollback.decision == "rollback"
+    # Seen again after the state went through its JSON (a restart), with the routing table
+    # already rolled back: still the same rollback, with the same key.
+    restored = ModelState.from_json(state.to_json())
+    replay = policy.observe(restored, second, serving_version="1", pinned=False)
+    assert replay == rollback
+    assert restored.behind("2", first.start_ms)
+    assert not restored.behind("2", second.start_ms)
+    with pytest.raises(ValueError, match="older than"):
+        policy.observe(restored, first, serving_version="1", pinned=False)
+
+
+def test_a_rollback_key_names_the_model_the_versions_and_the_breaching_windows() -> None:
+    policy, state = _policy(), ModelState()
+    index = _healthy_v1(policy, state)
+    policy.observe(state, _window(index, "2", SCORE_DRIFT), serving_version="2", pinned=False)
+    decision = policy.observe(
+        state, _window(index + 1, "2", SCORE_DRIFT), serving_version="2", pinned=False
+    )
+    starts = [_window(index, "2").start_ms, _window(index + 1, "2").start_ms]
+    assert decision.windows == tuple((s, s + WINDOW_MS) for s in starts)
+    assert decision.idempotency_key == rollback_key("invoice_risk", "2", "1", starts)
+    assert decision.idempotency_key is not None
+    assert len(decision.idempotency_key) <= 64
+    others = {
+        rollback_key("invoice_risk", "2", "1", starts[1:]),
+        rollback_key("invoice_risk", "3", "1", starts),
+        rollback_key("invoice_risk", "2", "0", starts),
+        rollback_key("other", "2", "1", starts),
+        rollback_key("invoice_risk|2", "", "1", starts),
+    }
+    assert decision.idempotency_key not in others
+    assert len(others) == 5

@@ -53,3 +53,33 @@ def test_incomplete_decisions_are_refused() -> None:
         _decision(RouteAction.PROMOTE, None, at=1)
     with pytest.raises(ValueError, match="canary needs"):
         _decision(RouteAction.CANARY, "1", at=1, canary_version="2", canary_fraction=1.5)
+
+
+def test_the_same_rollback_applied_twice_changes_the_table_once() -> None:
+    """A rollback emitted again (a monitor killed before it recorded the first) carries the same
+    idempotency key and a later ``issued_at``: it is a no-op, even after an operator's decision
+    that it would otherwise override."""
+    table = RoutingTable({"fraud": "1"})
+    table.apply(_decision(RouteAction.PROMOTE, "2", at=10, manual=True))
+    rollback = _decision(RouteAction.ROLLBACK, "1", at=20, idempotency_key="rollback-abc")
+    assert table.apply(rollback)
+    assert table.version_for("fraud") == "1"
+    assert table.has_seen("fraud", "rollback-abc")
+    assert table.apply(_decision(RouteAction.PROMOTE, "3", at=30, manual=True))
+    repeated = _decision(RouteAction.ROLLBACK, "1", at=40, idempotency_key="rollback-abc")
+    assert not table.apply(repeated)
+    assert table.version_for("fraud") == "3"
+    # A different key is a different decision.
+    assert table.apply(_decision(RouteAction.ROLLBACK, "1", at=50, idempotency_key="rollback-x"))
+    assert table.version_for("fraud") == "1"
+
+
+def test_a_key_refused_once_stays_refused() -> None:
+    table = RoutingTable({"fraud": "1"})
+    table.apply(_decision(RouteAction.PIN, "2", at=10, manual=True))
+    refused = _decision(RouteAction.ROLLBACK, "1", at=20, idempotency_key="k")
+    assert not table.apply(refused)
+    table.apply(_decision(RouteAction.UNPIN, None, at=30, manual=True))
+    assert not table.apply(_decision(RouteAction.ROLLBACK, "1", at=40, idempotency_key="k"))
+    assert table.version_for("fraud") == "2"
+    assert not table.has_seen("other", "k")

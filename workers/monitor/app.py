@@ -11,20 +11,25 @@ All state lives in faust tables backed by changelog topics: open windows, scores
 their labels, the policy's counts, and recent window summaries for the reports. A monitor
 killed mid-window restarts with its windows intact and closes them as if nothing happened.
 
-Windows are keyed by ``model|version|window start``, and closed by this module's own timer
+Windows are keyed by ``[model, version, window start]`` (a JSON array, so any character in a
+name is safe: ``pipeline.monitoring.closing.WindowKey``), and closed by this module's own timer
 rather than faust's windowed tables: faust only tracks window expiry in memory, so windows
-restored from the changelog after a restart would never close.
+restored from the changelog after a restart would never close. Closing follows
+``pipeline.monitoring.closing``: a window is forgotten only after its decision is durably
+written, and a rollback is emitted once per idempotency key (the monitor reads the control
+topic to its end before it judges anything).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
+import os
+import signal
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -34,8 +39,14 @@ import numpy as np
 import schemas
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, monitor_topic_specs
 from pipeline.kafka.events import send_events
-from pipeline.monitoring.evidence import Breach, ReportData, WindowSummary
-from pipeline.monitoring.policy import Decision, ModelState, PolicySettings, RollbackPolicy
+from pipeline.monitoring.closing import (
+    CloserSettings,
+    JudgedWindow,
+    WindowCloser,
+    WindowKey,
+)
+from pipeline.monitoring.evidence import ReportData, WindowSummary
+from pipeline.monitoring.policy import PolicySettings, RollbackPolicy
 from pipeline.monitoring.report import render_html, report_json
 from pipeline.monitoring.windows import (
     Reference,
@@ -51,18 +62,15 @@ from pipeline.storage.client import ensure_bucket, make_client
 from pipeline.topics import ModelTopics, control_topic, drift_topic
 from schemas.exceptions import DecodeError
 from schemas.models import (
-    ControlAction,
     ControlEvent,
-    DriftDecision,
-    DriftMetric,
     DriftReport,
-    DriftSeverity,
     Feedback,
     InferenceResult,
     ObjectRef,
     ResultStatus,
 )
-from workers.inference.control import MONITOR_ISSUER, ControlFollower
+from workers.inference.control import MONITOR_ISSUER
+from workers.monitor.control import ControlLog
 from workers.monitor.references import load_reference
 
 log = logging.getLogger("sluiceway.monitor")
@@ -71,6 +79,11 @@ E = TypeVar("E", InferenceResult, Feedback)
 HISTORY_WINDOWS = 24
 """Window summaries kept per version for the reports' charts."""
 CLOSE_INTERVAL_S = 0.5
+CONTROL_CATCH_UP_S = 30.0
+"""How long one attempt to read the control topic to its end may take at start."""
+FAULT_ENV = "MONITOR_TEST_FAULT"
+"""Fault injection for the integration tests: ``kill-after-rollback`` makes the monitor SIGKILL
+itself right after a rollback ControlEvent is acknowledged, before it forgets the window."""
 
 
 def thresholds_from(monitor: MonitorSettings) -> Thresholds:
@@ -123,26 +136,6 @@ def _label_counter(score: float, label: int) -> Callable[[Any, Reference], None]
     return count
 
 
-def _summary_json(summary: WindowSummary) -> dict[str, Any]:
-    data = asdict(summary)
-    data["breaches"] = [asdict(b) for b in summary.breaches]
-    return data
-
-
-def _summary_from_json(data: dict[str, Any]) -> WindowSummary:
-    return WindowSummary(
-        model=data["model"],
-        version=data["version"],
-        start_ms=int(data["start_ms"]),
-        end_ms=int(data["end_ms"]),
-        count=int(data["count"]),
-        metrics={k: float(v) for k, v in data["metrics"].items()},
-        breaches=tuple(Breach(**b) for b in data["breaches"]),
-        score_counts=tuple(data["score_counts"]),
-        feature_counts={k: tuple(v) for k, v in data["feature_counts"].items()},
-    )
-
-
 class Monitor:
     """The faust app and the state it shares between agents and the closing timer."""
 
@@ -169,7 +162,7 @@ class Monitor:
                 if m in settings.models
             }
         )
-        self.follower: ControlFollower | None = None
+        self.follower: ControlLog | None = None
         faust_home = settings.stack.state_dir / "faust"
         faust_home.mkdir(parents=True, exist_ok=True)  # faust makes only the last folder
         self.app = faust.App(
@@ -192,6 +185,26 @@ class Monitor:
         self.history = self.app.Table("history", partitions=1, use_partitioner=True)
         self.closed = self.app.Table("closed-until", partitions=1, use_partitioner=True)
         self.late = 0
+        self.closer = WindowCloser(
+            CloserSettings(
+                window_ms=self.window_ms,
+                grace_ms=self.grace_ms,
+                min_window_count=self.config.min_window_count,
+                thresholds=self.thresholds.by_metric(),
+                issuer=f"{MONITOR_ISSUER}:{self.app.conf.id}",
+                history_windows=HISTORY_WINDOWS,
+            ),
+            windows=self.windows,
+            states=self.states,
+            closed=self.closed,
+            history=self.history,
+            policy=self.policy,
+            routing=self.routing,
+            summarise=self._summarise,
+            sink=self,
+            flush=self._flush_tables,
+            clock=time.time,
+        )
         topics = [ModelTopics(settings.namespace, m) for m in self.models]
         results = self.app.topic(*(t.results for t in topics), value_serializer="raw")
         feedback = self.app.topic(*(t.feedback for t in topics), value_serializer="raw")
@@ -217,24 +230,29 @@ class Monitor:
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.follower = await loop.run_in_executor(
+        follower = await loop.run_in_executor(
             None,
-            ControlFollower,
+            ControlLog,
             self.settings.kafka.client_config(),
             control_topic(self.settings.namespace),
             self.routing,
         )
+        # Read the control topic to its end before judging anything: a rollback this monitor
+        # emitted before it died must be known before the window behind it is judged again.
+        while not await loop.run_in_executor(None, follower.catch_up, CONTROL_CATCH_UP_S):
+            log.warning('control topic="%s" not read to its end yet; judging waits', follower.topic)
+        self.follower = follower
         log.info('monitor models="%s" window_s="%s"', ",".join(self.models), self.config.window_s)
 
     # ------------------------------------------------------------------ agents
 
     def _window_key(self, model: str, version: str, timestamp_ms: int) -> str:
         start = timestamp_ms - timestamp_ms % self.window_ms
-        return f"{model}|{version}|{start}"
+        return WindowKey(start_ms=start, model=model, version=version).encode()
 
     def _is_late(self, model: str, version: str, timestamp_ms: int) -> bool:
         """A record for a window already judged is counted as late, not judged twice."""
-        if timestamp_ms < int(self.closed.get(f"{model}|{version}") or 0):
+        if self.closer.is_late(model, version, timestamp_ms):
             self.late += 1
             if self.late % 1000 == 1:
                 log.warning(
@@ -301,149 +319,64 @@ class Monitor:
     # ------------------------------------------------------------------ closing
 
     async def _close_due_windows(self) -> None:
-        if self.follower is not None:
-            self.follower.poll(0.0)
-        now_ms = int(time.time() * 1000)
-        due = sorted(
-            (int(key.rsplit("|", 1)[1]), key)
-            for key in list(self.windows.keys())
-            if int(key.rsplit("|", 1)[1]) + self.window_ms + self.grace_ms <= now_ms
-        )
-        for start_ms, key in due:
-            model, version, _ = key.split("|")
-            state = self.windows[key]
-            del self.windows[key]
-            closed_key = f"{model}|{version}"
-            end_ms = start_ms + self.window_ms
-            self.closed[closed_key] = max(int(self.closed.get(closed_key) or 0), end_ms)
-            if model in self.references:
-                await self._evaluate(model, version, start_ms, state)
+        if self.follower is None:
+            return  # the control topic is not read to its end yet
+        self.follower.poll(0.0)
+        await self.closer.close_due()
 
-    async def _evaluate(self, model: str, version: str, start_ms: int, state: Any) -> None:
-        reference = self.references[model]
-        summary = summarise(
+    def _summarise(self, key: WindowKey, state: Any) -> WindowSummary | None:
+        reference = self.references.get(key.model)
+        if reference is None:
+            return None
+        return summarise(
             state,
             reference,
             self.thresholds,
-            model=model,
-            version=version,
-            start_ms=start_ms,
-            end_ms=start_ms + self.window_ms,
+            model=key.model,
+            version=key.version,
+            start_ms=key.start_ms,
+            end_ms=key.start_ms + self.window_ms,
         )
-        history_key = f"{model}|{version}"
-        past = [*(self.history.get(history_key) or []), _summary_json(summary)]
-        self.history[history_key] = past[-HISTORY_WINDOWS:]
-        if summary.count < self.config.min_window_count:
-            log.info(
-                'window model="%s" version="%s" count="%d" below min_window_count, not judged',
-                model,
-                version,
-                summary.count,
-            )
-            return
-        model_state = ModelState.from_json(self.states.get(model))
-        decision = self.policy.observe(
-            model_state,
-            summary,
-            serving_version=self.routing.version_for(model) or None,
-            pinned=self.routing.is_pinned(model),
-        )
-        self.states[model] = model_state.to_json()
-        report_id = uuid.uuid4()
-        report_ref = None
-        if decision.decision != "none":
-            windows = tuple(_summary_from_json(s) for s in past)
-            report_ref = await self._write_report(model, version, decision, windows, report_id)
-        report = DriftReport(
-            report_id=report_id,
-            model=model,
-            model_version=version,
-            baseline_version=decision.rollback_to,
-            window_start=datetime.fromtimestamp(start_ms / 1000, tz=UTC),
-            window_end=datetime.fromtimestamp(summary.end_ms / 1000, tz=UTC),
-            window_count=summary.count,
-            consecutive_breaches=decision.consecutive_breaches,
-            metrics=self._drift_metrics(summary),
-            severity=DriftSeverity(decision.severity),
-            decision=DriftDecision(decision.decision),
-            explanation=decision.explanation,
-            report_ref=report_ref,
-            created_at=datetime.now(UTC),
-        )
+
+    async def _flush_tables(self) -> None:
+        """Wait until every table write so far is acknowledged in its changelog topic."""
+        await self.app.producer.flush()
+
+    # ------------------------------------------------------------------ the decision sink
+
+    async def refresh_control(self) -> None:
+        if self.follower is not None:
+            self.follower.poll(0.0)
+
+    async def send_report(self, report: DriftReport) -> None:
+        await self._send(drift_topic(self.settings.namespace), report.model, report)
+
+    async def send_control(self, event: ControlEvent) -> None:
+        await self._send(control_topic(self.settings.namespace), event.model, event)
+        if os.environ.get(FAULT_ENV) == "kill-after-rollback":
+            log.warning('fault injected="%s": killed after the rollback', FAULT_ENV)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def _send(self, topic: str, key: str, event: DriftReport | ControlEvent) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            None,
-            send_events,
-            self.settings.kafka,
-            drift_topic(self.settings.namespace),
-            [(model, report)],
-        )
-        log.info(
-            'window model="%s" version="%s" count="%d" decision="%s" %s',
-            model,
-            version,
-            summary.count,
-            decision.decision,
-            decision.explanation,
-        )
-        if decision.decision == "rollback" and decision.rollback_to is not None:
-            control = ControlEvent(
-                event_id=uuid.uuid4(),
-                model=model,
-                action=ControlAction.ROLLBACK,
-                from_version=version,
-                to_version=decision.rollback_to,
-                reason=decision.explanation,
-                report_id=report_id,
-                report_ref=report_ref,
-                issued_at=datetime.now(UTC),
-                issued_by=f"{MONITOR_ISSUER}:{self.app.conf.id}",
-            )
-            await loop.run_in_executor(
-                None,
-                send_events,
-                self.settings.kafka,
-                control_topic(self.settings.namespace),
-                [(model, control)],
-            )
+        await loop.run_in_executor(None, send_events, self.settings.kafka, topic, [(key, event)])
 
-    def _drift_metrics(self, summary: WindowSummary) -> list[DriftMetric]:
-        breached = {b.metric: b for b in summary.breaches}
-        by_metric = self.thresholds.by_metric()
-        metrics = []
-        for name, value in sorted(summary.metrics.items()):
-            if not np.isfinite(value):
-                continue
-            breach = breached.get(name)
-            prefix = name.split(":", 1)[0]
-            metrics.append(
-                DriftMetric(
-                    name=prefix,
-                    feature=name.split(":", 1)[1] if ":" in name else None,
-                    value=value,
-                    threshold=breach.threshold if breach else by_metric.get(prefix),
-                    breached=breach is not None,
-                )
-            )
-        return metrics
+    async def store_report(self, judged: JudgedWindow) -> ObjectRef:
+        return await self._write_report(judged)
 
-    async def _write_report(
-        self,
-        model: str,
-        version: str,
-        decision: Decision,
-        windows: tuple[WindowSummary, ...],
-        report_id: uuid.UUID,
-    ) -> ObjectRef:
+    async def _write_report(self, judged: JudgedWindow) -> ObjectRef:
+        """The JSON and HTML reports, at a path that depends only on the window (the same
+        objects are overwritten when a window is judged again)."""
+        model, decision = judged.key.model, judged.decision
         reference = self.references[model]
         data = ReportData(
-            report_id=str(report_id),
+            report_id=str(judged.report_id),
             model=model,
-            version=version,
+            version=judged.key.version,
             baseline_version=decision.rollback_to,
             decision=decision.decision,
             explanation=decision.explanation,
-            windows=windows,
+            windows=judged.history,
             thresholds=self.thresholds.by_metric(),
             score_edges=reference.score_edges,
             reference_score_counts=reference.score_counts,
@@ -454,8 +387,8 @@ class Monitor:
             },
             created_at_ms=int(time.time() * 1000),
         )
-        day = datetime.now(UTC).strftime("%Y/%m/%d")
-        prefix = f"reports/{model}/{day}/{report_id}"
+        day = datetime.fromtimestamp(judged.key.start_ms / 1000, tz=UTC).strftime("%Y/%m/%d")
+        prefix = f"reports/{model}/{day}/{judged.report_id}"
         bucket = self.settings.object_store.bucket
         page = render_html(data).encode()
         document = json.dumps(report_json(data), indent=2).encode()
@@ -465,8 +398,6 @@ class Monitor:
         return ObjectRef(bucket=bucket, key=f"{prefix}.html", etag=etag)
 
     def _put(self, bucket: str, key: str, body: bytes, kind: str) -> str:
-        import io
-
         content_type = "text/html; charset=utf-8" if kind == "html" else "application/json"
         written = self.store.put_object(
             bucket, key, io.BytesIO(body), len(body), content_type=content_type
