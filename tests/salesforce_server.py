@@ -34,7 +34,8 @@ token endpoint, status codes). What it serves:
   ``Sforce-Call-Options: client=<id>``, and whose ``commitUser`` is the calling user.
 
 Controls for tests: :meth:`SalesforceOrg.change` (a user's change: CREATE, UPDATE, DELETE,
-GAP_*, GAP_OVERFLOW), :meth:`SalesforceOrg.fail_next` (REST faults), :meth:`expire_tokens`,
+GAP_*, GAP_OVERFLOW), :meth:`SalesforceOrg.fail_next` (REST faults), :meth:`expire_tokens`
+(now) and :meth:`expire_tokens_after_writes` (when the N-th record write is applied),
 :meth:`expire_replay_ids_before`, :meth:`break_streams` (UNAVAILABLE, as a reset stream);
 ``writes``, ``rest_requests``, ``token_requests``, ``subscriptions``, ``fetch_requests`` and
 ``max_outstanding`` record what the client did.
@@ -254,6 +255,9 @@ class SalesforceOrg:
         self.subscriptions: list[tuple[str, str, bytes]] = []
         """(topic, replay preset, replay id) of every Subscribe call."""
         self._stream_generation = 0
+        self._expire_tokens_after: int | None = None
+        self.tokens_expired_at_write: int | None = None
+        """The number of record writes when :meth:`expire_tokens_after_writes` fired."""
 
     # ------------------------------------------------------------------ setup
 
@@ -414,6 +418,19 @@ class SalesforceOrg:
         with self._lock:
             self._tokens.clear()
 
+    def expire_tokens_after_writes(self, count: int) -> None:
+        """End every session at the moment the ``count``-th record write (in all) is applied,
+        once: the REST calls after it meet 401 ``INVALID_SESSION_ID``."""
+        with self._lock:
+            self._expire_tokens_after = count
+            self._expire_tokens_if_due()
+
+    def _expire_tokens_if_due(self) -> None:  # with self._lock held
+        if self._expire_tokens_after is not None and len(self.writes) >= self._expire_tokens_after:
+            self._expire_tokens_after = None
+            self._tokens.clear()
+            self.tokens_expired_at_write = len(self.writes)
+
     def fail_next(
         self, count: int, status: int, error_code: str, message: str | None = None
     ) -> None:
@@ -455,6 +472,7 @@ class SalesforceOrg:
             store[record_id]["LastModifiedDate"] = now_ms
             store[record_id]["SystemModstamp"] = now_ms
             self.writes.append(Write(sobject, record_id, dict(fields), client, user))
+            self._expire_tokens_if_due()
             if topic is not None:
                 origin = f"com/salesforce/api/rest/{self.api_version}"
                 if client:
@@ -710,14 +728,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: Any = None) -> None:
         data = b"" if body is None else json.dumps(body).encode()
+        # Recorded before the client can see the answer, so the record keeps the order in
+        # which the client saw its answers (a retry is always recorded after its refusal).
+        path = urlsplit(self.path).path
+        self.server.org.rest_requests.append((self.command, path, status))
         self.send_response(status)
         if data:
             self.send_header("Content-Type", "application/json;charset=UTF-8")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        path = urlsplit(self.path).path
-        self.server.org.rest_requests.append((self.command, path, status))
 
     def _body(self) -> Any:
         length = int(self.headers.get("Content-Length") or 0)

@@ -26,10 +26,14 @@ What it implements:
   bound action (v4 ``POST .../SupplierInvoice(...)/SAP__self.Release``);
 - CSRF: ``x-csrf-token: Fetch`` on a GET returns a token bound to a session cookie; a
   modifying call without the matching token and cookie gets 403 with
-  ``x-csrf-token: Required`` (:meth:`expire_csrf_tokens` invalidates every token);
+  ``x-csrf-token: Required`` (:meth:`expire_csrf_tokens` invalidates every token now,
+  :meth:`expire_csrf_tokens_after_writes` at the moment the N-th write is accepted; every
+  refusal is recorded in :attr:`SapProtocolServer.csrf_rejections`);
 - auth: basic, or a bearer token from ``POST /oauth/token`` (client credentials); 401 with
   ``WWW-Authenticate`` otherwise;
-- :meth:`fail_next`: the next N matching calls answer 429/503 with ``Retry-After``.
+- :meth:`fail_next`: the next N matching calls answer 429/503 with ``Retry-After``;
+- :meth:`hold_reads_after`: reads after the first N wait until :meth:`release_reads` (a
+  client caught in the middle of its work, deterministically).
 
 :func:`push_events` delivers CloudEvents to a receiver the way an event broker's webhook
 does: one POST per event, redelivered until the receiver answers 2xx.
@@ -101,6 +105,18 @@ class Write:
 
 
 @dataclass
+class CsrfRejection:
+    """One modifying call refused with 403 ``x-csrf-token: Required``."""
+
+    method: str
+    path: str
+    key: InvoiceKey | None
+    """The invoice the call was for (``None`` for a call that names none)."""
+    writes_before: int
+    """How many writes the server had accepted when it refused this call."""
+
+
+@dataclass
 class _Failure:
     status: int
     remaining: int
@@ -159,6 +175,16 @@ class SapProtocolServer:
         self.collection_queries: list[dict[str, str]] = []
         """The query options of every collection read, in order."""
         self.csrf_fetches = 0
+        self.csrf_rejections: list[CsrfRejection] = []
+        self._expire_csrf_after: int | None = None
+        self.csrf_expired_at_write: int | None = None
+        """The number of accepted writes when :meth:`expire_csrf_tokens_after_writes` fired."""
+        self.csrf_fetches_at_expiry: int | None = None
+        self._hold_reads_after: int | None = None
+        self._reads_admitted = 0
+        self._reads_released: asyncio.Event | None = None
+        self.held_reads = 0
+        """Reads that waited (or wait) at the :meth:`hold_reads_after` gate."""
         self.requests_by_status: dict[int, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -224,6 +250,45 @@ class SapProtocolServer:
         with self._lock:
             self._tokens.clear()
 
+    def expire_csrf_tokens_after_writes(self, count: int) -> None:
+        """Invalidate every CSRF token at the moment the ``count``-th write (in all) is
+        accepted, once: every modifying call after it needs a token fetched again."""
+        with self._lock:
+            self._expire_csrf_after = count
+            self._expire_csrf_if_due()
+
+    def _expire_csrf_if_due(self) -> None:  # with self._lock held
+        if self._expire_csrf_after is not None and len(self.writes) >= self._expire_csrf_after:
+            self._expire_csrf_after = None
+            self._tokens.clear()
+            self.csrf_expired_at_write = len(self.writes)
+            self.csrf_fetches_at_expiry = self.csrf_fetches
+
+    def hold_reads_after(self, count: int) -> None:
+        """Let ``count`` more entity and collection reads through; hold every later one
+        (unanswered) until :meth:`release_reads`."""
+        with self._lock:
+            self._reads_admitted = 0
+            self._hold_reads_after = count
+
+    def release_reads(self) -> None:
+        """Answer the held reads and hold no more."""
+        with self._lock:
+            self._hold_reads_after = None
+        if self._loop is not None and self._reads_released is not None:
+            self._loop.call_soon_threadsafe(self._reads_released.set)
+
+    async def _wait_if_held(self) -> None:
+        with self._lock:
+            if self._hold_reads_after is None:
+                return
+            if self._reads_admitted < self._hold_reads_after:
+                self._reads_admitted += 1
+                return
+            self.held_reads += 1
+        assert self._reads_released is not None
+        await self._reads_released.wait()
+
     # ------------------------------------------------------------------ lifecycle
 
     @property
@@ -242,6 +307,7 @@ class SapProtocolServer:
     def _serve(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
+        self._reads_released = asyncio.Event()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -254,6 +320,7 @@ class SapProtocolServer:
         loop.close()
 
     def stop(self) -> None:
+        self.release_reads()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
@@ -303,7 +370,9 @@ class SapProtocolServer:
         if fetch and method == "GET":
             token_headers, session = self._issue_token(session)
         if method in ("PATCH", "MERGE", "POST", "PUT", "DELETE"):
-            self._check_csrf(request, session)
+            self._check_csrf(request, session, method, rest, entity_set)
+        if method == "GET" and rest != "":
+            await self._wait_if_held()
         if rest == "" and method == "GET":
             body = (
                 {"d": {"EntitySets": [entity_set]}}
@@ -384,11 +453,20 @@ class SapProtocolServer:
             token = self._tokens.setdefault(session, secrets.token_urlsafe(18))
         return {"x-csrf-token": token, "Set-Cookie": f"{SESSION_COOKIE}={session}; path=/"}, session
 
-    def _check_csrf(self, request: web.Request, session: str | None) -> None:
+    def _check_csrf(
+        self, request: web.Request, session: str | None, method: str, rest: str, entity_set: str
+    ) -> None:
         sent = request.headers.get("x-csrf-token")
         with self._lock:
             expected = self._tokens.get(session or "")
-        if expected is None or sent != expected:
+            refused = expected is None or sent != expected
+            if refused:
+                self.csrf_rejections.append(
+                    CsrfRejection(
+                        method, request.path, _key_of(request, rest, entity_set), len(self.writes)
+                    )
+                )
+        if refused:
             raise _ODataFailure(
                 403, "CSRF", "CSRF token validation failed", {"x-csrf-token": "Required"}
             )
@@ -475,6 +553,7 @@ class SapProtocolServer:
             invoice.version += 1
             invoice.properties["LastChangeDateTime"] = datetime.now(UTC)
             self.writes.append(Write(key, method, dict(body), invoice.version))
+            self._expire_csrf_if_due()
             etag = invoice.etag
         return web.Response(status=204, headers={"ETag": etag})
 
@@ -491,6 +570,7 @@ class SapProtocolServer:
             invoice.actions.append(name)
             invoice.version += 1
             self.writes.append(Write(key, f"POST {name}", dict(body), invoice.version))
+            self._expire_csrf_if_due()
             entity = self._render(invoice, version)
         return self._json({"d": entity} if version == 2 else entity)
 
@@ -550,6 +630,18 @@ def _parse_key(text: str) -> InvoiceKey:
     if "SupplierInvoice" not in values or "FiscalYear" not in values:
         raise _ODataFailure(400, "INVALID_KEY", f"invalid key predicate ({inner})")
     return values["SupplierInvoice"], values["FiscalYear"]
+
+
+def _key_of(request: web.Request, rest: str, entity_set: str) -> InvoiceKey | None:
+    """The invoice a modifying call names, by key predicate or function import parameters."""
+    try:
+        if rest.startswith(entity_set + "("):
+            return _parse_key(rest[len(entity_set) :].partition(")/")[0])
+        if "SupplierInvoice" in request.query and "FiscalYear" in request.query:
+            return _literal(request.query["SupplierInvoice"]), _literal(request.query["FiscalYear"])
+    except _ODataFailure:
+        pass
+    return None
 
 
 def _basic_pair(header: str) -> tuple[str | None, str | None]:

@@ -223,6 +223,10 @@ def test_a_cdc_stream_is_scored_and_every_record_written_back_exactly_once(
     # Rate limits and an unavailable instance on the first writes: backed off, not lost.
     salesforce.fail_next(2, 403, "REQUEST_LIMIT_EXCEEDED")
     salesforce.fail_next(2, 503, "SERVER_UNAVAILABLE")
+    # The session ends mid-stream, whatever the machine's speed: at the moment the 250th record
+    # write is applied, so the writes after it must re-authenticate once.
+    expire_at = count // 4
+    salesforce.expire_tokens_after_writes(expire_at)
     worker = ServiceProcess(settings, ["worker", "--model", MODEL], tmp_path / "worker.log")
     connector = _connector_process(settings, "e2e", tmp_path / "connector.log")
     with worker, connector:
@@ -234,8 +238,6 @@ def test_a_cdc_stream_is_scored_and_every_record_written_back_exactly_once(
             assert not connector.exited(), connector.tail()
             return len({w.record_id for w in salesforce.writes}) >= count
 
-        wait_for(_polled(lambda: len(salesforce.writes) >= count // 4), 180, "the first writebacks")
-        salesforce.expire_tokens()  # the session ends mid-stream: re-authenticate once
         wait_for(all_written, 240, f"{count} records written back")
         # The writebacks come back as change events; the connector reads and skips them.
         latest = salesforce.latest_replay_id(TOPIC)
@@ -265,6 +267,12 @@ def test_a_cdc_stream_is_scored_and_every_record_written_back_exactly_once(
     assert f"'own_writeback': {count}" in log
     # Every kind of refusal happened on the way, and none lost or doubled a write.
     assert {403, 503, 401} <= {status for _, _, status in salesforce.rest_requests}
+    # The session expired mid-writeback: a call was refused with 401, the connector
+    # re-authenticated, and writes were accepted again after it.
+    assert salesforce.tokens_expired_at_write == expire_at
+    statuses = [(method, status) for method, _, status in salesforce.rest_requests]
+    refused = next(i for i, (_, status) in enumerate(statuses) if status == 401)
+    assert ("PATCH", 200) in statuses[refused + 1 :], "no write after re-authenticating"
     assert salesforce.token_requests.count("client_credentials") >= 2
     assert salesforce.max_outstanding <= 100
 

@@ -202,11 +202,14 @@ def test_a_thousand_events_are_scored_and_written_back_exactly_once(
     events = [supplier_invoice_event(key, event_id=f"evt-{i:04d}") for i, key in enumerate(keys)]
     # Busy answers and an expired CSRF token on the way back must not lose or repeat a write.
     sap.fail_next(429, 3, retry_after="1", methods={"MERGE"})
+    # The token expires in the middle of the writeback, whatever the machine's speed: at the
+    # moment the server accepts the 300th write, so the writes after it need a fresh token.
+    expire_at = 300
+    sap.expire_csrf_tokens_after_writes(expire_at)
     connector = Connector(settings, sap, tmp_path / "connector.log", MAPPING).start()
     try:
         connector.wait_ready()
         first = push_events(connector.url, events[:500], mode="structured")
-        sap.expire_csrf_tokens()
         second = push_events(connector.url, events[500:999], mode="binary")
         last = push_events(connector.url, events[999:], mode="structured")
         # A broker redelivering events already accepted creates no second request.
@@ -241,7 +244,20 @@ def test_a_thousand_events_are_scored_and_written_back_exactly_once(
         assert write.body["YY1_RiskRequestId"] == str(by_key[predicate].request_id)
         assert 0.0 < float(write.body["YY1_RiskScore"]) < 1.0
     assert sap.requests_by_status.get(429, 0) == 3
-    assert sap.requests_by_status.get(403, 0) >= 1  # the expired token, fetched again
+    # The token expired mid-writeback; the next write was refused (403 + x-csrf-token:
+    # Required), the connector fetched a token again, and the refused write then succeeded.
+    assert sap.csrf_expired_at_write == expire_at
+    rejections = sap.csrf_rejections
+    assert rejections, "no write was refused after the token expired"
+    assert sap.requests_by_status.get(403, 0) == len(rejections)
+    assert all(r.writes_before >= expire_at for r in rejections), "refused before the expiry"
+    assert sap.csrf_fetches_at_expiry is not None
+    assert sap.csrf_fetches > sap.csrf_fetches_at_expiry, "the token was not fetched again"
+    position = {w.key: index for index, w in enumerate(sap.writes)}
+    for rejection in rejections:
+        assert rejection.method == "MERGE"
+        assert rejection.key is not None
+        assert position[rejection.key] >= rejection.writes_before, "the refused write was lost"
     assert "dead-lettered" not in connector.process.tail(200)
 
 
@@ -250,6 +266,9 @@ def test_a_killed_connector_restarts_without_duplicates_or_gaps(
 ) -> None:
     keys = invoices_from_features(sap, generate(400, seed=11).x)
     events = [supplier_invoice_event(key, event_id=f"kill-{i:04d}") for i, key in enumerate(keys)]
+    # The kill must fall in the middle of the run, however fast the machine: after 120 reads
+    # the server holds every read, so no event can be accepted until the connector is killed.
+    sap.hold_reads_after(120)
     connector = Connector(settings, sap, tmp_path / "connector.log", MAPPING).start()
     pushed: Future[PushReport] = Future()
 
@@ -262,13 +281,17 @@ def test_a_killed_connector_restarts_without_duplicates_or_gaps(
     try:
         connector.wait_ready()
         threading.Thread(target=push, daemon=True).start()
-        wait_for(_every(0.05, lambda: sap.reads >= 120), 120, "120 entity reads")
+        wait_for(_every(0.05, lambda: sap.held_reads >= 1), 120, "120 reads, the next held")
+        delivered_before_kill = pushed.done()
         connector.process.stop(signal.SIGKILL)
+        sap.release_reads()
         connector.process.start()
         report = pushed.result(timeout=300)
         _all_written(sap, keys, timeout_s=240)
     finally:
         connector.process.stop()
+    assert not delivered_before_kill
+    assert sap.reads >= 120
     assert report.delivered == 400
     assert report.attempts > report.delivered, "the kill interrupted deliveries"
     requests = _requests_published(settings)
