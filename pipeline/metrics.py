@@ -67,6 +67,44 @@ class WorkerMetrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.rejected = Counter(
+            "sluiceway_rejected",
+            "Requests answered rejected at the trust boundary (not dead-lettered)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.replies_skipped = Counter(
+            "sluiceway_replies_skipped",
+            "Replies not written: the reply topic does not exist, or its delivery failed",
+            ["reason"],
+            registry=r,
+        )
+        self.commits_refused = Counter(
+            "sluiceway_commits_refused",
+            "Commits the group refused because it moved on (records go to the new owner)",
+            registry=r,
+        )
+        self.batch_splits = Counter(
+            "sluiceway_batch_splits",
+            "Batches the backend refused that were split to isolate the bad records",
+            ["model"],
+            registry=r,
+        )
+        self.queued = Gauge(
+            "sluiceway_queued",
+            "Records waiting in the micro-batcher",
+            registry=r,
+        )
+        self.deadline_index = Gauge(
+            "sluiceway_deadline_index",
+            "Entries in the micro-batcher's deadline index (bounded by about twice the queued)",
+            registry=r,
+        )
+        self.known_reply_topics = Gauge(
+            "sluiceway_reply_topic_cache",
+            "Reply topics whose existence the worker remembers (bounded)",
+            registry=r,
+        )
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         """Expose ``/metrics`` over HTTP on ``address:port``."""

@@ -168,6 +168,20 @@ class WorkerSettings(_Section):
     """Transactional producer and offsets sent in the transaction (read-committed results)."""
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     worker_id: str | None = None
+    reply_to_patterns: tuple[str, ...] = ("{namespace}.replies.*",)
+    """Topics a request's ``reply_to`` may name: ``*`` stands for one or more of Kafka's topic
+    characters, ``{namespace}`` for the namespace. Anything else is answered ``rejected`` on
+    the results topic and nothing is written where it points (the SDK's reply topics are
+    ``<ns>.replies.<client>``)."""
+    version_pattern: str = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+    """A pinned ``model_version`` the backend cannot confirm must at least match this; one the
+    backend lists as unknown is refused either way."""
+    dead_letter_inline_bytes: int = Field(default=256 * 1024, ge=1024)
+    """An original value larger than this is stored in the object store and the dead letter
+    points at it (``original_ref``), so a letter always fits the broker's message limit."""
+    signature_refresh_s: float = Field(default=30.0, gt=0)
+    """How often the worker asks each backend again what its models take and which versions
+    it has (a newly loaded version is accepted after at most this long)."""
 
 
 class MonitorSettings(_Section):

@@ -462,6 +462,8 @@ class DeadLetter(Event):
     request_id: Name | None = None
     model: Name | None = None
     worker_id: Name | None = None
+    original_ref: Text | None = None
+    dropped_headers: Annotated[list[Key], Field(**_items())] | None = None
 
     @model_validator(mode="after")
     def _ordered_failures(self) -> Self:

@@ -462,7 +462,8 @@ class WorkerRun:
     """``sluiceway worker`` in its own process, as it is deployed; SIGTERM drains it."""
 
     service: ServiceProcess
-    group_id: str
+    group_ids: list[str]
+    """One consumer group per model the worker serves."""
     counts: dict[str, int] = field(default_factory=dict)
 
     def read_final_counts(self) -> None:
@@ -474,20 +475,26 @@ class WorkerRun:
         self.counts = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", final)}
 
     def wait_until_assigned(self, settings: Settings, timeout_s: float = 60.0) -> None:
-        """Block until the worker's consumer group is stable with partitions assigned."""
+        """Block until each of the worker's consumer groups is stable with partitions assigned."""
         admin = clients.admin(settings.kafka)
         deadline = time.monotonic() + timeout_s
+        waiting = set(self.group_ids)
         while time.monotonic() < deadline:
             if self.service.exited():
                 raise RuntimeError(f"the worker exited:\n{self.service.tail()}")
-            future = admin.describe_consumer_groups([self.group_id], request_timeout=5)
-            with contextlib.suppress(KafkaException):
-                group = future[self.group_id].result()
-                assigned = any(m.assignment.topic_partitions for m in group.members)
-                if group.state == ConsumerGroupState.STABLE and assigned:
-                    return
+            futures = admin.describe_consumer_groups(sorted(waiting), request_timeout=5)
+            for group_id, future in futures.items():
+                with contextlib.suppress(KafkaException):
+                    group = future.result()
+                    assigned = any(m.assignment.topic_partitions for m in group.members)
+                    if group.state == ConsumerGroupState.STABLE and assigned:
+                        waiting.discard(group_id)
+            if not waiting:
+                return
             time.sleep(0.2)  # polling the broker for a state change, bounded by the deadline
-        raise RuntimeError(f"the worker's group {self.group_id} was not assigned in {timeout_s}s")
+        raise RuntimeError(
+            f"the worker's groups {sorted(waiting)} were not assigned in {timeout_s}s"
+        )
 
 
 @contextlib.contextmanager
@@ -496,7 +503,7 @@ def _worker_process(settings: Settings, models: list[str], log: Path) -> Iterato
     for model in models:
         args += ["--model", model]
     with ServiceProcess(settings, args, log) as service:
-        run = WorkerRun(service, worker_group_id(settings.namespace, models))
+        run = WorkerRun(service, [worker_group_id(settings.namespace, m) for m in models])
         try:
             yield run
         finally:
@@ -536,7 +543,7 @@ async def _run(
     with _worker_process(settings, models, log) as worker:
         progress(
             f"started `sluiceway worker --model {MODEL} --model {TEXT_MODEL}` "
-            f"(pid {worker.service.pid}, group {worker.group_id}, log {log})"
+            f"(pid {worker.service.pid}, groups {', '.join(worker.group_ids)}, log {log})"
         )
         await loop.run_in_executor(None, worker.wait_until_assigned, settings)
         pace = f"{rate:,.0f} requests/s" if rate > 0 else "full speed"

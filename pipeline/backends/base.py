@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.backends.exceptions import BackendError
+from pipeline.backends.signature import ModelSignature
 
 Array = npt.NDArray[Any]
 
@@ -85,6 +86,14 @@ class Backend(Protocol):
 
         Raises :class:`~pipeline.backends.exceptions.BackendError` when the whole batch
         failed; returns a per-row error when only that row failed (vLLM answers per request).
+        """
+        ...
+
+    async def describe(self, model: str) -> ModelSignature:
+        """What ``model`` takes and which versions the server has.
+
+        Raises :class:`~pipeline.backends.exceptions.BackendError` when the server cannot say
+        (transient: ask again later).
         """
         ...
 

@@ -26,6 +26,7 @@ from pipeline.backends.exceptions import (
     PermanentBackendError,
     TransientBackendError,
 )
+from pipeline.backends.signature import ModelSignature, from_kserve_metadata
 from pipeline.settings import TritonSettings
 
 # gRPC status names and HTTP status codes that a retry can cure.
@@ -180,6 +181,30 @@ class TritonBackend:
             names = [o["name"] for o in metadata["outputs"] if o["name"] != ATTRIBUTIONS_OUTPUT]
             self._output_names[key] = names
         return [self._module.InferRequestedOutput(name) for name in names]
+
+    async def describe(self, model: str) -> ModelSignature:
+        """The model's inputs and ready versions, from Triton's metadata and config."""
+        client = self._connection()
+        try:
+            if self._protocol == "grpc":
+                metadata = await client.get_model_metadata(
+                    model, as_json=True, client_timeout=self._timeout_s
+                )
+                config = await client.get_model_config(
+                    model, as_json=True, client_timeout=self._timeout_s
+                )
+                config = config.get("config", config)
+            else:
+                metadata = await asyncio.wait_for(client.get_model_metadata(model), self._timeout_s)
+                config = await asyncio.wait_for(client.get_model_config(model), self._timeout_s)
+        except InferenceServerException as exc:
+            raise classify_triton_error(exc) from exc
+        except (TimeoutError, OSError) as exc:
+            raise TransientBackendError(
+                f"triton: {type(exc).__name__}: {exc}", reason="backend_unavailable"
+            ) from exc
+        max_rows = int(config.get("max_batch_size", 0) or 0)
+        return from_kserve_metadata(metadata, max_rows or None)
 
     async def _call(
         self, model: str, version: str | None, inputs: list[Any], outputs: list[Any] | None

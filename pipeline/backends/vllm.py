@@ -32,6 +32,7 @@ from pipeline.backends.exceptions import (
     PermanentBackendError,
     TransientBackendError,
 )
+from pipeline.backends.signature import ModelSignature
 from pipeline.settings import VllmSettings
 
 COMPLETIONS_PATH = "/completions"
@@ -384,6 +385,11 @@ class VllmBackend:
             )
             self._semaphore = asyncio.Semaphore(self._max_concurrency)
         return self._client, self._semaphore
+
+    async def describe(self, model: str) -> ModelSignature:
+        """Text in, no tensors; the versions are those the served-name mapping spells out."""
+        versions = {v for (m, v) in self._served_model_names if m == model and v is not None}
+        return ModelSignature(versions=frozenset(versions) if versions else None)
 
     async def infer(
         self, model: str, version: str | None, rows: Sequence[RowInput]

@@ -88,6 +88,11 @@ class MicroBatcher(Generic[K, T]):
     def __len__(self) -> int:
         return sum(len(queues) for queues in self._queues.values())
 
+    @property
+    def deadline_index_size(self) -> int:
+        """Entries in the deadline index: at most about twice the queued items with deadlines."""
+        return len(self._deadlines)
+
     def has_lane(self, lane: Lane) -> bool:
         """Whether any item of ``lane`` is waiting (bulk work yields while real-time waits)."""
         return any(queues.lanes[lane] for queues in self._queues.values())
@@ -177,6 +182,7 @@ class MicroBatcher(Generic[K, T]):
         for pending in reversed(items):
             queues.lanes[pending.lane].appendleft(pending)
             self._watch_deadline(key, pending)
+        self._compact_deadlines()
 
     def discard(self, predicate: Callable[[T], bool]) -> list[Pending[T]]:
         """Remove and return every queued item matching ``predicate`` (revoked partitions)."""
@@ -188,6 +194,7 @@ class MicroBatcher(Generic[K, T]):
         for pending in removed:
             self._queued_with_deadline.discard(id(pending))
         self._queues = {key: queues for key, queues in self._queues.items() if len(queues)}
+        self._compact_deadlines()
         return removed
 
     def _is_due(self, queues: _Queues[T], now: float, flush: bool) -> bool:
@@ -212,7 +219,26 @@ class MicroBatcher(Generic[K, T]):
             if pending.deadline is not None:
                 self._queued_with_deadline.discard(id(pending))
             taken.append(pending)
+        self._compact_deadlines()
         return tuple(taken)
+
+    def _compact_deadlines(self) -> None:
+        """Drop index entries of items no longer queued (served, discarded, requeued twice).
+
+        Served items would otherwise stay in the index until their deadline passed; batch-job
+        records carry a deadline a day away, so a day of served records would stay in memory.
+        Rebuilding once stale entries outnumber live ones keeps the index at most about twice
+        the queued items, at an amortised constant cost per item.
+        """
+        live = len(self._queued_with_deadline)
+        if len(self._deadlines) <= 2 * live + 64:
+            return
+        kept: dict[int, tuple[float, int, K, Pending[T]]] = {}
+        for entry in self._deadlines:  # a requeued item is indexed once more: keep one
+            if id(entry[3]) in self._queued_with_deadline:
+                kept.setdefault(id(entry[3]), entry)
+        self._deadlines = list(kept.values())
+        heapq.heapify(self._deadlines)
 
     def _drop_expired(self, now: float) -> list[Pending[T]]:
         expired: list[Pending[T]] = []

@@ -11,3 +11,7 @@ class ObjectStoreError(SluicewayError):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class ObjectKeyRefused(ObjectStoreError):
+    """The store (or its client) will never take this object name: retrying cannot help."""

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -32,9 +33,19 @@ class Segment:
 
 
 def segment_key(model: str, version: str, request_ids: Sequence[str], at: datetime) -> str:
-    """Return ``<model>/<version>/<yyyy>/<mm>/<dd>/<digest>.jsonl`` for these request ids."""
+    """Return ``<model>/<version>/<yyyy>/<mm>/<dd>/<digest>.jsonl`` for these request ids.
+
+    Model and version are escaped into one path segment each: a version comes from a
+    request, and must never climb out of its folder (``1/../x``) or break the key.
+    """
     digest = hashlib.sha256("\n".join(request_ids).encode()).hexdigest()[:32]
-    return f"{model}/{version}/{at:%Y/%m/%d}/{digest}.jsonl"
+    return f"{path_segment(model)}/{path_segment(version)}/{at:%Y/%m/%d}/{digest}.jsonl"
+
+
+def path_segment(text: str) -> str:
+    """``text`` as one safe object-key segment: percent-escaped, never ``.`` or ``..``."""
+    escaped = quote(text, safe="-_.~")
+    return escaped if escaped not in ("", ".", "..") else escaped.replace(".", "%2E") or "%00"
 
 
 def build_segment(

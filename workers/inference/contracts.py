@@ -6,18 +6,23 @@ Everything that knows field names of ``InferenceRequest``, ``InferenceResult`` a
 
 from __future__ import annotations
 
+import base64
 import functools
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Message
 
 import schemas
 from pipeline.backends import RowInput, RowOutput, TextPrompt
 from pipeline.backends.base import ATTRIBUTIONS_OUTPUT
+from pipeline.backends.signature import ModelSignature, SignatureMismatch
+from pipeline.kafka.ports import ConsumedMessage
 from pipeline.settings import ModelSettings
+from pipeline.storage.segments import path_segment
 from schemas import AvroCodec, Limits, default_catalog, default_codec, message_headers
 from schemas.exceptions import DecodeError
 from schemas.models import (
@@ -60,10 +65,20 @@ _DATATYPES = {np.dtype(code): datatype for datatype, code in _NUMPY_TYPES.items(
 class RejectedRecord(Exception):
     """A record that can never be served; it goes to the DLQ with ``reason``."""
 
+    dead_letter = True
+
     def __init__(self, reason: str, message: str, error_class: str = "RejectedRecord") -> None:
         super().__init__(message)
         self.reason = reason
         self.error_class = error_class
+
+
+class RefusedRequest(RejectedRecord):
+    """A well-formed request that asks for what it may not (a reply topic outside the
+    allow-list, a version that is not served): answered ``rejected`` on the results topic,
+    not dead-lettered, since there is nothing to repair in the record itself."""
+
+    dead_letter = False
 
 
 @functools.cache
@@ -85,23 +100,41 @@ def check_model(request: InferenceRequest, model: str) -> None:
         )
 
 
-def to_row(request: InferenceRequest, model: ModelSettings) -> RowInput:
-    """Turn one request's inputs into backend inputs, or reject it with a reason."""
+def to_row(
+    request: InferenceRequest, model: ModelSettings, signature: ModelSignature | None = None
+) -> RowInput:
+    """Turn one request's inputs into backend inputs, or reject it with a reason.
+
+    Tensors are checked against ``signature`` (what the model declares), so a batch only
+    ever stacks rows the model takes.
+    """
     inputs = request.inputs
     if inputs.tensors is not None:
-        return RowInput(
-            tensors={t.name: _tensor_to_array(t) for t in inputs.tensors}, explain=request.explain
-        )
+        if model.backend != "triton":
+            raise RejectedRecord("unsupported_input", "this model takes no tensors")
+        names = [t.name for t in inputs.tensors]
+        if len(set(names)) != len(names):
+            raise RejectedRecord("invalid_tensor", "a tensor name appears twice")
+        tensors = {t.name: _tensor_to_array(t) for t in inputs.tensors}
+        if signature is not None and signature.inputs:
+            try:
+                signature.check(tensors)
+            except SignatureMismatch as mismatch:
+                raise RejectedRecord("invalid_tensor", str(mismatch)) from None
+        return RowInput(tensors=tensors, explain=request.explain)
     if inputs.features is not None:
         if model.backend != "triton" or not model.feature_order:
             raise RejectedRecord("unsupported_input", "this model takes no feature records")
         row = np.empty((1, len(model.feature_order)), dtype=np.float32)
         for column, name in enumerate(model.feature_order):
             value = inputs.features.get(name)
-            if value is None or isinstance(value, str):
-                reason = "missing_feature" if value is None else "invalid_feature"
-                raise RejectedRecord(reason, f"feature {name!r} must be a number, got {value!r}")
+            if value is None:
+                raise RejectedRecord("missing_feature", f"feature {name!r} is missing")
+            if isinstance(value, str) or not math.isfinite(value):
+                raise RejectedRecord("invalid_feature", f"feature {name!r} must be a finite number")
             row[0, column] = float(value)
+        if not np.isfinite(row).all():  # finite as a double, out of float32's range
+            raise RejectedRecord("invalid_feature", "a feature is out of the model's range")
         return RowInput(tensors={model.input_name: row}, explain=request.explain)
     text = inputs.text
     assert text is not None  # the contract guarantees exactly one input shape
@@ -128,10 +161,10 @@ def to_row(request: InferenceRequest, model: ModelSettings) -> RowInput:
 def _tensor_to_array(tensor: Tensor) -> np.ndarray[Any, Any]:
     code = _NUMPY_TYPES.get(tensor.datatype)
     if code is None:
-        raise RejectedRecord("unsupported_datatype", f"tensor {tensor.name!r}: {tensor.datatype}")
+        raise RejectedRecord("invalid_tensor", f"tensor datatype {tensor.datatype} is not taken")
     array = np.frombuffer(tensor.data, dtype=code).reshape(tensor.shape)
-    if array.ndim == 0:
-        raise RejectedRecord("invalid_shape", f"tensor {tensor.name!r} needs a batch axis")
+    if array.ndim == 0 or array.shape[0] == 0:
+        raise RejectedRecord("invalid_tensor", "a tensor needs a batch axis with rows")
     return array
 
 
@@ -139,7 +172,7 @@ def pinned_version(request: InferenceRequest) -> str | None:
     return request.model_version
 
 
-def routing_key(request: InferenceRequest, message: Message) -> str:
+def routing_key(request: InferenceRequest, message: ConsumedMessage) -> str:
     key = message.key()
     return key.decode(errors="replace") if isinstance(key, bytes) else str(request.request_id)
 
@@ -172,7 +205,7 @@ def full_record(
         "request_id": request_id or str(request.request_id),
         "model": model,
         "model_version": version,
-        "outputs": {name: array.tolist() for name, array in output.tensors.items()},
+        "outputs": {name: _jsonable(array) for name, array in output.tensors.items()},
     }
     attributions = output.tensors.get(ATTRIBUTIONS_OUTPUT)
     if request.explain and attributions is not None and feature_names:
@@ -189,6 +222,22 @@ def full_record(
     if request.custom_id is not None:
         record["custom_id"] = request.custom_id
     return record
+
+
+def _jsonable(array: np.ndarray[Any, Any]) -> Any:
+    """An output as JSON values; BYTES elements as text, or base64 where not UTF-8."""
+    if array.dtype.kind not in "OSU":
+        return array.tolist()
+    return np.vectorize(_text_of, otypes=[object])(array).tolist() if array.size else []
+
+
+def _text_of(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode()}
+    return value if isinstance(value, str) else str(value)
 
 
 def _named(record_name: str, value: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -208,7 +257,10 @@ def _inline_outputs(output: RowOutput) -> tuple[str, dict[str, Any]] | None:
     tensors = [
         _tensor_record(name, array)
         for name, array in output.tensors.items()
-        if name != ATTRIBUTIONS_OUTPUT and array.nbytes <= INLINE_OUTPUT_BYTES
+        if name != ATTRIBUTIONS_OUTPUT
+        and array.dtype.kind not in "OSU"  # BYTES outputs live in the segment only
+        and np.dtype(array.dtype.newbyteorder("<")) in _DATATYPES
+        and array.nbytes <= INLINE_OUTPUT_BYTES
     ]
     if not tensors:
         return None
@@ -348,8 +400,30 @@ def encode_result(result: ResultRecord) -> tuple[bytes, list[tuple[str, bytes]]]
     return default_codec().encode_record(InferenceResult, result), _RESULT_HEADERS
 
 
-def encode_dead_letter(
-    message: Message,
+MAX_LETTER_HEADERS = 64
+"""Original headers a dead letter carries at most; the rest are named in ``dropped_headers``."""
+MAX_LETTER_HEADER_BYTES = 64 * 1024
+"""Header values a dead letter carries at most, all together."""
+_NAME_LIMIT = Limits().max_name_length
+
+
+@dataclass(frozen=True, slots=True)
+class LetterDraft:
+    """A dead letter ready to produce, and the original value to store first if too large."""
+
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    offload_key: str | None = None
+    offload_body: bytes | None = None
+
+
+def dead_letter_offload_key(topic: str, partition: int, offset: int) -> str:
+    """Where an original too large for its letter is kept (one object per record)."""
+    return f"dead-letters/{path_segment(topic)}/{partition}/{offset}.bin"
+
+
+def build_dead_letter(
+    message: ConsumedMessage,
     reason: str,
     detail: str,
     error_class: str,
@@ -359,37 +433,116 @@ def encode_dead_letter(
     model: str,
     worker_id: str,
     request_id: str | None = None,
-) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """The dead letter keeps the original bytes; its headers say why without decoding."""
-    now = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
-    _, timestamp_ms = message.timestamp()
-    raw_headers = message.headers() or []
-    pairs = raw_headers.items() if isinstance(raw_headers, dict) else raw_headers
-    original_headers = [
-        Header(key=name, value=value if isinstance(value, bytes) else None) for name, value in pairs
-    ]
+    inline_limit: int,
+    bucket: str,
+) -> LetterDraft:
+    """The dead letter of ``message``; never raises, whatever the message carries.
+
+    It keeps the original bytes (or, above ``inline_limit``, points at them in the object
+    store), and as many original headers as fit its limits; headers left out or cut short
+    are named. Should the full letter still not encode, a bare one says why.
+    """
+    topic = str(message.topic())
+    partition = int(message.partition() or 0)
+    offset = int(message.offset() or 0)
+    value = message.value()
+    offload_key = None
+    if value is not None and len(value) > inline_limit:
+        offload_key = dead_letter_offload_key(topic, partition, offset)
+    headers, dropped = _letter_headers(message)
     key = message.key()
-    letter = DeadLetter(
-        original_topic=str(message.topic()),
-        original_partition=int(message.partition() or 0),
-        original_offset=int(message.offset() or 0),
-        original_key=key if isinstance(key, bytes) else None,
-        original_value=message.value(),
-        original_headers=original_headers or None,
-        original_timestamp=(
+    _, timestamp_ms = message.timestamp()
+    now = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
+    fields: dict[str, Any] = {
+        "original_topic": topic,
+        "original_partition": partition,
+        "original_offset": offset,
+        "original_key": key if isinstance(key, bytes) and len(key) <= inline_limit else None,
+        "original_value": None if offload_key else value,
+        "original_headers": headers or None,
+        "original_timestamp": (
             datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC) if timestamp_ms > 0 else None
         ),
-        error_class=error_class[:200] or "Error",
-        reason_code=reason,
-        reason_message=detail[:4000] or reason,
-        attempts=attempts,
-        first_failure_at=now,
-        last_failure_at=now,
-        request_id=request_id,
-        model=model,
-        worker_id=worker_id,
+        "error_class": _clean(error_class, 200) or "Error",
+        "reason_code": _clean(reason, _NAME_LIMIT) or "unprocessable",
+        "reason_message": _clean(detail, 4000) or reason,
+        "attempts": max(0, min(attempts, 2**31 - 1)),
+        "first_failure_at": now,
+        "last_failure_at": now,
+        "request_id": _clean(request_id, _NAME_LIMIT) if request_id else None,
+        "model": _clean(model, _NAME_LIMIT) or None,
+        "worker_id": _clean(worker_id, _NAME_LIMIT) or None,
+        "original_ref": f"s3://{bucket}/{offload_key}" if offload_key else None,
+        "dropped_headers": dropped or None,
+    }
+    try:
+        encoded = schemas.encode(DeadLetter(**fields))
+    except Exception as error:
+        fields.update(
+            original_key=None,
+            original_headers=None,
+            dropped_headers=None,
+            reason_message=_clean(
+                f"{fields['reason_message']} (the full letter could not be built: "
+                f"{type(error).__name__})",
+                4000,
+            ),
+        )
+        encoded = schemas.encode(DeadLetter(**fields))
+    return LetterDraft(
+        encoded,
+        dead_letter_headers(fields["reason_code"], fields["error_class"], fields["attempts"]),
+        offload_key,
+        value if offload_key else None,
     )
-    return schemas.encode(letter), dead_letter_headers(reason, error_class, attempts)
+
+
+def _letter_headers(message: ConsumedMessage) -> tuple[list[Header], list[str]]:
+    """The original headers that fit a letter, and the names of those that did not."""
+    try:
+        raw = message.headers() or []
+        pairs = list(raw.items() if isinstance(raw, dict) else raw)
+    except Exception:
+        return [], ["<unreadable headers>"]
+    kept: list[Header] = []
+    dropped: list[str] = []
+    budget = MAX_LETTER_HEADER_BYTES
+    for name, value in pairs:
+        text = _clean(str(name), 10 * _NAME_LIMIT)
+        data = value if isinstance(value, bytes) else None
+        size = len(data or b"") + len(text)
+        if len(kept) >= MAX_LETTER_HEADERS or len(text) > _NAME_LIMIT or size > budget:
+            if len(dropped) < MAX_LETTER_HEADERS:
+                dropped.append(text[:_NAME_LIMIT])
+            continue
+        budget -= size
+        kept.append(Header(key=text, value=data))
+    if len(pairs) - len(kept) > len(dropped):
+        dropped.append(f"<{len(pairs) - len(kept) - len(dropped)} more>")
+    return kept, dropped
+
+
+def _clean(text: str | None, limit: int) -> str:
+    """Text that encodes (lone surrogates escaped), cut to ``limit`` characters."""
+    if not text:
+        return ""
+    safe = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
+
+
+def rejected_result(
+    request: InferenceRequest,
+    *,
+    model: str,
+    worker_id: str,
+    code: str,
+    message: str,
+) -> ResultRecord:
+    """A request answered ``rejected``: refused at the boundary, or dead-lettered (its reply)."""
+    record = _result_record(request, status=ResultStatus.REJECTED, model=model, worker_id=worker_id)
+    record["error_code"] = _clean(code, _NAME_LIMIT) or "rejected"
+    record["error_message"] = _clean(message, 4000) or None
+    return record
 
 
 def dead_letter_headers(reason: str, error_class: str, attempts: int) -> list[tuple[str, bytes]]:

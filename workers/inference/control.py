@@ -43,6 +43,7 @@ def to_decision(event: ControlEvent) -> RouteDecision:
             issued_at_ms=issued_at_ms,
             manual=manual,
             reason=event.reason,
+            idempotency_key=event.idempotency_key,
         )
     return RouteDecision(
         model=event.model,
@@ -51,6 +52,7 @@ def to_decision(event: ControlEvent) -> RouteDecision:
         issued_at_ms=issued_at_ms,
         manual=manual,
         reason=event.reason,
+        idempotency_key=event.idempotency_key,
     )
 
 

@@ -1,19 +1,20 @@
-"""The inference worker: Kafka requests in, micro-batches to a backend, outcomes out.
+"""The inference worker: a conductor wiring small collaborators that hand values along.
 
-One asyncio loop owns all state; confluent-kafka's consumer runs on one dedicated thread
-(every consumer call goes through it, rebalance callbacks included), the producer acknowledges
-through futures, and the object store writes on a small thread pool.
+    message --Intake--> Record | Refusal
+    Record --Dispatcher--> Dispatch (a micro-batch with a backend slot)
+    Dispatch --BatchServer--> BatchOutcome (served, failed, waiting)
+    outcomes --OutcomeSink--> acknowledged offsets (OffsetTracker)
+    acknowledged offsets --commit--> the group (or the transaction)
 
-Life of a record:
+One asyncio loop owns all state. Each model has its own consumer group member
+(``<ns>.worker.<model>``) whose confluent-kafka consumer runs on a thread of its own; its
+rebalance callbacks post the event to the loop and wait for the loop's answer, so nothing
+but the loop ever touches the batcher or the offset tracker. The producer acknowledges
+through futures; the object store writes on a small thread pool.
 
-1. Consumed: its offset is tracked in the partition's watermark.
-2. Decoded and validated; anything wrong goes to the DLQ with a reason at once.
-3. Queued in the micro-batcher under (model, serving version); real-time ahead of bulk.
-4. Served in a batch: one backend call (retried with backoff while transient, never past the
-   deadline), one segment object, one result per request (and one on ``reply_to``).
-5. Completed when every outcome is acknowledged; the committer then commits the partition's
-   low watermark. An expired request is answered ``expired``; a transient outage never
-   dead-letters: the breaker opens, partitions pause, and the batch waits.
+Only an unrecoverable fault of the worker's own stops it (its configuration; in exactly-once
+mode, a transaction the broker refuses): it says why in one line. Anything a record carries
+ends as that record's outcome.
 """
 
 from __future__ import annotations
@@ -24,53 +25,52 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
-from confluent_kafka import (
-    TIMESTAMP_NOT_AVAILABLE,
-    Consumer,
-    KafkaException,
-    Message,
-    TopicPartition,
-)
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from pipeline.backends import Backend, BackendError, RowOutput
-from pipeline.batching import Batch, Lane, MicroBatcher, Pending
-from pipeline.batching.governor import BulkGovernor
+from pipeline.backends import Backend, BackendError
+from pipeline.backends.signature import ModelSignature
+from pipeline.batching import Lane
+from pipeline.kafka import clients
 from pipeline.kafka.admin import end_offsets_with
 from pipeline.kafka.exceptions import TopicAdminError
-from pipeline.kafka.producer import AsyncProducer, DeliveryError, OutgoingMessage
+from pipeline.kafka.ports import (
+    CommitRefused,
+    ConsumedMessage,
+    ConsumerPort,
+    PartitionKey,
+    ProducerPort,
+)
+from pipeline.kafka.producer import AsyncProducer, DeliveryError
 from pipeline.kafka.watermark import OffsetTracker
 from pipeline.metrics import BREAKER_STATE_VALUES, WorkerMetrics
 from pipeline.resilience import BreakerState, CircuitBreaker, RetryPolicy
 from pipeline.routing import RoutingTable
 from pipeline.settings import Settings, SettingsError
-from pipeline.storage.exceptions import ObjectStoreError
-from pipeline.storage.segments import build_segment
-from pipeline.storage.store import SegmentStore
 from pipeline.topics import ModelTopics, control_topic
-from workers.inference import contracts
-from workers.inference.contracts import RejectedRecord
-from workers.inference.control import ControlFollower
+from workers.inference.dispatch import Dispatch, Dispatcher
+from workers.inference.intake import Intake, Record, Refusal
+from workers.inference.serving import BatchServer, RecordFailure
+from workers.inference.sink import ObjectWriter, OutcomeSink, ReplyTopics
 
 log = logging.getLogger("sluiceway.worker")
 
-BatchKey = tuple[str, str | None]  # (model, version)
+FETCH_MAX_RECORDS = 500
+FETCH_TIMEOUT_S = 0.05
+"""A fetch returns as soon as one record arrives; this only bounds an idle wait."""
 CONTROL_POLL_INTERVAL_S = 0.2
 LAG_INTERVAL_S = 5.0
 LAG_QUERY_TIMEOUT_S = 3.0
-"""Lag asks the broker for each partition's end offset, so it is refreshed less often."""
-REALTIME_ACTIVE_S = 1.0
-"""Real-time traffic counts as flowing for this long after its last record arrived."""
+SIGNATURE_TIMEOUT_S = 5.0
 SATURATION_PAUSE_AFTER_S = 5.0
-"""How long the worker stops polling when saturated before it pauses its partitions instead.
+"""How long the worker stops fetching when saturated before it pauses its partitions instead.
 
-A short saturation (the common case at full load) just skips polling: librdkafka keeps its
+A short saturation (the common case at full load) just skips fetching: librdkafka keeps its
 bounded prefetch, so records flow again the moment outcomes complete. Pausing would drop that
 prefetch, and the refetch after resuming was measured at 0.3-0.7 s of idle worker each time.
 A long saturation (an object store outage) pauses, so the worker polls again and keeps its
@@ -78,24 +78,16 @@ place in the consumer group (``max.poll.interval.ms``).
 """
 
 
-@dataclass(slots=True)
-class Record:
-    """A consumed record on its way through the worker."""
+def worker_group_id(namespace: str, model: str) -> str:
+    """The consumer group serving ``model``: one per model, whatever else a worker serves."""
+    return f"{namespace}.worker.{model}"
 
-    message: Message
-    request: contracts.Request
-    row: Any
-    received_at: float
-    attempts: int = 0
-    first_failure_ms: int | None = None
 
-    @property
-    def position(self) -> tuple[str, int, int]:
-        return (
-            str(self.message.topic()),
-            int(self.message.partition() or 0),
-            int(self.message.offset() or 0),
-        )
+class ControlSource(Protocol):
+    """Feeds routing decisions into the routing table (``ControlFollower`` fits)."""
+
+    def poll(self, timeout_s: float = 0.0) -> int: ...
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -106,13 +98,77 @@ class WorkerStats:
     expired: int = 0
     batches: int = 0
     commits: int = 0
-    retries: int = 0
-    paused: set[tuple[str, int]] = field(default_factory=set)
+    commits_refused: int = 0
+    paused: set[PartitionKey] = field(default_factory=set)
 
 
-def worker_group_id(namespace: str, models: Sequence[str]) -> str:
-    """The consumer group of a worker serving ``models``: one group per set of models."""
-    return f"{namespace}.worker.{'-'.join(sorted(models))}"
+class GroupMember:
+    """One model's consumer group member, and the thread every call to it runs on."""
+
+    def __init__(self, model: str, consumer: ConsumerPort, topics: ModelTopics) -> None:
+        self.model = model
+        self.consumer = consumer
+        self.topics = topics
+        self.assignment: dict[PartitionKey, int] = {}
+        """Assigned partitions and the epoch they were assigned in."""
+        self.paused: set[PartitionKey] = set()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"consumer-{model}")
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def shutdown(self, wait: bool) -> None:
+        self._thread.shutdown(wait=wait, cancel_futures=True)
+
+
+class _RebalanceBridge:
+    """Runs on the member's consumer thread: posts each event to the loop and waits for it."""
+
+    def __init__(self, worker: InferenceWorker, member: GroupMember) -> None:
+        self._worker = worker
+        self._member = member
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, Any], timeout_s: float) -> Any:
+        loop = self._worker.loop
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=timeout_s)
+
+    def on_assign(self, partitions: Sequence[PartitionKey]) -> None:
+        self._on_loop(self._worker.assigned(self._member, partitions), 30)
+
+    def on_revoke(self, partitions: Sequence[PartitionKey]) -> None:
+        """1. The loop stops serving the partitions and drains their work (bounded).
+        2. What completed is committed here, on the consumer's thread.
+        3. The loop forgets the partitions; leftovers are redelivered to the new owner."""
+        drain_s = self._worker.settings.workers.drain_timeout_s
+        # Step 1.
+        offsets: Mapping[PartitionKey, int] = {}
+        try:
+            offsets = self._on_loop(self._worker.releasing(self._member, partitions), drain_s + 30)
+        except Exception:
+            log.exception('releasing partitions failed model="%s"', self._member.model)
+        # Step 2.
+        if offsets:
+            try:
+                self._member.consumer.commit(offsets)
+                self._on_loop(self._worker.committed(offsets), 30)
+            except CommitRefused as refused:
+                log.info(
+                    'commit at handover refused model="%s" reason="%s"', self._member.model, refused
+                )
+            except KafkaException as error:
+                log.warning(
+                    'commit at handover failed model="%s" error="%s"', self._member.model, error
+                )
+        # Step 3.
+        self._on_loop(self._worker.forget(self._member, partitions), 30)
+
+    def on_lost(self, partitions: Sequence[PartitionKey]) -> None:
+        """Taken without a handover: nothing may be committed; the new owner serves them."""
+        self._on_loop(self._worker.forget(self._member, partitions, lost=True), 30)
+
+
+ConsumerFactory = Callable[[str, str], ConsumerPort]
+"""(model, group id) -> a consumer for that group."""
 
 
 class InferenceWorker:
@@ -123,211 +179,439 @@ class InferenceWorker:
         settings: Settings,
         models: Sequence[str],
         backends: Mapping[str, Backend],
-        store: SegmentStore,
+        store: ObjectWriter,
         *,
         routing: RoutingTable | None = None,
         retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
-        group_id: str | None = None,
+        consumer_factory: ConsumerFactory | None = None,
+        producer: ProducerPort | None = None,
+        control: ControlSource | None = None,
+        reply_topic_exists: Callable[[str], bool] | None = None,
+        metrics: WorkerMetrics | None = None,
+        lag: bool = True,
     ) -> None:
         unknown = [m for m in models if m not in settings.models]
         if unknown:
             raise SettingsError(f"models not in settings.models: {unknown}")
+        if not models:
+            raise SettingsError("a worker serves at least one model")
         self.settings = settings
-        self.models = list(models)
+        self.models = list(dict.fromkeys(models))
         self.backends = dict(backends)
-        self.store = store
+        self.clock = clock
         self.routing = routing or RoutingTable(
-            {m: v for m in models if (v := settings.models[m].default_version) is not None}
+            {m: v for m in self.models if (v := settings.models[m].default_version) is not None}
         )
         self.retry = retry or RetryPolicy()
-        self.clock = clock
         self.worker_id = settings.workers.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.group_id = group_id or worker_group_id(settings.namespace, models)
-        self.topics = {m: ModelTopics(settings.namespace, m) for m in models}
-        self.metrics = WorkerMetrics()
+        self.metrics = metrics or WorkerMetrics()
         self.stats = WorkerStats()
-        workers = settings.workers
-        self.batcher: MicroBatcher[BatchKey, Record] = MicroBatcher(
-            workers.max_batch_size, workers.max_wait_ms / 1000.0, clock
-        )
         self.tracker = OffsetTracker()
+        self.signatures: dict[str, ModelSignature] = {}
         self.breakers: dict[tuple[str, str], CircuitBreaker] = {}
-        self._in_flight_batches: dict[str, int] = dict.fromkeys(
-            {self._backend_name(m) for m in models}, 0
-        )
-        self._in_flight_bulk_batches: dict[str, int] = dict.fromkeys(self._in_flight_batches, 0)
-        self.governor = BulkGovernor(
-            clock,
-            target_s=workers.realtime_latency_target_ms / 1000.0,
-            active_window_s=REALTIME_ACTIVE_S,
-        )
+        backend_of = {m: settings.models[m].backend for m in self.models}
+        missing = sorted({b for b in backend_of.values() if b not in self.backends})
+        if missing:
+            raise SettingsError(f"no backend built for {missing}")
+        self.intake = Intake(settings, self.routing, self.signatures, clock)
+        self.dispatcher = Dispatcher(settings.workers, backend_of, clock)
+        self.servers = {
+            name: BatchServer(backend, self._breaker, self.retry, clock, on_retry=self._count_retry)
+            for name, backend in self.backends.items()
+        }
+        self._consumer_factory = consumer_factory or self._kafka_consumer
+        self._producer_given = producer
+        self._producer: ProducerPort | None = producer
+        self._control = control
+        self._reply_topic_exists = reply_topic_exists
+        self._store = store
+        self._lag_enabled = lag
+        self.sink: OutcomeSink | None = None
+        self.members: list[GroupMember] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
-        self._consumer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="consumer")
-        self._lag_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lag")
-        self._lag_query: Future[None] | None = None
-        self._lag_admin: AdminClient | None = None
-        self._consumer: Consumer | None = None
-        self._producer: AsyncProducer | None = None
+        self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._fatal: BaseException | None = None
+        self._epoch = 0
+        self._saturated_since: float | None = None
         self._last_commit = 0.0
         self._last_control_poll = 0.0
         self._last_lag_update = 0.0
-        self._control: ControlFollower | None = None
-        self._fatal: BaseException | None = None
-        self._assignment: set[tuple[str, int]] = set()
-        self._saturated_since: float | None = None
-        self._topic_models: dict[str, str] = {}
+        self._last_signature_refresh = 0.0
+        self._side_thread = ThreadPoolExecutor(max_workers=2, thread_name_prefix="worker-side")
+        self._lag_admin: AdminClient | None = None
+        self._lag_query: asyncio.Future[None] | None = None
+        self._transaction = asyncio.Lock()
 
-    # ----------------------------------------------------------------- wiring
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "the worker is not running"
+        return self._loop
 
-    def _backend_name(self, model: str) -> str:
-        return self.settings.models[model].backend
+    # ------------------------------------------------------------------ wiring
+
+    def _kafka_consumer(self, model: str, group_id: str) -> ConsumerPort:
+        from pipeline.kafka.consumer import KafkaConsumer
+
+        return KafkaConsumer(self._consumer_config(group_id))
+
+    def _consumer_config(self, group_id: str) -> dict[str, Any]:
+        return clients.consumer_config(
+            self.settings.kafka, group_id=group_id, role=clients.ConsumerRole.WORKER
+        )
+
+    def _producer_config(self) -> dict[str, Any]:
+        transactional_id = None
+        if self.settings.workers.exactly_once:
+            name = "-".join(self.models)
+            transactional_id = f"{self.settings.namespace}.worker.{name}-{self.worker_id}"
+        return clients.producer_config(
+            self.settings.kafka,
+            role=clients.ProducerRole.LOW_LATENCY,
+            transactional_id=transactional_id,
+            transaction_timeout_ms=15_000,
+            overrides={
+                "message.max.bytes": self.settings.workers.max_message_bytes + 65536,
+                # The worker never creates topics: a reply topic must exist (checked first).
+                "allow.auto.create.topics": False,
+            },
+        )
 
     def _breaker(self, model: str) -> CircuitBreaker:
-        backend = self.backends[self._backend_name(model)]
+        backend = self.backends[self.settings.models[model].backend]
         key = (backend.endpoint, model)
-        if key not in self.breakers:
+        breaker = self.breakers.get(key)
+        if breaker is None:
             name = f"{backend.endpoint}/{model}"
-            self.breakers[key] = CircuitBreaker(
+            breaker = self.breakers[key] = CircuitBreaker(
                 name, clock=self.clock, on_state_change=self._on_breaker
             )
             self.metrics.breaker_state.labels(name).set(0)
-        return self.breakers[key]
+        return breaker
+
+    def _breaker_open(self, model: str) -> bool:
+        return self._breaker(model).state is BreakerState.OPEN
 
     def _on_breaker(self, name: str, old: BreakerState, new: BreakerState) -> None:
         log.warning('breaker="%s" from="%s" to="%s"', name, old.value, new.value)
         self.metrics.breaker_state.labels(name).set(BREAKER_STATE_VALUES[new.value])
 
-    def _consumer_config(self) -> dict[str, Any]:
-        return {
-            **self.settings.kafka.client_config(),
-            "group.id": self.group_id,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-            "partition.assignment.strategy": "cooperative-sticky",
-            "max.poll.interval.ms": 300_000,
-            # Small prefetch: records already fetched are served in arrival order, so a large
-            # prefetched run of batch-job records would hold real-time records back behind it.
-            "max.partition.fetch.bytes": 64 * 1024,
-            "fetch.max.bytes": 1024 * 1024,  # librdkafka: at least message.max.bytes
-            "queued.max.messages.kbytes": 1024,
-        }
+    def _count_retry(self, model: str, attempt: int, delay_s: float, reason: str) -> None:
+        endpoint = self.backends[self.settings.models[model].backend].endpoint
+        self.metrics.retries.labels(endpoint, model).inc()
+        log.info(
+            'model="%s" retry="%d" delay_s="%.3f" reason="%s"', model, attempt, delay_s, reason
+        )
 
-    def _producer_config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {
-            **self.settings.kafka.client_config(),
-            "acks": "all",
-            "enable.idempotence": True,
-            "linger.ms": 2,
-            "compression.type": "lz4",
-            "message.max.bytes": self.settings.workers.max_message_bytes + 65536,
-        }
-        if self.settings.workers.exactly_once:
-            config["transactional.id"] = f"{self.group_id}-{self.worker_id}"
-            config["transaction.timeout.ms"] = 15_000
-        return config
+    def _reply_exists(self, topic: str) -> bool:
+        if self._reply_topic_exists is not None:
+            return self._reply_topic_exists(topic)
+        from confluent_kafka import TopicCollection
 
-    async def _on_consumer(self, fn: Callable[..., Any], *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._consumer_thread, fn, *args)
+        admin = self._admin()
+        futures = admin.describe_topics(TopicCollection([topic]), request_timeout=5)
+        try:
+            futures[topic].result()
+        except KafkaException:
+            return False
+        return True
 
-    # ------------------------------------------------------------- main loop
+    def _admin(self) -> AdminClient:
+        if self._lag_admin is None:
+            self._lag_admin = clients.admin(self.settings.kafka)
+        return self._lag_admin
+
+    async def _on_side_thread(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._side_thread, fn)
+
+    # ------------------------------------------------------------------ main loop
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     async def run(self) -> WorkerStats:
         """Consume, batch, serve and commit until stopped; then drain and let go."""
         self._loop = asyncio.get_running_loop()
-        self._producer = AsyncProducer(self._producer_config())
+        if self._producer is None:
+            self._producer = AsyncProducer(self._producer_config())
         if self.settings.workers.exactly_once:
-            await self._on_consumer(self._producer.raw.init_transactions, 30)
-            self._producer.raw.begin_transaction()
-        self._control = ControlFollower(
-            self.settings.kafka.client_config(),
-            control_topic(self.settings.namespace),
-            self.routing,
+            await self._on_side_thread(lambda: self._require_producer().init_transactions(30))
+            self._require_producer().begin_transaction()
+        self.sink = OutcomeSink(
+            self.settings,
+            self._require_producer(),
+            self._store,
+            self.tracker,
+            self.metrics,
+            ReplyTopics(self._reply_exists, self.clock),
+            worker_id=self.worker_id,
+            retry=self.retry,
+            clock=self.clock,
+            run_blocking=self._on_side_thread,
         )
-        await self._on_consumer(self._control.poll, 1.0)
-        self._consumer = Consumer(self._consumer_config())
-        topics = [t.requests for t in self.topics.values()] + [
-            t.batch for t in self.topics.values()
-        ]
-        self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
-        log.info(
-            'worker="%s" group="%s" topics="%s" starting', self.worker_id, self.group_id, topics
-        )
+        if self._control is None:
+            from workers.inference.control import ControlFollower
+
+            self._control = ControlFollower(
+                self.settings.kafka,
+                control_topic(self.settings.namespace),
+                self.routing,
+            )
+        control = self._control
+        await self._on_side_thread(lambda: control.poll(1.0))
+        await self._refresh_signatures()
+        for model in self.models:
+            group = worker_group_id(self.settings.namespace, model)
+            member = GroupMember(
+                model,
+                self._consumer_factory(model, group),
+                ModelTopics(self.settings.namespace, model),
+            )
+            self.members.append(member)
+            topics = [member.topics.requests, member.topics.batch]
+            await member.call(member.consumer.subscribe, topics, _RebalanceBridge(self, member))
+            log.info('worker="%s" group="%s" topics="%s" starting', self.worker_id, group, topics)
+        sources = [asyncio.create_task(self._source(member)) for member in self.members]
         try:
             while not self._stop.is_set():
                 await self._step()
+            await asyncio.gather(*sources, return_exceptions=True)
             if self._fatal is None:
-                await self._drain(flush_all=True)
+                await self._drain(flush=True)
                 await self._commit()
         finally:
-            if self._fatal is None:
-                await self._on_consumer(self._consumer.close)
-            if self._control is not None:
-                await self._on_consumer(self._control.close)
-            remaining = self._producer.close(timeout_s=5 if self._fatal else 30)
-            self._consumer_thread.shutdown(wait=self._fatal is None)
-            self._lag_thread.shutdown(wait=False, cancel_futures=True)
-            log.info('worker="%s" stopped undelivered="%d"', self.worker_id, remaining)
+            self._stop.set()
+            for task in sources:
+                task.cancel()
+            await self._close()
         if self._fatal is not None:
             raise self._fatal
         return self.stats
 
+    async def _close(self) -> None:
+        for member in self.members:
+            if self._fatal is None:
+                try:
+                    await member.call(member.consumer.close)
+                except Exception as error:
+                    log.warning(
+                        'closing consumer failed model="%s" error="%s"', member.model, error
+                    )
+            member.shutdown(wait=self._fatal is None)
+        if self._control is not None:
+            with contextlib.suppress(Exception):
+                self._control.close()
+        remaining = 0
+        if self._producer is not None and self._producer_given is None:
+            remaining = self._producer.close(5 if self._fatal else 30)
+        self._side_thread.shutdown(wait=False, cancel_futures=True)
+        log.info('worker="%s" stopped undelivered="%d"', self.worker_id, remaining)
+
+    def _require_producer(self) -> ProducerPort:
+        assert self._producer is not None
+        return self._producer
+
+    def _require_sink(self) -> OutcomeSink:
+        assert self.sink is not None
+        return self.sink
+
+    async def _source(self, member: GroupMember) -> None:
+        """Fetch the member's records and hand them to intake, until stopped."""
+        while not self._stop.is_set():
+            if self._saturated() and not self._saturated_for_long():
+                await self._await_outcomes(0.01)
+                continue
+            try:
+                messages = await member.call(
+                    member.consumer.fetch, FETCH_MAX_RECORDS, FETCH_TIMEOUT_S
+                )
+            except RuntimeError:
+                return  # the member's thread was shut down
+            if messages:
+                self._admit(member, messages)
+                self._wake.set()
+
     async def _step(self) -> None:
-        assert self._consumer is not None
-        wait = self.batcher.next_due_in()
-        # A batch still due after dispatching waits for a slot or the governor: poll briefly
-        # instead of spinning (a new record still ends the poll at once).
-        timeout = 0.05 if wait is None else min(max(wait, 0.002), 0.05)
-        messages: list[Message] = []
-        if not self._saturated():
-            messages = await self._on_consumer(self._fetch, timeout)
-        elif self._saturated_for_long():
-            # Paused first, so the poll that keeps the group membership brings no records.
-            await self._apply_backpressure()
-            messages = await self._on_consumer(self._fetch, timeout)
-        else:
-            await self._await_outcomes(min(timeout, 0.01))
-        consumed: dict[str, int] = {}
-        for message in messages:
-            topic = self._accept(message)
-            if topic is not None:
-                consumed[topic] = consumed.get(topic, 0) + 1
-        for topic, count in consumed.items():
-            self.metrics.consumed.labels(topic).inc(count)
-        if self._control and self.clock() - self._last_control_poll >= CONTROL_POLL_INTERVAL_S:
-            self._last_control_poll = self.clock()
-            await self._on_consumer(self._control.poll, 0.0)
+        due = self.dispatcher.next_due_in()
+        timeout = 0.05 if due is None else min(max(due, 0.002), 0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+        now = self.clock()
+        if now - self._last_control_poll >= CONTROL_POLL_INTERVAL_S and self._control:
+            self._last_control_poll = now
+            control = self._control
+            await self._on_side_thread(lambda: control.poll(0.0))
+        if now - self._last_signature_refresh >= self.settings.workers.signature_refresh_s:
+            self._spawn(self._refresh_signatures())
         self._dispatch()
         await self._apply_backpressure()
-        if self.clock() - self._last_commit >= self.settings.workers.commit_interval_ms / 1000:
+        if now - self._last_commit >= self.settings.workers.commit_interval_ms / 1000:
             await self._commit()
-        lag_idle = self._lag_query is None or self._lag_query.done()
-        if lag_idle and self.clock() - self._last_lag_update >= LAG_INTERVAL_S:
-            self._last_lag_update = self.clock()
-            positions = await self._on_consumer(self._positions)
-            # Asking the broker takes round trips: never on the loop or the consumer thread,
-            # where it would hold every request back while it waits.
-            self._lag_query = self._lag_thread.submit(self._update_lag, positions)
+        self._update_gauges()
+        if self._lag_enabled and now - self._last_lag_update >= LAG_INTERVAL_S:
+            self._last_lag_update = now
+            if self._lag_query is None or self._lag_query.done():
+                self._lag_query = asyncio.ensure_future(self._update_lag())
 
-    def _fetch(self, timeout_s: float) -> list[Message]:
-        """Up to 500 records; returns as soon as one arrives rather than when 500 have.
+    # ------------------------------------------------------------------ intake
 
-        ``consume(500, timeout)`` alone holds the first record back until the batch fills or
-        the timeout passes, which adds up to the timeout to every record's latency when
-        traffic is light.
-        """
-        assert self._consumer is not None
-        first = self._consumer.poll(timeout_s)
-        if first is None:
-            return []
-        return [first, *self._consumer.consume(499, 0)]
+    def _admit(self, member: GroupMember, messages: Sequence[ConsumedMessage]) -> None:
+        refusals: list[Refusal] = []
+        consumed: dict[str, int] = {}
+        for message in messages:
+            if message.error() is not None:
+                log.warning('consumer error="%s"', message.error())
+                continue
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            if topic is None or partition is None or offset is None:
+                continue
+            epoch = member.assignment.get((topic, partition))
+            if epoch is None:
+                continue  # fetched before a revocation took effect: the new owner has it
+            self.tracker.track(topic, partition, offset)
+            self.stats.consumed += 1
+            consumed[topic] = consumed.get(topic, 0) + 1
+            lane = Lane.BULK if topic == member.topics.batch else Lane.REALTIME
+            admitted = self.intake.admit(message, member.model, lane, epoch)
+            if isinstance(admitted, Refusal):
+                refusals.append(admitted)
+            else:
+                self.dispatcher.add(admitted, self.intake.deadline(admitted.request))
+        for topic, count in consumed.items():
+            self.metrics.consumed.labels(topic).inc(count)
+        if refusals:
+            self._spawn(self._require_sink().refused(refusals))
+
+    async def _refresh_signatures(self) -> None:
+        """Ask each backend what its models take; a backend that does not answer keeps the
+        signature it had (requests are then checked by the backend itself)."""
+        self._last_signature_refresh = self.clock()
+        for model in self.models:
+            backend = self.backends[self.settings.models[model].backend]
+            try:
+                signature = await asyncio.wait_for(backend.describe(model), SIGNATURE_TIMEOUT_S)
+            except (BackendError, TimeoutError) as error:
+                log.warning('model="%s" signature unknown error="%s"', model, error)
+                continue
+            if signature != self.signatures.get(model):
+                log.info(
+                    'model="%s" inputs="%s" versions="%s"',
+                    model,
+                    [(s.name, s.datatype, list(s.shape)) for s in signature.inputs],
+                    sorted(signature.versions or ()),
+                )
+            self.signatures[model] = signature
+
+    # ------------------------------------------------------------------ dispatch and serve
+
+    def _dispatch(self, *, flush: bool = False) -> None:
+        dispatches, expired = self.dispatcher.take(self._breaker_open, flush=flush)
+        if expired:
+            self.stats.expired += len(expired)
+            self._spawn(self._require_sink().expired(expired))
+        for dispatch in dispatches:
+            self._spawn(self._serve(dispatch))
+
+    async def _serve(self, dispatch: Dispatch) -> None:
+        batch = dispatch.batch
+        model, version = batch.key
+        now = self.clock()
+        queue_wait = self.metrics.queue_wait.labels(model)
+        for pending in batch.items:
+            queue_wait.observe(now - pending.enqueued_at)
+        self.metrics.batch_size.labels(model).observe(len(batch))
+        try:
+            outcome = await self.servers[dispatch.backend].serve(batch)
+        finally:
+            self.dispatcher.finished(dispatch)
+        if outcome.waiting:
+            self.dispatcher.requeue(batch.key, outcome.waiting, self._is_current)
+        if outcome.splits:
+            self.metrics.batch_splits.labels(model).inc(outcome.splits)
+        self.metrics.backend_latency.labels(
+            self.backends[dispatch.backend].endpoint, model
+        ).observe(outcome.backend_s)
+        sink = self._require_sink()
+        work = []
+        if outcome.failed:
+            work.append(sink.failed(model, outcome.failed))
+        if outcome.served:
+            work.append(self._publish(model, version, outcome.served, outcome.backend_s))
+        await asyncio.gather(*work)
+        self.stats.batches += 1
+        self._observe_realtime_latency([record for record, _ in outcome.served])
+
+    async def _publish(
+        self, model: str, version: str | None, served: Any, backend_s: float
+    ) -> None:
+        sink = self._require_sink()
+        try:
+            await sink.served(model, version, served, backend_s)
+        except (DeliveryError, KafkaException):
+            raise
+        except Exception as error:
+            log.exception('model="%s" results could not be built', model)
+            await sink.failed(
+                model,
+                [
+                    RecordFailure(
+                        record,
+                        "unprocessable",
+                        f"{type(error).__name__}: {error}",
+                        type(error).__name__,
+                        1,
+                    )
+                    for record, _ in served
+                ],
+            )
+
+    def _is_current(self, record: Record) -> bool:
+        """Whether the record's partition is still assigned under the epoch it came in."""
+        member = self._member_of(record.model)
+        return member is not None and member.assignment.get(record.partition_key) == record.epoch
+
+    def _member_of(self, model: str) -> GroupMember | None:
+        return next((m for m in self.members if m.model == model), None)
+
+    def _observe_realtime_latency(self, records: Sequence[Record]) -> None:
+        """Publish-to-outcome time of the slowest real-time record: what the governor steers."""
+        now_ms = time.time() * 1000
+        slowest = max(
+            (
+                now_ms - created_ms
+                for record in records
+                if record.lane is Lane.REALTIME
+                for kind, created_ms in [record.message.timestamp()]
+                if kind != TIMESTAMP_NOT_AVAILABLE
+            ),
+            default=None,
+        )
+        if slowest is not None:
+            self.dispatcher.governor.observe_realtime(slowest / 1000.0)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._wake.set()
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        # Every record's failure is an outcome by now: what is left is the worker's own
+        # (a transaction the broker refused in exactly-once mode, or a bug). Its records'
+        # offsets stay uncommitted, so a restart serves them again.
+        log.error("worker stopping: %s: %s", type(error).__name__, error, exc_info=error)
+        self._fatal = error
+        self.stop()
+
+    # ------------------------------------------------------------------ back-pressure
 
     def _saturated(self) -> bool:
         """Too many records without an outcome: take no more until some complete."""
@@ -339,7 +623,6 @@ class InferenceWorker:
         return saturated
 
     def _saturated_for_long(self) -> bool:
-        """Saturated past ``SATURATION_PAUSE_AFTER_S``: time to pause instead of not polling."""
         since = self._saturated_since
         return since is not None and self.clock() - since >= SATURATION_PAUSE_AFTER_S
 
@@ -351,520 +634,114 @@ class InferenceWorker:
         else:
             await asyncio.sleep(timeout_s)
 
-    # ------------------------------------------------------------ intake
-
-    def _accept(self, message: Message) -> str | None:
-        """Track, decode and queue one consumed record; return its topic (``None``: no record)."""
-        if message.error() is not None:
-            log.warning('consumer error="%s"', message.error())
-            return None
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
-        assert topic is not None
-        assert partition is not None
-        assert offset is not None
-        self.tracker.track(topic, partition, offset)
-        self.stats.consumed += 1
-        model = self._model_of_topic(topic)
-        try:
-            request = contracts.decode_request(
-                message.value() or b"", self.settings.workers.max_message_bytes
-            )
-            contracts.check_model(request, model)
-            row = contracts.to_row(request, self.settings.models[model])
-        except RejectedRecord as rejected:
-            self._spawn(
-                self._dead_letter(
-                    [message], model, rejected.reason, str(rejected), rejected.error_class, 0
-                )
-            )
-            return topic
-        except Exception as error:
-            # A record that breaks the decoder in a way no rule foresaw is still bad input:
-            # it goes to the DLQ under its own reason, and the log keeps the trace for a fix.
-            log.exception('unforeseen decode failure topic="%s" offset="%s"', topic, offset)
-            self._spawn(
-                self._dead_letter(
-                    [message], model, "unprocessable", str(error), type(error).__name__, 0
-                )
-            )
-            return topic
-        record = Record(message, request, row, self.clock())
-        version = contracts.pinned_version(request) or self.routing.version_for(
-            model, contracts.routing_key(request, message)
-        )
-        lane = Lane.BULK if topic == self.topics[model].batch else Lane.REALTIME
-        if lane is Lane.REALTIME:
-            self.governor.realtime_arrived()
-        self.batcher.add((model, version), record, lane=lane, deadline=self._deadline(request))
-        return topic
-
-    def _model_of_topic(self, topic: str) -> str:
-        model = self._topic_models.get(topic)
-        if model is None:  # computed once per topic: this runs for every record
-            model = topic[len(self.settings.namespace) + 1 :].rsplit(".", 1)[0]
-            self._topic_models[topic] = model
-        return model
-
-    def _deadline(self, request: contracts.Request) -> float | None:
-        deadline_ms = contracts.deadline_ms(request)
-        if deadline_ms is None:
-            return None
-        return self.clock() + (deadline_ms / 1000.0 - time.time())
-
-    # ---------------------------------------------------------- dispatch
-
-    def _dispatch(self, *, flush: bool = False) -> None:
-        limit = self.settings.workers.max_in_flight_batches
-        partial_limit = self.settings.workers.max_in_flight_partial_batches
-        bulk_limit = self._bulk_batch_limit()
-
-        def servable(key: BatchKey) -> bool:
-            backend = self._backend_name(key[0])
-            return (
-                self._in_flight_batches[backend] < limit
-                and self._breaker(key[0]).state is not BreakerState.OPEN
-            )
-
-        def partial_servable(key: BatchKey, lane: Lane) -> bool:
-            if lane is Lane.BULK:
-                return True  # batch-job calls have their own limit (bulk_servable)
-            backend = self._backend_name(key[0])
-            realtime_calls = (
-                self._in_flight_batches[backend] - self._in_flight_bulk_batches[backend]
-            )
-            return partial_limit is None or realtime_calls < partial_limit
-
-        def bulk_servable(key: BatchKey) -> bool:
-            return (
-                self._in_flight_bulk_batches[self._backend_name(key[0])] < bulk_limit
-                and self.governor.bulk_wait_s() == 0.0
-            )
-
-        while True:
-            batches, expired = self.batcher.take_due(
-                limit=1,
-                flush=flush,
-                accept=servable,
-                accept_bulk_only=bulk_servable,
-                accept_partial=None if partial_limit is None else partial_servable,
-            )
-            if expired:
-                self._spawn(self._answer_expired([p.item for p in expired]))
-            if not batches:
-                return
-            batch = batches[0]
-            backend = self._backend_name(batch.key[0])
-            self._in_flight_batches[backend] += 1
-            bulk_only = all(pending.lane is Lane.BULK for pending in batch.items)
-            if bulk_only:
-                self._in_flight_bulk_batches[backend] += 1
-                self.governor.bulk_dispatched()
-            self._spawn(self._serve(batch, bulk_only=bulk_only))
-
-    def _bulk_batch_limit(self) -> int:
-        workers = self.settings.workers
-        if self.governor.realtime_active():
-            return workers.bulk_batches_beside_realtime
-        return max(workers.max_in_flight_batches - workers.realtime_reserved_batches, 1)
-
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled() or task.exception() is None:
-            return
-        # An outcome that could not be delivered must not be skipped: stop, and let the
-        # restart reprocess from the last committed offset.
-        log.error("worker task failed; stopping", exc_info=task.exception())
-        self._fatal = task.exception()
-        self._stop.set()
-
-    # ------------------------------------------------------------- serve
-
-    async def _serve(self, batch: Batch[BatchKey, Record], *, bulk_only: bool) -> None:
-        model, version = batch.key
-        backend_name = self._backend_name(model)
-        try:
-            await self._serve_batch(batch, model, version)
-        finally:
-            self._in_flight_batches[backend_name] -= 1
-            if bulk_only:
-                self._in_flight_bulk_batches[backend_name] -= 1
-
-    async def _serve_batch(
-        self, batch: Batch[BatchKey, Record], model: str, version: str | None
-    ) -> None:
-        backend = self.backends[self._backend_name(model)]
-        breaker = self._breaker(model)
-        records = [pending.item for pending in batch.items]
-        now = self.clock()
-        queue_wait = self.metrics.queue_wait.labels(model)
-        for pending in batch.items:
-            queue_wait.observe(now - pending.enqueued_at)
-        self.metrics.batch_size.labels(model).observe(len(records))
-        started = self.clock()
-        attempts = 0
-        while True:
-            if not breaker.allow():
-                self.batcher.requeue(batch.key, batch.items)
-                return
-            attempts += 1
-            call_started = self.clock()
-            try:
-                outputs = await backend.infer(model, version, [r.row for r in records])
-            except BackendError as error:
-                duration = self.clock() - call_started
-                if not error.transient:
-                    breaker.record_success(duration)  # the backend answered; the input is wrong
-                    await self._dead_letter(
-                        [r.message for r in records],
-                        model,
-                        error.reason,
-                        str(error),
-                        type(error).__name__,
-                        attempts,
-                    )
-                    return
-                breaker.record_failure(duration)
-                delay = self.retry.next_delay(
-                    attempts,
-                    self.clock() - started,
-                    self._time_left(batch.items),
-                    not_before_s=getattr(error, "retry_after_s", None),
-                )
-                if delay is None:
-                    # Out of retries, not out of hope: the batch waits for the backend.
-                    self.batcher.requeue(batch.key, batch.items)
-                    return
-                self.stats.retries += 1
-                self.metrics.retries.labels(backend.endpoint, model).inc()
-                log.info(
-                    'model="%s" retry="%d" delay_s="%.3f" reason="%s"',
-                    model,
-                    attempts,
-                    delay,
-                    error.reason,
-                )
-                await asyncio.sleep(delay)
-                continue
-            breaker.record_success(self.clock() - call_started)
-            self.metrics.backend_latency.labels(backend.endpoint, model).observe(
-                self.clock() - call_started
-            )
-            break
-        served, retry_rows, rejected = self._split_outcomes(records, outputs)
-        if retry_rows:
-            retry_ids = {id(record) for record in retry_rows}
-            self.batcher.requeue(batch.key, [p for p in batch.items if id(p.item) in retry_ids])
-        for record, row_error in rejected:
-            self._spawn(
-                self._dead_letter(
-                    [record.message],
-                    model,
-                    row_error.reason,
-                    str(row_error),
-                    type(row_error).__name__,
-                    attempts,
-                )
-            )
-        if served:
-            await self._publish_results(model, version, served, backend_s=self.clock() - started)
-
-    def _time_left(self, items: Sequence[Pending[Record]]) -> float | None:
-        deadlines = [p.deadline for p in items if p.deadline is not None]
-        return min(deadlines) - self.clock() if deadlines else None
-
-    @staticmethod
-    def _split_outcomes(
-        records: Sequence[Record], outputs: Sequence[RowOutput | BackendError]
-    ) -> tuple[list[tuple[Record, RowOutput]], list[Record], list[tuple[Record, BackendError]]]:
-        if len(outputs) != len(records):
-            raise RuntimeError(f"backend returned {len(outputs)} outputs for {len(records)} rows")
-        served: list[tuple[Record, RowOutput]] = []
-        retry: list[Record] = []
-        rejected: list[tuple[Record, BackendError]] = []
-        for record, output in zip(records, outputs, strict=True):
-            if isinstance(output, BackendError):
-                (retry.append(record) if output.transient else rejected.append((record, output)))
-            else:
-                served.append((record, output))
-        return served, retry, rejected
-
-    async def _publish_results(
-        self,
-        model: str,
-        version: str | None,
-        served: Sequence[tuple[Record, RowOutput]],
-        backend_s: float,
-    ) -> None:
-        """Segment first, then results; the offsets complete only when both are acknowledged."""
-        assert self._producer is not None
-        served_version = version or "latest"
-        model_settings = self.settings.models[model]
-        ids = [contracts.request_id(r.request) for r, _ in served]
-        full = [
-            contracts.full_record(
-                r.request, out, model, served_version, model_settings.feature_order, request_id
-            )
-            for (r, out), request_id in zip(served, ids, strict=True)
-        ]
-        segment = build_segment(model, served_version, full, ids, datetime.now(UTC))
-        etag = await self._put_with_retry(segment)
-        now = self.clock()
-        outcomes = []
-        for (record, output), span in zip(served, segment.spans, strict=True):
-            result = contracts.ok_result(
-                record.request,
-                output,
-                model=model,
-                version=served_version,
-                worker_id=self.worker_id,
-                feature_names=model_settings.feature_order,
-                bucket=self.store.bucket,
-                key=segment.key,
-                etag=etag,
-                offset=span.offset,
-                length=span.length,
-                queued_ms=(now - record.received_at - backend_s) * 1000,
-                backend_ms=backend_s * 1000,
-                total_ms=(now - record.received_at) * 1000,
-                echo_features=model_settings.echo_features,
-            )
-            outcomes.append((record, result))
-        await self._send_outcomes(model, outcomes, "ok")
-        self.stats.batches += 1
-
-    async def _put_with_retry(self, segment: Any) -> str:
-        attempts = 0
-        started = self.clock()
-        while True:
-            attempts += 1
-            try:
-                return await self.store.put(segment)
-            except ObjectStoreError as error:
-                delay = (
-                    self.retry.next_delay(attempts, self.clock() - started)
-                    if error.transient
-                    else None
-                )
-                if delay is None:
-                    delay = self.retry.max_delay_s  # the object store must come back; keep trying
-                log.warning(
-                    'segment="%s" put failed error="%s" retry_in_s="%.2f"',
-                    segment.key,
-                    error,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-
-    async def _send_outcomes(
-        self, model: str, outcomes: Sequence[tuple[Record, Any]], status: str
-    ) -> None:
-        """Produce each result (and its reply); complete the offsets once all are acked."""
-        results_topic = self.topics[model].results
-        messages: list[OutgoingMessage] = []
-        for record, result in outcomes:
-            value, headers = contracts.encode_result(result)
-            key = record.message.key()
-            messages.append(OutgoingMessage(results_topic, value, key, headers))
-            reply_to = contracts.reply_to(record.request)
-            if reply_to:
-                messages.append(OutgoingMessage(reply_to, value, key, headers))
-        await self._deliver(messages)
-        self._observe_realtime_latency(model, [record for record, _ in outcomes])
-        for record, _ in outcomes:
-            self.tracker.complete(*record.position)
-        self.stats.results += len(outcomes)
-        self.metrics.produced.labels(model, status).inc(len(outcomes))
-
-    def _observe_realtime_latency(self, model: str, records: Sequence[Record]) -> None:
-        """Publish-to-outcome time of the slowest real-time record: what the governor steers."""
-        now_ms = time.time() * 1000
-        bulk_topic = self.topics[model].batch
-        slowest = max(
-            (
-                now_ms - created_ms
-                for record in records
-                if record.message.topic() != bulk_topic
-                for kind, created_ms in [record.message.timestamp()]
-                if kind != TIMESTAMP_NOT_AVAILABLE
-            ),
-            default=None,
-        )
-        if slowest is not None:
-            self.governor.observe_realtime(slowest / 1000.0)
-
-    async def _deliver(self, messages: Sequence[OutgoingMessage]) -> None:
-        assert self._producer is not None
-        try:
-            await self._producer.submit_all(messages)
-        except DeliveryError as error:
-            # librdkafka already retried within its delivery timeout: the broker is gone for
-            # long. The offset stays uncommitted and the task failure stops the worker.
-            log.error('delivery failed topic="%s" error="%s"', error.topic, error)
-            raise
-
-    async def _answer_expired(self, records: Sequence[Record]) -> None:
-        by_model: dict[str, list[tuple[Record, Any]]] = {}
-        for record in records:
-            model = self._model_of_topic(str(record.message.topic()))
-            result = contracts.expired_result(
-                record.request,
-                model=model,
-                worker_id=self.worker_id,
-                echo_features=self.settings.models[model].echo_features,
-            )
-            by_model.setdefault(model, []).append((record, result))
-        for model, outcomes in by_model.items():
-            await self._send_outcomes(model, outcomes, "expired")
-        self.stats.expired += len(records)
-
-    async def _dead_letter(
-        self,
-        messages: Sequence[Message],
-        model: str,
-        reason: str,
-        detail: str,
-        error_class: str,
-        attempts: int,
-    ) -> None:
-        now_ms = int(time.time() * 1000)
-        letters = []
-        for message in messages:
-            value, headers = contracts.encode_dead_letter(
-                message,
-                reason,
-                detail,
-                error_class,
-                attempts,
-                now_ms,
-                model=model,
-                worker_id=self.worker_id,
-            )
-            letters.append(OutgoingMessage(self.topics[model].dlq, value, message.key(), headers))
-        await self._deliver(letters)
-        for message in messages:
-            self.stats.dead_lettered += 1
-            self.metrics.dead_lettered.labels(model, reason).inc()
-            log.info(
-                'dlq model="%s" reason="%s" partition="%s[%s]" offset="%s"',
-                model,
-                reason,
-                message.topic(),
-                message.partition(),
-                message.offset(),
-            )
-            self.tracker.complete(
-                str(message.topic()), int(message.partition() or 0), int(message.offset() or 0)
-            )
-
-    # ----------------------------------------------------- back-pressure
-
-    async def _apply_backpressure(self) -> None:
-        """Pause what cannot be served now; resume it when it can.
-
-        1. Too many records without an outcome for long: pause every assigned partition
-           (briefly saturated, the loop just stops polling; see ``SATURATION_PAUSE_AFTER_S``).
-        2. A model whose breaker is open: pause that model's partitions.
-        3. Real-time work waiting, or batch-job records at their own in-flight cap: pause the
-           bulk topics, so batch jobs only use spare capacity and never build a backlog that
-           real-time requests would queue behind.
-        """
-        assert self._consumer is not None
-        saturated = self._saturated() and self._saturated_for_long()
-        bulk_topics = {topics.batch for topics in self.topics.values()}
-        bulk_yields = self.batcher.has_lane(Lane.REALTIME) or (
+    def partitions_to_pause(self, member: GroupMember) -> set[PartitionKey]:
+        """1. Saturated for long: every partition. 2. The model's breaker is open: all of its
+        partitions. 3. Real-time work waiting, or batch-job records at their cap: the bulk
+        topic, so batch jobs only use spare capacity."""
+        if (self._saturated() and self._saturated_for_long()) or self._breaker_open(member.model):
+            return set(member.assignment)
+        bulk_topics = {m.topics.batch for m in self.members}
+        bulk_yields = self.dispatcher.realtime_waiting() or (
             sum(self.tracker.in_flight(topic) for topic in bulk_topics)
             >= self.settings.workers.max_in_flight_bulk_records
         )
-        should_pause: set[tuple[str, int]] = set()
-        for topic, partition in self._assignment:
-            model = self._model_of_topic(topic)
-            open_breaker = self._breaker(model).state is BreakerState.OPEN
-            if saturated or open_breaker or (topic in bulk_topics and bulk_yields):
-                should_pause.add((topic, partition))
-        to_pause = should_pause - self.stats.paused
-        to_resume = self.stats.paused - should_pause
-        if to_pause:
-            await self._on_consumer(self._consumer.pause, _partitions(to_pause))
-        if to_resume:
-            await self._on_consumer(self._consumer.resume, _partitions(to_resume))
-        self.stats.paused = should_pause
-        self.metrics.paused_partitions.set(len(should_pause))
-        self.metrics.in_flight.set(self.tracker.in_flight())
+        return {key for key in member.assignment if bulk_yields and key[0] == member.topics.batch}
 
-    # ------------------------------------------------------------ commit
+    async def _apply_backpressure(self) -> None:
+        paused: set[PartitionKey] = set()
+        for member in self.members:
+            should_pause = self.partitions_to_pause(member)
+            to_pause = should_pause - member.paused
+            to_resume = member.paused - should_pause
+            if to_pause:
+                await member.call(member.consumer.pause, to_pause)
+            if to_resume:
+                await member.call(member.consumer.resume, to_resume)
+            member.paused = should_pause
+            paused |= should_pause
+        self.stats.paused = paused
+        self.metrics.paused_partitions.set(len(paused))
+
+    def _update_gauges(self) -> None:
+        self.metrics.in_flight.set(self.tracker.in_flight())
+        self.metrics.queued.set(len(self.dispatcher))
+        self.metrics.deadline_index.set(self.dispatcher.batcher.deadline_index_size)
+
+    # ------------------------------------------------------------------ commit
 
     async def _commit(self) -> None:
-        if self.settings.workers.exactly_once:
-            # Step 1 of the transactional commit: every consumed record gets its outcome.
-            await self._drain(flush_all=True)
-        await self._on_consumer(self._commit_on_consumer_thread)
+        """Commit every partition whose watermark moved.
 
-    def _commit_on_consumer_thread(self) -> None:
-        """Commit every partition whose watermark moved (runs on the consumer thread).
-
-        At-least-once: a plain synchronous offset commit. Exactly-once, after the drain:
-        2. send the positions into the open transaction and commit it,
-        3. begin the next transaction.
+        At-least-once: a synchronous commit per group member. Exactly-once:
+        1. every consumed record gets its outcome (drain),
+        2. each group's positions go into the open transaction, which commits,
+        3. the next transaction begins.
+        A commit the group refuses (it moved on) is not an error: the records are
+        redelivered to their new owner.
         """
-        assert self._consumer is not None
-        assert self._producer is not None
         self._last_commit = self.clock()
-        pending = self.tracker.pending_commits()
         if self.settings.workers.exactly_once:
-            if pending:
-                producer = self._producer.raw
-                metadata = self._consumer.consumer_group_metadata()
-                producer.send_offsets_to_transaction(_partitions_at(pending), metadata, 30)
-                producer.commit_transaction(30)
-                producer.begin_transaction()
-        elif pending:
-            self._consumer.commit(offsets=_partitions_at(pending), asynchronous=False)
-        if pending:
-            self.tracker.mark_committed(pending)
-            self.stats.commits += 1
-
-    def _positions(self) -> list[TopicPartition]:
-        assert self._consumer is not None
-        return list(self._consumer.position(_partitions(self._assignment)))
-
-    def _update_lag(self, positions: list[TopicPartition]) -> None:
-        """Set ``sluiceway_consumer_lag`` per assigned partition: end offset minus position.
-
-        Runs on its own thread. The end offset is asked of the broker, not taken from the
-        fetch cache, because a paused partition fetches nothing and its cached end would stand
-        still exactly when its lag grows. A topic the broker does not answer for keeps its
-        last values.
-        """
-        if self._lag_admin is None:
-            self._lag_admin = AdminClient(self.settings.kafka.client_config())
-        for topic in sorted({position.topic for position in positions}):
-            try:
-                # Generous: on a broker holding many topics the answer can take a second.
-                ends = end_offsets_with(self._lag_admin, topic, LAG_QUERY_TIMEOUT_S)
-            except (TopicAdminError, KafkaException) as error:
-                log.warning('lag query failed topic="%s" error="%s"', topic, error)
+            await self._commit_transaction()
+            return
+        for member in self.members:
+            pending = self._pending_commits(member)
+            if not pending:
                 continue
-            for position in positions:
-                if position.topic != topic or position.partition not in ends:
-                    continue
-                end = ends[position.partition]
-                # Before the first fetch the position is unknown (negative): all of it is lag.
-                lag = end - position.offset if position.offset >= 0 else end
-                self.metrics.consumer_lag.labels(topic, str(position.partition)).set(lag)
+            try:
+                await member.call(member.consumer.commit, pending)
+            except CommitRefused as refused:
+                self._commit_refused(member, refused)
+                continue
+            except KafkaException as error:
+                log.warning(
+                    'commit failed model="%s" error="%s"; next interval retries',
+                    member.model,
+                    error,
+                )
+                continue
+            await self.committed(pending)
 
-    # ------------------------------------------------- drain, rebalance
+    async def _commit_transaction(self) -> None:
+        async with self._transaction:
+            # Step 1.
+            await self._drain(flush=True)
+            # Steps 2 and 3.
+            offsets = [
+                (pending, member.consumer.group_metadata())
+                for member in self.members
+                if (pending := self._pending_commits(member))
+            ]
+            if not offsets:
+                return
+            producer = self._require_producer()
+            await self._on_side_thread(lambda: producer.commit_offsets_in_transaction(offsets, 30))
+            for pending, _ in offsets:
+                await self.committed(pending)
 
-    async def _drain(self, *, flush_all: bool, timeout_s: float | None = None) -> bool:
+    def _pending_commits(self, member: GroupMember) -> dict[PartitionKey, int]:
+        return {
+            key: offset
+            for key, offset in self.tracker.pending_commits().items()
+            if key in member.assignment
+        }
+
+    def _commit_refused(self, member: GroupMember, refused: CommitRefused) -> None:
+        self.stats.commits_refused += 1
+        self.metrics.commits_refused.inc()
+        log.info('commit refused model="%s" reason="%s"', member.model, refused)
+
+    async def committed(self, offsets: Mapping[PartitionKey, int]) -> None:
+        self.tracker.mark_committed(dict(offsets))
+        self.stats.commits += 1
+
+    # ------------------------------------------------------------------ drain, rebalance
+
+    async def _drain(self, *, flush: bool, timeout_s: float | None = None) -> bool:
         """Serve everything queued and wait for every outcome (bounded by the drain timeout)."""
         deadline = self.clock() + (timeout_s or self.settings.workers.drain_timeout_s)
         while self.clock() < deadline:
-            self._dispatch(flush=flush_all)
-            if not self._tasks and len(self.batcher) == 0:
+            self._dispatch(flush=flush)
+            if not self._tasks and len(self.dispatcher) == 0:
                 return True
             if self._tasks:
                 await asyncio.wait(set(self._tasks), timeout=0.05)
@@ -872,43 +749,106 @@ class InferenceWorker:
                 await asyncio.sleep(0.01)  # queued work waits for a breaker or a slot
         return False
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._assignment |= {(tp.topic, tp.partition) for tp in partitions}
-        log.info('assigned="%s"', [f"{tp.topic}[{tp.partition}]" for tp in partitions])
+    async def assigned(self, member: GroupMember, partitions: Sequence[PartitionKey]) -> None:
+        self._epoch += 1
+        for key in partitions:
+            member.assignment[key] = self._epoch
+        log.info('assigned model="%s" partitions="%s"', member.model, _shown(partitions))
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Runs on the consumer thread inside ``consume``: finish the partitions' work, commit.
+    async def releasing(
+        self, member: GroupMember, partitions: Sequence[PartitionKey]
+    ) -> dict[PartitionKey, int]:
+        """Stop serving ``partitions`` and drain their in-flight work; return what to commit.
 
-        1. Drain in-flight work on the event loop (free while this thread is in a call).
-        2. Commit what completed.
-        3. Forget the partitions; their queued leftovers are redelivered to the new owner.
+        1. They leave the assignment, so nothing of theirs is requeued or fetched again.
+        2. Their queued records are dropped (the new owner serves them).
+        3. The batches in flight now finish, bounded by the drain timeout.
+        4. In exactly-once mode the transaction commits here; otherwise the offsets to
+           commit are returned to the consumer thread, which commits them.
         """
-        assert self._loop is not None
-        revoked = {(tp.topic, tp.partition) for tp in partitions}
-        log.info('revoked="%s"', sorted(revoked))
+        log.info('revoked model="%s" partitions="%s"', member.model, _shown(partitions))
+        released = set(partitions)
         # Step 1.
-        drained = asyncio.run_coroutine_threadsafe(
-            self._drain(flush_all=True, timeout_s=self.settings.workers.drain_timeout_s), self._loop
-        )
-        with contextlib.suppress(Exception):
-            drained.result(timeout=self.settings.workers.drain_timeout_s + 5)
+        for key in released:
+            member.assignment.pop(key, None)
         # Step 2.
-        self._commit_on_consumer_thread()
+        self.dispatcher.discard(released)
         # Step 3.
-        self.batcher.discard(lambda record: record.position[:2] in revoked)
-        self.tracker.forget(list(revoked))
-        self.stats.paused -= revoked
-        self._assignment -= revoked
-        for topic, partition in revoked:
+        in_flight = set(self._tasks)
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=self.settings.workers.drain_timeout_s)
+        # Step 4.
+        pending = {
+            key: offset for key, offset in self.tracker.pending_commits().items() if key in released
+        }
+        if self.settings.workers.exactly_once:
+            async with self._transaction:
+                await self._drain(flush=True)
+                offsets = [(pending, member.consumer.group_metadata())] if pending else []
+                offsets += [
+                    (other_pending, other.consumer.group_metadata())
+                    for other in self.members
+                    if other is not member and (other_pending := self._pending_commits(other))
+                ]
+                if offsets:
+                    producer = self._require_producer()
+                    await self._on_side_thread(
+                        lambda: producer.commit_offsets_in_transaction(offsets, 30)
+                    )
+                    for committed_offsets, _ in offsets:
+                        await self.committed(committed_offsets)
+            return {}
+        return pending
+
+    async def forget(
+        self, member: GroupMember, partitions: Sequence[PartitionKey], *, lost: bool = False
+    ) -> None:
+        keys = list(partitions)
+        if lost:
+            log.warning('lost model="%s" partitions="%s"', member.model, _shown(keys))
+            for key in keys:
+                member.assignment.pop(key, None)
+            self.dispatcher.discard(keys)
+        self.tracker.forget(keys)
+        member.paused -= set(keys)
+        for topic, partition in keys:
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(topic, str(partition))
 
+    # ------------------------------------------------------------------ lag
 
-def _partitions(keys: set[tuple[str, int]]) -> list[TopicPartition]:
-    return [TopicPartition(topic, partition) for topic, partition in sorted(keys)]
+    async def _update_lag(self) -> None:
+        """Set ``sluiceway_consumer_lag`` per assigned partition: end offset minus position.
+
+        The end offset is asked of the broker, not taken from the fetch cache, because a
+        paused partition fetches nothing and its cached end would stand still exactly when
+        its lag grows. Asked on a side thread: it takes round trips.
+        """
+        positions: dict[PartitionKey, int] = {}
+        for member in self.members:
+            if member.assignment:
+                positions.update(
+                    await member.call(member.consumer.positions, list(member.assignment))
+                )
+        if positions:
+            await self._on_side_thread(lambda: self._query_lag(positions))
+
+    def _query_lag(self, positions: Mapping[PartitionKey, int]) -> None:
+        admin = self._admin()
+        for topic in sorted({topic for topic, _ in positions}):
+            try:
+                ends = end_offsets_with(admin, topic, LAG_QUERY_TIMEOUT_S)
+            except (TopicAdminError, KafkaException) as error:
+                log.warning('lag query failed topic="%s" error="%s"', topic, error)
+                continue
+            for (position_topic, partition), offset in positions.items():
+                if position_topic != topic or partition not in ends:
+                    continue
+                end = ends[partition]
+                # Before the first fetch the position is unknown (negative): all of it is lag.
+                lag = end - offset if offset >= 0 else end
+                self.metrics.consumer_lag.labels(topic, str(partition)).set(lag)
 
 
-def _partitions_at(offsets: Mapping[tuple[str, int], int]) -> list[TopicPartition]:
-    return [
-        TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()
-    ]
+def _shown(partitions: Sequence[PartitionKey] | set[PartitionKey]) -> list[str]:
+    return [f"{topic}[{partition}]" for topic, partition in sorted(partitions)]
