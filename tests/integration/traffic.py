@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,10 +132,16 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_worker(settings: Settings, log_path: Path, **extra_env: str) -> subprocess.Popen[bytes]:
+def start_worker(
+    settings: Settings,
+    log_path: Path,
+    models: Sequence[str] = ("scaler",),
+    **extra_env: str,
+) -> subprocess.Popen[bytes]:
+    model_args = [arg for model in models for arg in ("--model", model)]
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker", "--model", "scaler"],
+            [sys.executable, "-m", "pipeline.cli", "worker", *model_args],
             cwd=REPO_ROOT,
             env=worker_env(settings, **extra_env),
             stdout=log,
