@@ -50,6 +50,7 @@ from pipeline.kafka.producer import AsyncProducer, DeliveryError
 from pipeline.kafka.watermark import OffsetTracker
 from pipeline.metrics import BREAKER_STATE_VALUES, WorkerMetrics
 from pipeline.resilience import BreakerState, CircuitBreaker, RetryPolicy
+from pipeline.resilience.breaker import BreakerConfig
 from pipeline.routing import RoutingTable
 from pipeline.settings import Settings, SettingsError
 from pipeline.topics import ModelTopics, control_topic
@@ -190,6 +191,7 @@ class InferenceWorker:
         reply_topic_exists: Callable[[str], bool] | None = None,
         metrics: WorkerMetrics | None = None,
         lag: bool = True,
+        breaker_config: BreakerConfig | None = None,
     ) -> None:
         unknown = [m for m in models if m not in settings.models]
         if unknown:
@@ -227,6 +229,7 @@ class InferenceWorker:
         self._reply_topic_exists = reply_topic_exists
         self._store = store
         self._lag_enabled = lag
+        self._breaker_config = breaker_config
         self.sink: OutcomeSink | None = None
         self.members: list[GroupMember] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -286,7 +289,7 @@ class InferenceWorker:
         if breaker is None:
             name = f"{backend.endpoint}/{model}"
             breaker = self.breakers[key] = CircuitBreaker(
-                name, clock=self.clock, on_state_change=self._on_breaker
+                name, self._breaker_config, clock=self.clock, on_state_change=self._on_breaker
             )
             self.metrics.breaker_state.labels(name).set(0)
         return breaker
