@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaError as RdKafkaError
-from confluent_kafka import Message, Producer, TopicPartition
+from confluent_kafka import KafkaException, Message, Producer, TopicPartition
 
 from pipeline.kafka.exceptions import KafkaError
 
@@ -85,6 +85,11 @@ class AsyncProducer:
                     break
                 except BufferError:
                     self._producer.poll(self._poll_interval_s)
+                except KafkaException as exc:
+                    # Refused before it was queued (too large, an invalid topic): this batch
+                    # fails like a failed delivery, never with an exception in the caller.
+                    acks.on_delivery(exc.args[0], _Refused(message.topic))
+                    break
         return future
 
     async def send(
@@ -154,7 +159,7 @@ class _BatchAcks:
         # waits for queue space, so the count needs a lock.
         self._lock = threading.Lock()
 
-    def on_delivery(self, error: RdKafkaError | None, message: Message) -> None:
+    def on_delivery(self, error: RdKafkaError | None, message: Message | _Refused) -> None:
         with self._lock:
             if self._failed:
                 return
@@ -176,3 +181,13 @@ def _settle_batch(future: asyncio.Future[int], outcome: int | DeliveryError) -> 
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+class _Refused:
+    """Stands in for the message a delivery callback names, for a produce refused at once."""
+
+    def __init__(self, topic: str) -> None:
+        self._topic = topic
+
+    def topic(self) -> str:
+        return self._topic

@@ -8,15 +8,19 @@ import socket
 import subprocess
 import time
 import urllib.request
+import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaException
 
 import schemas
+from pipeline.batchjobs.examples import invoice_records
+from pipeline.kafka import clients
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, model_topic_specs
-from pipeline.settings import Settings, load_settings
+from pipeline.settings import INVOICE_RISK_FEATURES, Settings, load_settings
 from pipeline.stack import manager
 from pipeline.stack.services import MinioService, TritonService
 from pipeline.storage.client import ensure_bucket, make_client
@@ -25,6 +29,7 @@ from schemas.models import InferenceRequest, Inputs, ResultStatus
 from tests.integration import traffic
 from tests.integration.endpoints import Endpoints
 from tests.integration.waiting import wait_for
+from workers.inference.worker import worker_group_id
 
 GROUP = "{namespace}.worker.scaler"
 
@@ -48,9 +53,9 @@ class Workers:
         self.log_dir = log_dir
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self, **env: str) -> subprocess.Popen[bytes]:
+    def start(self, models: Sequence[str] = ("scaler",), **env: str) -> subprocess.Popen[bytes]:
         log = self.log_dir / f"worker-{len(self.processes)}.log"
-        process = traffic.start_worker(self.settings, log, **env)
+        process = traffic.start_worker(self.settings, log, models, **env)
         self.processes.append(process)
         return process
 
@@ -398,3 +403,54 @@ def test_expired_requests_are_answered_expired_and_never_served(
     assert {status[str(r.request_id)] for r in timely} == {ResultStatus.OK}
     expired = [r for r in got.results if r.status is ResultStatus.EXPIRED]
     assert all(r.payload_ref is None and r.error_code == "deadline_exceeded" for r in expired)
+
+
+def test_workers_serving_overlapping_models_share_one_group_per_model(
+    settings: Settings, topics: ModelTopics, workers: Workers
+) -> None:
+    """``--model invoice_risk --model scaler`` and ``--model invoice_risk`` share the load of
+    invoice_risk (one consumer group per model): every request served once, by both."""
+    invoices = ModelTopics(settings.namespace, "invoice_risk")
+    ensure_topics(settings.kafka, model_topic_specs(invoices))
+    both = workers.start(["invoice_risk", "scaler"], SLUICEWAY_WORKERS__WORKER_ID="both")
+    alone = workers.start(["invoice_risk"], SLUICEWAY_WORKERS__WORKER_ID="alone")
+    group = worker_group_id(settings.namespace, "invoice_risk")
+    admin = clients.admin(settings.kafka)
+
+    def both_members_assigned() -> bool:
+        described = admin.describe_consumer_groups([group], request_timeout=5)[group]
+        try:
+            members = described.result().members
+        except KafkaException:
+            return False
+        return len(members) == 2 and all(m.assignment.topic_partitions for m in members)
+
+    wait_for(both_members_assigned, 60, "both workers in the invoice_risk group")
+    rows = list(invoice_records(3000))
+    requests = [
+        InferenceRequest(
+            request_id=uuid.uuid4(),
+            model="invoice_risk",
+            inputs=Inputs(features={k: v for k, v in row.items() if k in INVOICE_RISK_FEATURES}),
+        )
+        for row in rows
+    ]
+    scaler_requests = [traffic.scaler_request(i) for i in range(500)]
+    traffic.publish_requests(settings, invoices.requests, requests)
+    traffic.publish_requests(settings, topics.requests, scaler_requests)
+
+    got = traffic.collect(settings, invoices.results, invoices.dlq, len(requests), timeout_s=120)
+    scaled = traffic.collect(settings, topics.results, topics.dlq, 500, timeout_s=60)
+    assert workers.stop(alone) == 0, workers.logs()
+    assert workers.stop(both) == 0, workers.logs()
+
+    per_request = Counter(str(r.request_id) for r in got.results)
+    assert set(per_request) == {str(r.request_id) for r in requests}
+    assert max(per_request.values()) == 1, "an invoice served by both workers"
+    by_worker = Counter(r.worker_id for r in got.results)
+    assert set(by_worker) == {"both", "alone"}, by_worker
+    assert {r.worker_id for r in scaled.results} == {"both"}
+    assert len({str(r.request_id) for r in scaled.results}) == 500
+    assert traffic.committed_offsets(settings, group, invoices.requests, 3) == traffic.end_offsets(
+        settings, invoices.requests
+    )

@@ -244,7 +244,8 @@ def test_partitions_pause_while_the_breaker_is_open_and_resume_after() -> None:
             lambda: len(consumer.owned) == 4 and consumer.paused == consumer.owned,
             "every partition paused",
         )
-        assert scene.results() == [] and scene.letters() == []
+        assert scene.results() == []
+        assert scene.letters() == []
         scene.backend.transient = False
         await until(lambda: len(scene.results()) == 10, "every request served after the outage")
         await until(lambda: not consumer.paused, "partitions resumed")
@@ -313,7 +314,8 @@ def test_a_record_requeued_after_its_partition_was_revoked_is_left_to_the_new_ow
         await stopped(second, second_task)
         await stopped(first, first_task)
         served = Counter(str(r.request_id) for r in scene.results())
-        assert len(served) == 12 and max(served.values()) == 1
+        assert len(served) == 12
+        assert max(served.values()) == 1
 
     run(scenario)
 
@@ -368,8 +370,10 @@ def test_two_workers_with_overlapping_models_share_one_group_per_model() -> None
         for worker, task in zip((only, both), tasks[::-1], strict=True):
             await stopped(worker, task)
         served = Counter(str(r.request_id) for r in scene.results())
-        assert len(served) == 30 and max(served.values()) == 1
-        assert both.stats.consumed > 0 and only.stats.consumed > 0, "both served scaler"
+        assert len(served) == 30
+        assert max(served.values()) == 1
+        assert both.stats.consumed > 0, "both served scaler"
+        assert only.stats.consumed > 0, "both served scaler"
         assert both.stats.consumed + only.stats.consumed == 30
 
     run(scenario)
@@ -430,7 +434,8 @@ def test_hostile_records_each_end_in_one_outcome_and_neighbours_are_served() -> 
         assert set(rejected.values()) == {"reply_to_not_allowed", "unknown_version"}
         reasons = Counter(letter.reason_code for letter in letters)
         assert reasons["backend_bad_request"] == 1, "bisection isolates the poisoned record"
-        assert reasons["invalid_tensor"] == 2 and reasons["unknown_model"] == 1
+        assert reasons["invalid_tensor"] == 2
+        assert reasons["unknown_model"] == 1
         assert scene.broker.end_offsets(f"{NS}.control") == {0: 0}, "nothing written to control"
         replies = [
             schemas.decode(m.value() or b"", InferenceResult)
@@ -461,6 +466,7 @@ def test_served_records_with_day_long_deadlines_leave_every_index(count: int) ->
         )
         await stopped(worker, task)
         assert worker.dispatcher.batcher.deadline_index_size <= 64
-        assert worker.tracker.in_flight() == 0 and len(worker.dispatcher) == 0
+        assert worker.tracker.in_flight() == 0
+        assert len(worker.dispatcher) == 0
 
     run(scenario)

@@ -132,7 +132,8 @@ def to_row(
                 raise RejectedRecord("missing_feature", f"feature {name!r} is missing")
             if isinstance(value, str) or not math.isfinite(value):
                 raise RejectedRecord("invalid_feature", f"feature {name!r} must be a finite number")
-            row[0, column] = float(value)
+            with np.errstate(over="ignore"):  # out of float32's range: inf, refused below
+                row[0, column] = float(value)
         if not np.isfinite(row).all():  # finite as a double, out of float32's range
             raise RejectedRecord("invalid_feature", "a feature is out of the model's range")
         return RowInput(tensors={model.input_name: row}, explain=request.explain)
@@ -162,7 +163,12 @@ def _tensor_to_array(tensor: Tensor) -> np.ndarray[Any, Any]:
     code = _NUMPY_TYPES.get(tensor.datatype)
     if code is None:
         raise RejectedRecord("invalid_tensor", f"tensor datatype {tensor.datatype} is not taken")
-    array = np.frombuffer(tensor.data, dtype=code).reshape(tensor.shape)
+    try:
+        array = np.frombuffer(tensor.data, dtype=code).reshape(tensor.shape)
+    except ValueError:  # a shape numpy cannot hold (a zero axis beside one of 2**62)
+        raise RejectedRecord(
+            "invalid_tensor", f"tensor shape {tensor.shape} cannot be held in memory"
+        ) from None
     if array.ndim == 0 or array.shape[0] == 0:
         raise RejectedRecord("invalid_tensor", "a tensor needs a batch axis with rows")
     return array
@@ -404,6 +410,8 @@ MAX_LETTER_HEADERS = 64
 """Original headers a dead letter carries at most; the rest are named in ``dropped_headers``."""
 MAX_LETTER_HEADER_BYTES = 64 * 1024
 """Header values a dead letter carries at most, all together."""
+MAX_LETTER_KEY_BYTES = 16 * 1024
+"""The largest original key a dead letter carries."""
 _NAME_LIMIT = Limits().max_name_length
 
 
@@ -435,12 +443,16 @@ def build_dead_letter(
     request_id: str | None = None,
     inline_limit: int,
     bucket: str,
+    header_budget: int = MAX_LETTER_HEADER_BYTES,
+    key_limit: int = MAX_LETTER_KEY_BYTES,
 ) -> LetterDraft:
     """The dead letter of ``message``; never raises, whatever the message carries.
 
     It keeps the original bytes (or, above ``inline_limit``, points at them in the object
-    store), and as many original headers as fit its limits; headers left out or cut short
-    are named. Should the full letter still not encode, a bare one says why.
+    store), the key up to ``key_limit`` bytes, and as many original headers as fit
+    ``header_budget``; headers left out are named. With the three limits adding up to less
+    than the producer's message limit, the letter always fits it. Should the full letter
+    still not encode, a bare one says why.
     """
     topic = str(message.topic())
     partition = int(message.partition() or 0)
@@ -449,20 +461,20 @@ def build_dead_letter(
     offload_key = None
     if value is not None and len(value) > inline_limit:
         offload_key = dead_letter_offload_key(topic, partition, offset)
-    headers, dropped = _letter_headers(message)
+    headers, dropped = _letter_headers(message, header_budget)
     key = message.key()
+    if isinstance(key, bytes | str) and len(key) > key_limit:
+        dropped.append(f"<key of {len(key)} bytes, over {key_limit}>")
     _, timestamp_ms = message.timestamp()
     now = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
     fields: dict[str, Any] = {
         "original_topic": topic,
         "original_partition": partition,
         "original_offset": offset,
-        "original_key": key if isinstance(key, bytes) and len(key) <= inline_limit else None,
+        "original_key": key if isinstance(key, bytes) and len(key) <= key_limit else None,
         "original_value": None if offload_key else value,
         "original_headers": headers or None,
-        "original_timestamp": (
-            datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC) if timestamp_ms > 0 else None
-        ),
+        "original_timestamp": _original_timestamp(timestamp_ms),
         "error_class": _clean(error_class, 200) or "Error",
         "reason_code": _clean(reason, _NAME_LIMIT) or "unprocessable",
         "reason_message": _clean(detail, 4000) or reason,
@@ -497,7 +509,20 @@ def build_dead_letter(
     )
 
 
-def _letter_headers(message: ConsumedMessage) -> tuple[list[Header], list[str]]:
+def _original_timestamp(timestamp_ms: int) -> datetime | None:
+    """The record's timestamp; ``None`` where there is none, or the producer set one that no
+    ``datetime`` holds (a create time is whatever the producer says, up to year 292 million)."""
+    if timestamp_ms <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _letter_headers(
+    message: ConsumedMessage, budget: int = MAX_LETTER_HEADER_BYTES
+) -> tuple[list[Header], list[str]]:
     """The original headers that fit a letter, and the names of those that did not."""
     try:
         raw = message.headers() or []
@@ -506,7 +531,6 @@ def _letter_headers(message: ConsumedMessage) -> tuple[list[Header], list[str]]:
         return [], ["<unreadable headers>"]
     kept: list[Header] = []
     dropped: list[str] = []
-    budget = MAX_LETTER_HEADER_BYTES
     for name, value in pairs:
         text = _clean(str(name), 10 * _NAME_LIMIT)
         data = value if isinstance(value, bytes) else None

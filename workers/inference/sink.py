@@ -144,6 +144,17 @@ class OutcomeSink:
         self._topics: dict[str, ModelTopics] = {}
         self.results = 0
         self.dead_lettered = 0
+        self._letter_limits = letter_limits(
+            settings.workers.max_message_bytes, settings.workers.dead_letter_inline_bytes
+        )
+
+    def _key_of(self, message: Any) -> bytes | str | None:
+        """The original key, unless too large to travel with an outcome (then none: the
+        outcome must fit the producer's limit; the key is in the dead letter's account)."""
+        key = message.key()
+        if key is None or len(key) <= self._letter_limits["key_limit"]:
+            return key  # type: ignore[no-any-return]
+        return None
 
     def topics(self, model: str) -> ModelTopics:
         found = self._topics.get(model)
@@ -268,7 +279,7 @@ class OutcomeSink:
 
     def _result_answer(self, model: str, record: Record, result: Any) -> _Answer:
         value, headers = contracts.encode_result(result)
-        key = record.message.key()
+        key = self._key_of(record.message)
         message = OutgoingMessage(self.topics(model).results, value, key, headers)
         reply = (
             None
@@ -282,7 +293,7 @@ class OutcomeSink:
         reply = None
         if request is not None:
             value, headers = contracts.encode_result(self._rejected(refusal, request))
-            key = _safe_key(refusal.message)
+            key = self._key_of(refusal.message)
             if refusal.reply_to is not None:
                 reply = OutgoingMessage(refusal.reply_to, value, key, headers)
             if not refusal.dead_letter:
@@ -299,8 +310,8 @@ class OutcomeSink:
             model=refusal.model,
             worker_id=self._worker_id,
             request_id=None if request is None else contracts.request_id(request),
-            inline_limit=self._settings.workers.dead_letter_inline_bytes,
             bucket=self._store.bucket,
+            **self._letter_limits,
         )
         if draft.offload_key is not None and draft.offload_body is not None:
             body, key = draft.offload_body, draft.offload_key
@@ -308,7 +319,10 @@ class OutcomeSink:
                 key, lambda: self._store.put_bytes(key, body, "application/octet-stream")
             )
         message = OutgoingMessage(
-            self.topics(refusal.model).dlq, draft.value, _safe_key(refusal.message), draft.headers
+            self.topics(refusal.model).dlq,
+            draft.value,
+            self._key_of(refusal.message),
+            draft.headers,
         )
         return _Answer(refusal.partition_key, refusal.offset, message, reply)
 
@@ -354,7 +368,7 @@ class OutcomeSink:
                 await self._producer.submit_all(messages)
                 return
             except DeliveryError as error:
-                if self._settings.workers.exactly_once:
+                if self._settings.workers.exactly_once or not error.retriable:
                     raise
                 attempts += 1
                 log.error('delivery failed topic="%s" error="%s"; retrying', error.topic, error)
@@ -406,9 +420,15 @@ class OutcomeSink:
         self._metrics.produced.labels(model, status).inc(count)
 
 
-def _safe_key(message: Any) -> bytes | str | None:
-    key = message.key()
-    return key if key is None or len(key) <= 64 * 1024 else None
+def letter_limits(max_message_bytes: int, dead_letter_inline_bytes: int) -> dict[str, int]:
+    """Limits that keep a dead letter under the worker's producer limit (the request limit
+    plus 64 KiB): half the request limit for the original value, a quarter for headers, an
+    eighth for the key; the rest of the letter (reason, ids) fits in the 64 KiB."""
+    return {
+        "inline_limit": min(dead_letter_inline_bytes, max_message_bytes // 2),
+        "header_budget": min(contracts.MAX_LETTER_HEADER_BYTES, max_message_bytes // 4),
+        "key_limit": min(contracts.MAX_LETTER_KEY_BYTES, max_message_bytes // 8),
+    }
 
 
 async def _to_thread(fn: Callable[[], Any]) -> Any:

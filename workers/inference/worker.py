@@ -424,12 +424,18 @@ class InferenceWorker:
     async def _source(self, member: GroupMember) -> None:
         """Fetch the member's records and hand them to intake, until stopped."""
         while not self._stop.is_set():
-            if self._saturated() and not self._saturated_for_long():
-                await self._await_outcomes(0.01)
-                continue
+            room = self.settings.workers.max_in_flight_records - self.tracker.in_flight()
+            if self._saturated():
+                if not self._saturated_for_long():
+                    await self._await_outcomes(0.01)
+                    continue
+                # Paused first, so the poll that keeps the group membership brings no records.
+                await self._apply_backpressure()
             try:
                 messages = await member.call(
-                    member.consumer.fetch, FETCH_MAX_RECORDS, FETCH_TIMEOUT_S
+                    member.consumer.fetch,
+                    max(1, min(FETCH_MAX_RECORDS, room)),
+                    FETCH_TIMEOUT_S,
                 )
             except RuntimeError:
                 return  # the member's thread was shut down
