@@ -29,12 +29,21 @@ class PartitionWatermark:
         self._in_order.append(offset)
 
     def complete(self, offset: int) -> None:
-        """Mark one tracked record as done (its outcome is durably acknowledged)."""
+        """Mark one tracked record as done (its outcome is durably acknowledged).
+
+        An offset outside the records in flight (completed before, or a late outcome of an
+        earlier assignment of the partition) changes nothing: kept, it would never leave
+        ``_completed`` and would count against ``in_flight`` for good.
+        """
+        if not self._in_order or not self._in_order[0] <= offset <= self._in_order[-1]:
+            return
         self._completed.add(offset)
         while self._in_order and self._in_order[0] in self._completed:
             done = self._in_order.popleft()
             self._completed.discard(done)
             self._next_commit = done + 1
+        if not self._in_order:
+            self._completed.clear()  # offsets in gaps that were never tracked
 
     @property
     def committable(self) -> int | None:

@@ -6,6 +6,11 @@ record that the ``InferenceResult`` model would refuse fails here.
 
 from __future__ import annotations
 
+import base64
+import json
+from datetime import UTC, datetime
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -14,6 +19,7 @@ from hypothesis import strategies as st
 import schemas
 from pipeline.backends import RowOutput
 from pipeline.backends.base import TokenLogprob
+from pipeline.storage.segments import build_segment
 from schemas.exceptions import EncodeError
 from schemas.models import InferenceRequest, InferenceResult, ResultStatus, TensorDatatype
 from tests.unit.test_schemas_strategies import SETTINGS, requests
@@ -152,3 +158,73 @@ def test_feature_records_are_echoed_only_when_the_model_asks(request: InferenceR
     echoed = _ok(request, output, echo_features=True)
     # Only feature records are echoed; tensors and text stay in the request.
     assert echoed.input_features == request.inputs.features
+
+
+BYTES_REQUEST = InferenceRequest.model_validate(
+    {"request_id": "3f2a7c1e-2b4d-4e8a-9c0f-1a2b3c4d5e6f", "model": "scaler"}
+    | {"inputs": {"features": {"amount": 1.0}}}
+)
+NOT_UTF8 = b"\xff\xfe\x00\xc3("
+
+
+def _segment_line(output: RowOutput, version: str = "1") -> dict[str, Any]:
+    record = contracts.full_record(BYTES_REQUEST, output, "scaler", version)
+    segment = build_segment(
+        "scaler",
+        version,
+        [record],
+        [str(BYTES_REQUEST.request_id)],
+        datetime(2026, 1, 2, tzinfo=UTC),
+    )
+    (span,) = segment.spans
+    line: dict[str, Any] = json.loads(segment.body[span.offset : span.offset + span.length])
+    return line
+
+
+def test_bytes_outputs_are_stored_as_text_or_base64() -> None:
+    labels = np.array([[b"fraud", NOT_UTF8], ["caf\u00e9".encode(), b""]], dtype=object)
+    line = _segment_line(RowOutput(tensors={"label": labels}))
+    assert line["outputs"]["label"] == [
+        ["fraud", {"base64": base64.b64encode(NOT_UTF8).decode()}],
+        ["caf\u00e9", ""],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("array", "expected"),
+    [
+        (np.array([b"ok", NOT_UTF8[:2]], dtype="S2"), ["ok", {"base64": "//4="}]),
+        (np.array(["a", "\u00fc"], dtype="U1"), ["a", "\u00fc"]),
+        (np.array([None, 7, "x"], dtype=object), ["None", "7", "x"]),
+        (np.empty((0,), dtype=object), []),
+        (np.array([[]], dtype=object).reshape(1, 0), []),
+    ],
+)
+def test_any_text_like_output_serialises(array: np.ndarray[Any, Any], expected: Any) -> None:
+    assert _segment_line(RowOutput(tensors={"out": array}))["outputs"]["out"] == expected
+
+
+@SETTINGS
+@given(elements=st.lists(st.binary(max_size=12), min_size=1, max_size=8))
+def test_arbitrary_bytes_outputs_round_trip_through_the_segment(elements: list[bytes]) -> None:
+    array = np.empty((len(elements),), dtype=object)
+    array[:] = elements
+    stored = _segment_line(RowOutput(tensors={"raw": array}))["outputs"]["raw"]
+    for element, value in zip(elements, stored, strict=True):
+        got = base64.b64decode(value["base64"]) if isinstance(value, dict) else value.encode()
+        assert got == element
+
+
+def test_a_bytes_output_stays_out_of_the_inline_outputs() -> None:
+    labels = np.array([b"fraud", NOT_UTF8], dtype=object)
+    both = _ok(
+        BYTES_REQUEST,
+        RowOutput(tensors={"label": labels, "score": np.array([0.25], dtype=np.float32)}),
+    )
+    assert both.outputs is not None
+    assert [t.name for t in both.outputs.tensors or []] == ["score"]
+    only_bytes = _ok(BYTES_REQUEST, RowOutput(tensors={"label": labels}))
+    assert only_bytes.outputs is None
+    assert only_bytes.payload_ref is not None
+    fixed = _ok(BYTES_REQUEST, RowOutput(tensors={"label": np.array([b"ab"], dtype="S2")}))
+    assert fixed.outputs is None
