@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,7 @@ from pipeline.client import (
 from pipeline.kafka import clients
 from pipeline.kafka.clients import ConsumerRole
 from pipeline.settings import Settings
-from schemas.models import InferenceRequest, InferenceResult, ResultStatus
+from schemas.models import InferenceRequest, InferenceResult, Inputs, ResultStatus
 from tests.integration import traffic
 from workers.inference.runner import prepare_topics_and_bucket
 from workers.processes import ServiceProcess
@@ -103,6 +104,18 @@ def test_expired_requests_raise_with_the_result(serving: Settings) -> None:
     with SluicewayClient(serving) as client, pytest.raises(RequestFailedError) as failure:
         client.infer(late, timeout_s=60)
     assert failure.value.result.status is ResultStatus.EXPIRED
+
+
+def test_a_dead_lettered_request_fails_at_once_with_its_reason(serving: Settings) -> None:
+    """The worker answers a request it dead-letters on its reply topic too: ``infer`` raises
+    with the reason instead of waiting for its whole timeout."""
+    missing = InferenceRequest(
+        request_id=uuid.uuid4(), model="scaler", inputs=Inputs(features={"f0": 1.0})
+    )
+    with SluicewayClient(serving) as client, pytest.raises(RequestFailedError) as failure:
+        client.infer(missing, timeout_s=60)
+    assert failure.value.result.status is ResultStatus.REJECTED
+    assert failure.value.result.error_code == "missing_feature"
 
 
 def test_no_worker_means_a_typed_timeout(settings: Settings) -> None:
