@@ -18,12 +18,16 @@ from pipeline.kafka.exceptions import TopicAdminError
 from pipeline.settings import KafkaSettings
 from pipeline.topics import ModelTopics, batch_progress_topic, control_topic, drift_topic
 
-# What a partition answers while its new leader is still taking over.
+# What a partition answers while its new leader is still taking over. The epoch errors show
+# when the client's metadata and the broker's view of a fresh partition disagree for a moment
+# (seen in CI: UNKNOWN_LEADER_EPOCH on list_offsets right after the leader appeared).
 _LEADER_SETTLING = frozenset(
     {
         _RdKafkaError.NOT_LEADER_FOR_PARTITION,
         _RdKafkaError.LEADER_NOT_AVAILABLE,
         _RdKafkaError.UNKNOWN_TOPIC_OR_PART,
+        _RdKafkaError.UNKNOWN_LEADER_EPOCH,
+        _RdKafkaError.FENCED_LEADER_EPOCH,
     }
 )
 
