@@ -260,6 +260,9 @@ class StackSettings(_Section):
     triton_metrics_port: int = Field(default=8002, ge=1, le=65535)
     model_repository: Path = Path("deploy/triton/models")
     start_timeout_s: float = Field(default=90.0, gt=0)
+    secured: bool = False
+    """Run the stack as production would: TLS from a CA the stack generates (under
+    ``<state_dir>/secrets``), authenticated users, and authorisation (see docs/security.md)."""
 
 
 class Settings(BaseSettings):
