@@ -137,7 +137,7 @@ def hmac_signature(secret: bytes, timestamp: str, body: bytes) -> str:
 
     The timestamp is signed with the body, so an old delivery cannot be replayed later with
     a fresh timestamp."""
-    mac = hmac.new(secret, timestamp.encode("ascii") + b"." + body, hashlib.sha256)
+    mac = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256)
     return SIGNATURE_PREFIX + mac.hexdigest()
 
 

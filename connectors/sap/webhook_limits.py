@@ -21,8 +21,12 @@ class TokenBucket:
     updated: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        if not (self.rate > 0 and self.burst >= 1):
-            raise ValueError(f"a token bucket needs rate > 0 and burst >= 1 ({self})")
+        finite = math.isfinite(self.rate) and math.isfinite(self.burst)
+        if not (finite and self.rate > 0 and self.burst >= 1):
+            raise ValueError(
+                f"a token bucket needs a finite rate > 0 and burst >= 1 "
+                f"(rate {self.rate}, burst {self.burst})"
+            )
         self.tokens = self.burst
 
     def _refill(self, now: float) -> None:
