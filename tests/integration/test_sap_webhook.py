@@ -1,6 +1,6 @@
-"""The SAP connector's webhook guarded, against the real broker: who may deliver, how fast,
-over TLS. ``serve`` runs in this process (the SAP side is ``tests/sap_server.py``); what
-counts is what lands on the requests topic.
+"""The SAP connector's webhook guarded, against the real broker: who may deliver (Basic,
+bearer JWT, HMAC), how fast, over TLS. ``serve`` runs in this process (the SAP side is
+``tests/sap_server.py``); what counts is what lands on the requests topic.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import jwt
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
 from pydantic import SecretStr
 
 import schemas
@@ -280,4 +283,50 @@ def test_tls_and_hmac_signatures(
     assert seen["signed"][0] == 200
     (request,) = _requests_on_topic(settings)
     assert request.request_id == request_id_for(SYSTEM, "tls-000")
+    assert stats.auth_failures == 2
+
+
+def test_bearer_tokens_checked_against_a_key_set_file(
+    settings: Settings, sap: SapProtocolServer, tmp_path: Path
+) -> None:
+    signing_key = ec.generate_private_key(ec.SECP256R1())
+    jwks = tmp_path / "jwks.json"
+    public_jwk = ECAlgorithm.to_jwk(signing_key.public_key(), as_dict=True)
+    jwks.write_text(json.dumps({"keys": [{**public_jwk, "kid": "mesh-1", "use": "sig"}]}))
+    security = security_from_options(
+        auth="jwt",
+        environment={},
+        jwt_issuer="https://idp.example.com/",
+        jwt_audience="sluiceway-webhook",
+        jwks=str(jwks),
+    )
+    (event,) = _events(sap, 1, "jwt", seed=37)
+    body = json.dumps(event).encode()
+
+    def bearer(lifetime_s: int, **header: Any) -> dict[str, str]:
+        claims = {
+            "iss": "https://idp.example.com/",
+            "aud": "sluiceway-webhook",
+            "sub": "event-mesh",
+            "exp": int(time.time()) + lifetime_s,
+        }
+        token = jwt.encode(claims, signing_key, "ES256", headers={"kid": "mesh-1", **header})
+        return {**STRUCTURED, "Authorization": f"Bearer {token}"}
+
+    async def scenario(url: str) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as session:
+            return {
+                "expired": await _post(session, url, body, bearer(-120)),
+                "unknown_kid": await _post(session, url, body, bearer(300, kid="mesh-9")),
+                "valid": await _post(session, url, body, bearer(300)),
+            }
+
+    seen, stats = _run_webhook(settings, sap, security, scenario)
+    for refused in ("expired", "unknown_kid"):
+        status, headers, _ = seen[refused]
+        assert status == 401
+        assert headers["WWW-Authenticate"] == 'Bearer realm="sluiceway", error="invalid_token"'
+    assert seen["valid"][0] == 200
+    (request,) = _requests_on_topic(settings)
+    assert request.request_id == request_id_for(SYSTEM, "jwt-000")
     assert stats.auth_failures == 2
