@@ -51,6 +51,9 @@ from connectors.sap.exceptions import (
     PreconditionFailed,
 )
 from connectors.sap.odata import EntityRecord, EntitySource, delta_value, key_predicate
+from connectors.sap.webhook import WebhookGuard, WebhookSecurity, check_listen
+from connectors.sap.webhook_auth import AuthFailure
+from connectors.sap.webhook_limits import retry_after
 from connectors.sap.writeback import (
     Skip,
     WritebackCall,
@@ -97,6 +100,12 @@ class ConnectorStats:
     skipped: int = 0
     write_failures: int = 0
     own_changes: int = 0
+    auth_failures: int = 0
+    """Deliveries refused 401 (reasons in the log and in ``WebhookGuard.refusals``)."""
+    rate_limited: int = 0
+    """Deliveries refused 429."""
+    too_many_events: int = 0
+    """Deliveries refused 413 for carrying more events than allowed."""
     skips: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -179,9 +188,12 @@ class SapConnector:
 
     # ------------------------------------------------------------------ intake: events
 
-    async def handle_http(self, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+    async def handle_http(
+        self, headers: dict[str, str], body: bytes, *, max_events: int | None = None
+    ) -> tuple[int, dict[str, Any]]:
         """The HTTP answer to one push: 200 once every event is published (or dead-lettered),
-        503 when something transient failed (the sender delivers again)."""
+        503 when something transient failed (the sender delivers again), 413 (nothing
+        published) when a batch holds more than ``max_events`` events."""
         try:
             events = parse_http(headers, body)
         except InvalidCloudEvent as invalid:
@@ -189,6 +201,13 @@ class SapConnector:
                 body, invalid.reason_code, invalid.message, key=None, headers=_ce_headers(headers)
             )
             return 200, {"outcome": "dead_lettered", "reason": invalid.reason_code}
+        if max_events is not None and len(events) > max_events:
+            self.stats.too_many_events += 1
+            return 413, {
+                "error": "too_many_events",
+                "reason": f"a delivery may carry at most {max_events} events; this one has "
+                f"{len(events)}: send smaller batches",
+            }
         outcomes = []
         try:
             for event in events:
@@ -567,12 +586,52 @@ class SapConnector:
 
     # ------------------------------------------------------------------ HTTP receiver
 
-    def web_app(self, path: str = "/events") -> web.Application:
+    def web_app(self, path: str = "/events", guard: WebhookGuard | None = None) -> web.Application:
+        """The receiver; ``guard`` (rate limit, authentication, events cap) comes before
+        anything of a delivery is parsed, published or dead-lettered."""
+
         async def receive(request: web.Request) -> web.Response:
+            client = request.remote or "unknown"
+            if guard is not None:
+                wait = guard.admit(client)
+                if wait > 0:
+                    self.stats.rate_limited += 1
+                    return web.json_response(
+                        {"error": "rate_limited"},
+                        status=429,
+                        headers={"Retry-After": retry_after(wait)},
+                    )
+                if not guard.needs_body():
+                    refused = await _authenticate(guard, request, b"", client)
+                    if refused is not None:
+                        return refused
             body = await request.read()
-            status, answer = await self.handle_http(dict(request.headers), body)
+            if guard is not None and guard.needs_body():
+                refused = await _authenticate(guard, request, body, client)
+                if refused is not None:
+                    return refused
+            status, answer = await self.handle_http(
+                dict(request.headers),
+                body,
+                max_events=guard.max_events if guard is not None else None,
+            )
             headers = {"Retry-After": "5"} if status == 503 else None
             return web.json_response(answer, status=status, headers=headers)
+
+        async def _authenticate(
+            guard: WebhookGuard, request: web.Request, body: bytes, client: str
+        ) -> web.Response | None:
+            try:
+                await guard.authenticate(request.headers, body, client)
+            except AuthFailure as failure:
+                self.stats.auth_failures += 1
+                # Never the reason: it would tell a prober which part of its guess was wrong.
+                return web.json_response(
+                    {"error": "unauthorized"},
+                    status=401,
+                    headers={"WWW-Authenticate": failure.challenge},
+                )
+            return None
 
         async def health(_request: web.Request) -> web.Response:
             counts = {k: v for k, v in vars(self.stats).items() if isinstance(v, int)}
@@ -666,10 +725,21 @@ async def serve(
     writeback: bool = True,
     stop: asyncio.Event | None = None,
     ready: Callable[[int | None], None] | None = None,
+    security: WebhookSecurity | None = None,
 ) -> ConnectorStats:
     """Run the connector until ``stop`` (or SIGTERM/SIGINT): the receiver on ``host:port``
     (``port=None``: no receiver), polling every ``poll_interval_s`` (``None``: no polling),
-    and the writeback loop. ``ready`` is called with the bound port once it listens."""
+    and the writeback loop. ``ready`` is called with the bound port once it listens.
+
+    ``security`` guards the receiver (authentication, TLS, rate and size limits); without
+    it, or without its verifier, only a loopback ``host`` is accepted (:func:`check_listen`).
+    """
+    security = security or WebhookSecurity()
+    guard: WebhookGuard | None = None
+    if port is not None:
+        check_listen(host, security)
+        guard = WebhookGuard(security)
+        await guard.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -680,9 +750,9 @@ async def serve(
     tasks = [asyncio.create_task(connector.run_checkpoints(stop), name="checkpoints")]
     try:
         if port is not None:
-            runner = web.AppRunner(connector.web_app(path))
+            runner = web.AppRunner(connector.web_app(path, guard))
             await runner.setup()
-            site = web.TCPSite(runner, host, port)
+            site = web.TCPSite(runner, host, port, ssl_context=security.tls)
             await site.start()
             addresses = runner.addresses
             bound = int(addresses[0][1]) if addresses else port

@@ -108,6 +108,8 @@ class Connector:
                 CONNECTOR,
                 "--listen",
                 listen,
+                # Loopback only: the webhook's security has its own tests (test_sap_webhook.py).
+                *(() if listen == "off" else ("--webhook-auth", "none")),
                 *args,
             ],
             log,
