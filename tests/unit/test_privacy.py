@@ -522,3 +522,46 @@ def test_the_canary_leaves_the_worker_nowhere(caplog: pytest.LogCaptureFixture) 
     )
     assert "unforeseen" in logged or "failed unexpectedly" in logged, "the failure was logged"
     assert_no_canary(logged, "the worker's log")
+
+
+# ---------------------------------------------------------------------------- connectors
+
+CONNECTOR_CANARY = "canary-7f3e9b@example.com"
+
+
+@pytest.mark.parametrize(
+    ("value", "spec"),
+    [
+        (CONNECTOR_CANARY, {"type": "float"}),
+        ([CONNECTOR_CANARY], {"type": "float"}),
+        ({"nested": CONNECTOR_CANARY}, {"type": "str"}),
+        (CONNECTOR_CANARY, {"type": "bool"}),
+        (CONNECTOR_CANARY, {"type": "int"}),
+        (48213.8125, {"type": "int"}),
+        (CONNECTOR_CANARY, {"type": "float", "transform": {"scale": 2}}),
+        (CONNECTOR_CANARY, {"type": "str", "transform": {"map": {"A": "a"}}}),
+        (CONNECTOR_CANARY, {"type": "float", "transform": {"days_until": True}}),
+        (CONNECTOR_CANARY * 10_000, {"type": "float"}),
+        ("\udcff" + CONNECTOR_CANARY, {"type": "float"}),
+    ],
+)
+def test_a_connector_mapping_error_names_the_field_and_never_the_value(
+    value: Any, spec: dict[str, Any]
+) -> None:
+    from connectors.common.exceptions import UnmappableRecord
+    from connectors.common.mapping import parse_mapping
+
+    mapping = parse_mapping(
+        {
+            "model": "m",
+            "source_system": "SYS",
+            "entity_type": "Thing",
+            "entity_id": "{id}",
+            "features": {"x": {"path": "x", **spec}},
+        }
+    )
+    with pytest.raises(UnmappableRecord) as failure:
+        mapping.features({"x": value}, now=NOW)
+    assert "'x'" in failure.value.message
+    assert "48213" not in failure.value.message
+    assert "canary" not in failure.value.message
