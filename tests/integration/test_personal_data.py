@@ -43,6 +43,7 @@ from tests.integration.waiting import wait_for, wait_until
 SERVED = 40
 DEAD_LETTERED = 2
 WORKER_COMMAND = (sys.executable, "-m", "pipeline.cli", "worker")
+DLQ_OPEN_COMMAND = (sys.executable, "-m", "pipeline.cli", "dlq", "open", "--model", "invoice_risk")
 
 
 def _bytes(value: str | bytes | None) -> bytes:
@@ -72,6 +73,30 @@ def _record_contents(settings: Settings, topic: str) -> list[tuple[bytes, bytes,
     finally:
         consumer.close()
     return records
+
+
+def _dlq_position(settings: Settings, topic: str, letter: DeadLetter) -> tuple[int, int]:
+    """Where ``letter`` sits in the DLQ: (partition, offset), what the CLI takes."""
+    consumer = clients.consumer(
+        settings.kafka, group_id=clients.throwaway_group("pii"), role=ConsumerRole.COMMITTED
+    )
+    consumer.subscribe([topic])
+    found: list[tuple[int, int]] = []
+    origin = (letter.original_topic, letter.original_partition, letter.original_offset)
+
+    def read() -> bool:
+        for message in consumer.consume(100, 0.5):
+            if message.error() is None:
+                seen = schemas.decode(message.value() or b"", DeadLetter)
+                if (seen.original_topic, seen.original_partition, seen.original_offset) == origin:
+                    found.append((int(message.partition() or 0), int(message.offset() or 0)))
+        return bool(found)
+
+    try:
+        wait_for(read, 30, "the letter in the DLQ")
+    finally:
+        consumer.close()
+    return found[0]
 
 
 def test_a_pii_feature_value_appears_nowhere_the_worker_writes(
@@ -234,3 +259,16 @@ def test_a_pii_feature_value_appears_nowhere_the_worker_writes(
         assert attribute_canary.encode() in original
         request = schemas.decode(original, InferenceRequest)
         assert request.attributes["customer_email"] == attribute_canary
+
+    # ... and so can `sluiceway dlq open`, with the key from the settings.
+    partition, offset = _dlq_position(settings, topics.dlq, got.dead_letters[0])
+    opened = subprocess.run(
+        [*DLQ_OPEN_COMMAND, "--partition", str(partition), "--offset", str(offset)],
+        cwd=traffic.REPO_ROOT,
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert opened.returncode == 0, opened.stderr.decode(errors="replace")
+    assert json.loads(opened.stdout)["attributes"]["customer_email"] == attribute_canary

@@ -565,3 +565,43 @@ def test_a_connector_mapping_error_names_the_field_and_never_the_value(
     assert "'x'" in failure.value.message
     assert "48213" not in failure.value.message
     assert "canary" not in failure.value.message
+
+
+# ---------------------------------------------------------------------------- the operator
+
+
+def _sealed_letter(originals: OriginalPolicy, value: bytes = ORIGINAL) -> tuple[Any, Any]:
+    draft, letter = _letter(FakeMessage(value, offset_number=9), originals)
+    return letter, [(name, data) for name, data in draft.headers]
+
+
+def test_the_operator_opens_kept_encrypted_and_offloaded_originals() -> None:
+    from pipeline.cli.dlq_cmd import original_of
+
+    def nothing_stored(bucket: str, key: str) -> bytes:
+        raise AssertionError("nothing to fetch")
+
+    letter, headers = _sealed_letter(OriginalPolicy("keep"))
+    assert original_of(letter, headers, [], nothing_stored) == ORIGINAL
+    letter, headers = _sealed_letter(ENCRYPT)
+    retired_then_current = [b"\x07" * 16, AES_KEY]
+    assert original_of(letter, headers, retired_then_current, nothing_stored) == ORIGINAL
+    half = "x" * (LIMITS["inline_limit"] // 2 + 10)
+    large = schemas.encode(a_request({"salary": CANARY, "note": half, "more": half}))
+    draft, letter = _letter(FakeMessage(large), ENCRYPT)
+    stored = {("bucket", str(draft.offload_key)): draft.offload_body or b""}
+    assert original_of(letter, draft.headers, [AES_KEY], lambda b, k: stored[(b, k)]) == large
+
+
+def test_the_operator_is_told_why_an_original_cannot_be_given_back() -> None:
+    from pipeline.cli.dlq_cmd import LetterError, original_of
+
+    letter, headers = _sealed_letter(OriginalPolicy("drop"))
+    with pytest.raises(LetterError, match="dropped"):
+        original_of(letter, headers, [AES_KEY], lambda b, k: b"")
+    letter, headers = _sealed_letter(ENCRYPT)
+    with pytest.raises(PrivacyError, match="not among the keys"):
+        original_of(letter, headers, [b"\x07" * 32], lambda b, k: b"")
+    moved = letter.model_copy(update={"original_offset": letter.original_offset + 1})
+    with pytest.raises(PrivacyError, match="altered"):
+        original_of(moved, headers, [AES_KEY], lambda b, k: b"")
