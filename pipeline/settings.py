@@ -390,6 +390,8 @@ def _reveal(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
     for name, value in model:
         if isinstance(value, SecretStr):
             data[name] = value.get_secret_value()
+        elif isinstance(value, tuple) and value and isinstance(value[0], SecretStr):
+            data[name] = [secret.get_secret_value() for secret in value]
         elif isinstance(value, BaseModel):
             data[name] = _reveal(value, data[name])
     return data

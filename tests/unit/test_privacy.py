@@ -605,3 +605,21 @@ def test_the_operator_is_told_why_an_original_cannot_be_given_back() -> None:
     moved = letter.model_copy(update={"original_offset": letter.original_offset + 1})
     with pytest.raises(PrivacyError, match="altered"):
         original_of(moved, headers, [AES_KEY], lambda b, k: b"")
+
+
+def test_keys_are_masked_when_shown_and_travel_whole_to_a_child_process() -> None:
+    config = load_settings(
+        workers={
+            "dead_letter_original": "encrypt",
+            "dead_letter_key": AES_KEY_TEXT,
+            "dead_letter_retired_keys": [AES_KEY_TEXT],
+            "pii_hash_key": "hash-key-text",
+        }
+    )
+    shown = str(config.as_dict())
+    assert AES_KEY_TEXT not in shown
+    assert "hash-key-text" not in shown
+    child = config.as_environment()["SLUICEWAY_WORKERS"]
+    rebuilt = WorkerSettings.model_validate_json(child)
+    assert rebuilt.dead_letter_retired_keys[0].get_secret_value() == AES_KEY_TEXT
+    assert rebuilt.pii_hash_key is not None
