@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +35,7 @@ from pydantic_settings import (
 )
 
 from pipeline.errors import SluicewayError
+from pipeline.privacy import decode_key
 
 CONFIG_ENV_VAR = "SLUICEWAY_CONFIG"
 
@@ -130,6 +138,22 @@ class ModelSettings(_Section):
     served_names: dict[str, str] = Field(default_factory=dict)
     """vLLM only: version -> the name the server serves it under (``--served-model-name``,
     a LoRA adapter); a version not listed is sent as the model's own name."""
+    pii: dict[str, Literal["drop", "hash", "mask"]] = Field(default_factory=dict)
+    """Personal data policy: feature name -> what everything leaving the worker carries of
+    its value (echoed ``input_features``, attributions, error text; the backend still gets
+    the real value). ``drop``: left out; ``hash``: keyed HMAC-SHA256 under
+    ``workers.pii_hash_key`` (stable, so joins work); ``mask``: the fixed marker
+    ``<masked>``. No PII feature's attribution leaves (it gives the value back). Keys must be
+    names in ``feature_order``; a model with a policy needs ``workers.dead_letter_original``
+    other than ``keep`` (``docs/worker.md``, "Personal data")."""
+
+    @model_validator(mode="after")
+    def _pii_names_declared_features(self) -> ModelSettings:
+        # A misspelt name would silently protect nothing.
+        unknown = sorted(set(self.pii) - set(self.feature_order))
+        if unknown:
+            raise ValueError(f"pii names features not in feature_order: {unknown}")
+        return self
 
 
 class WorkerSettings(_Section):
@@ -182,6 +206,34 @@ class WorkerSettings(_Section):
     signature_refresh_s: float = Field(default=30.0, gt=0)
     """How often the worker asks each backend again what its models take and which versions
     it has (a newly loaded version is accepted after at most this long)."""
+    pii_hash_key: SecretStr | None = None
+    """Key of the HMAC-SHA256 that ``models.<m>.pii: hash`` features are hashed with (any
+    long random text, e.g. ``openssl rand -base64 32``); required when a model hashes."""
+    dead_letter_original: Literal["keep", "encrypt", "drop"] = "keep"
+    """What a dead letter carries of the original value (inline or offloaded to the object
+    store): ``keep`` the bytes, ``encrypt`` them (AES-GCM under ``dead_letter_key``, key id
+    recorded; ``sluiceway dlq open`` decrypts), or ``drop`` them. A worker serving a model
+    with a ``pii`` policy refuses to start with ``keep``."""
+    dead_letter_key: SecretStr | None = None
+    """Base64 AES key (16, 24 or 32 bytes: ``openssl rand -base64 32``) that encrypts dead
+    letters' originals; required by ``dead_letter_original: encrypt``."""
+    dead_letter_retired_keys: tuple[SecretStr, ...] = ()
+    """Earlier ``dead_letter_key`` values, kept only so ``sluiceway dlq open`` can still
+    decrypt letters sealed before a key rotation."""
+
+    @model_validator(mode="after")
+    def _dead_letter_keys_are_aes_keys(self) -> WorkerSettings:
+        # Checked on the whole section, so a bad key is never quoted back in the error.
+        named = [("dead_letter_key", self.dead_letter_key)] if self.dead_letter_key else []
+        named += [("dead_letter_retired_keys", key) for key in self.dead_letter_retired_keys]
+        for name, key in named:
+            try:
+                decode_key(key.get_secret_value())
+            except ValueError as problem:
+                raise ValueError(f"{name} {problem}") from None
+        if self.dead_letter_original == "encrypt" and self.dead_letter_key is None:
+            raise ValueError("dead_letter_original 'encrypt' needs dead_letter_key")
+        return self
 
 
 class MonitorSettings(_Section):
@@ -338,6 +390,8 @@ def _reveal(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
     for name, value in model:
         if isinstance(value, SecretStr):
             data[name] = value.get_secret_value()
+        elif isinstance(value, tuple) and value and isinstance(value[0], SecretStr):
+            data[name] = [secret.get_secret_value() for secret in value]
         elif isinstance(value, BaseModel):
             data[name] = _reveal(value, data[name])
     return data

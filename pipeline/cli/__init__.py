@@ -31,6 +31,7 @@ SUBCOMMAND_MODULES = (
     "pipeline.cli.batch_cmd",
     "pipeline.cli.salesforce_cmd",
     "pipeline.cli.sap_cmd",
+    "pipeline.cli.dlq_cmd",
 )
 
 Handler = Callable[[argparse.Namespace, Settings], int]
