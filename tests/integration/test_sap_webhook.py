@@ -33,10 +33,10 @@ from pipeline.client import request_id_for
 from pipeline.kafka.admin import end_offsets
 from pipeline.modeling.invoices import generate
 from pipeline.settings import Settings
+from pipeline.stack.tls import ensure_authority
 from pipeline.topics import ModelTopics
 from schemas.models import InferenceRequest
 from tests.sap_server import SapProtocolServer, invoices_from_features, supplier_invoice_event
-from tests.tls_certificates import make_server_certificate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAPPING = REPO_ROOT / "connectors" / "sap" / "mappings" / "supplier_invoice.yaml"
@@ -241,16 +241,17 @@ def test_a_flood_beyond_the_rate_limit_is_refused_and_what_was_accepted_is_publi
 def test_tls_and_hmac_signatures(
     settings: Settings, sap: SapProtocolServer, tmp_path: Path
 ) -> None:
-    certificate = make_server_certificate(tmp_path)
+    authority = ensure_authority(tmp_path)
+    certificate = authority.issue_server(tmp_path, "webhook")
     security = security_from_options(
         auth="hmac",
         environment={SECRET_VAR: SECRET},
-        tls_cert=certificate.cert_path,
-        tls_key=certificate.key_path,
+        tls_cert=certificate.certificate,
+        tls_key=certificate.key,
     )
     (event,) = _events(sap, 1, "tls", seed=31)
     body = json.dumps(event).encode()
-    trusting = ssl.create_default_context(cafile=str(certificate.ca_path))
+    trusting = ssl.create_default_context(cafile=str(authority.certificate))
 
     def signed(payload: bytes) -> dict[str, str]:
         stamp = str(int(time.time()))

@@ -35,7 +35,7 @@ from connectors.sap.webhook_auth import (
 )
 from connectors.sap.webhook_limits import RateLimiter, TokenBucket, retry_after
 from pipeline.cli import main
-from tests.tls_certificates import make_server_certificate
+from pipeline.stack.tls import ensure_authority
 from tests.unit.fakes import FakeClock
 
 SECRET = "a-webhook-secret-of-length"
@@ -277,15 +277,16 @@ def test_limits_must_admit_something() -> None:
 
 
 def test_tls_takes_both_files_and_speaks_tls_1_2_or_newer(tmp_path: Path) -> None:
-    certificate = make_server_certificate(tmp_path)
+    authority = ensure_authority(tmp_path)
+    certificate = authority.issue_server(tmp_path, "webhook")
     with pytest.raises(SapConfigError, match="both"):
-        security_from_options(auth="none", environment={}, tls_cert=certificate.cert_path)
-    context = server_tls_context(certificate.cert_path, certificate.key_path)
+        security_from_options(auth="none", environment={}, tls_cert=certificate.certificate)
+    context = server_tls_context(certificate.certificate, certificate.key)
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     with pytest.raises(SapConfigError, match="TLS certificate"):
-        server_tls_context(certificate.cert_path, tmp_path / "missing.pem")
+        server_tls_context(certificate.certificate, tmp_path / "missing.pem")
     with pytest.raises(SapConfigError, match="TLS certificate"):
-        server_tls_context(certificate.key_path, certificate.cert_path)  # swapped
+        server_tls_context(certificate.key, certificate.certificate)  # swapped
 
 
 def test_the_cli_refuses_an_open_unauthenticated_webhook_in_one_line(
