@@ -103,7 +103,8 @@ def test_batch_runner_owns_the_batch_folder_only() -> None:
     batch = grants_by_principal(settings)[BATCH_PRINCIPAL]
     key = JobStore(settings).key("job-1", "results.jsonl")
     assert key.startswith("jobs/")
-    assert allows(batch, "s3:PutObject", key) and allows(batch, "s3:GetObject", key)
+    assert allows(batch, "s3:PutObject", key)
+    assert allows(batch, "s3:GetObject", key)
     for other in (segment_key("a", "1", ["r"], AT), "jobsx/j/manifest.json", "reports/a/x"):
         assert not allows(batch, "s3:PutObject", other), other
         assert not allows(batch, "s3:GetObject", other), other
@@ -155,7 +156,7 @@ def test_a_model_named_like_a_shared_folder_is_refused(model: str) -> None:
 
 
 def test_a_model_named_like_a_moved_batch_prefix_is_refused_and_the_default_name_is_free() -> None:
-    with pytest.raises(GrantRefused, match="batch.prefix"):
+    with pytest.raises(GrantRefused, match=r"batch\.prefix"):
         plan_grants(with_models("jobs", batch={"prefix": "jobs"}))
     assert worker_principal("batch") in grants_by_principal(
         with_models("batch", batch={"prefix": "jobs"})
@@ -164,7 +165,7 @@ def test_a_model_named_like_a_moved_batch_prefix_is_refused_and_the_default_name
 
 @pytest.mark.parametrize("bucket", ["Results", "r*", "a", "results/x", "bucket?", "-bucket"])
 def test_bucket_names_that_are_not_plain_are_refused(bucket: str) -> None:
-    with pytest.raises(GrantRefused, match="object_store.bucket"):
+    with pytest.raises(GrantRefused, match=r"object_store\.bucket"):
         plan_grants(load_settings(object_store={"bucket": bucket}))
 
 
