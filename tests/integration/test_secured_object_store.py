@@ -198,6 +198,14 @@ def test_batch_and_monitor_credentials_stay_in_their_folders(secured: SecuredSto
     assert [o.object_name for o in batch.list_objects(bucket, prefix="batch/")] == ["batch/job-1/"]
     monitor = make_client(secured.scoped(MONITOR_PRINCIPAL))
     monitor.put_object(bucket, "reports/ab/2026/03/01/r.html", io.BytesIO(body), len(body))
+    # A reference not yet published reads as missing (the monitor then publishes it), not as
+    # a refusal: the grant covers the key even while no object is there.
+    with pytest.raises(S3Error) as missing:
+        _read(monitor, bucket, "references/a/reference_sample.npz")
+    assert missing.value.code == "NoSuchKey"
+    with pytest.raises(S3Error) as no_job:
+        _read(batch, bucket, "batch/job-404/manifest.json")
+    assert no_job.value.code == "NoSuchKey"
     for client, key in ((batch, "a/1/x.jsonl"), (monitor, "a/1/x.jsonl"), (monitor, "batch/j")):
         with pytest.raises(S3Error) as refused:
             client.put_object(bucket, key, io.BytesIO(body), len(body))
