@@ -14,10 +14,12 @@ not to, so printing settings never leaks a password.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -76,14 +78,78 @@ class KafkaSettings(_Section):
         return config
 
 
+DEVELOPMENT_SECRET = "sluiceway-dev-secret"  # noqa: S105 (public on purpose: refused off loopback)
+"""The object store's default secret: known to everyone who read this file, so it is good for
+the local stack only (see :func:`development_secret_refusal`)."""
+
+
+def endpoint_host(endpoint: str) -> str | None:
+    """The host an HTTP client would connect to for ``host:port`` (lower-cased, IPv6 without
+    brackets), or ``None`` when ``endpoint`` is more than a host and port (user info, a path,
+    a query): such a string is never trusted to mean a particular host."""
+    text = endpoint.strip()
+    parts = urlsplit(f"//{text}")
+    if parts.netloc != text or parts.username is not None or parts.password is not None:
+        return None
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        return None
+    return parts.hostname
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """Whether ``host`` names this machine's loopback interface by its text alone.
+
+    Only ``localhost`` and literal loopback addresses count: a name that merely resolves to
+    loopback today (``/etc/hosts``, DNS) may resolve elsewhere tomorrow, so it counts as remote.
+    """
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def development_secret_refusal(endpoint: str, secret: str) -> str | None:
+    """Why these object-store settings must not start a process, or ``None`` when they may.
+
+    The development secret is fine for the local stack, which listens on loopback only; an
+    endpoint anywhere else is a shared deployment, where that secret opens every object.
+    """
+    if secret != DEVELOPMENT_SECRET or is_loopback_host(endpoint_host(endpoint)):
+        return None
+    return (
+        f"object_store.secret_key is the development secret, which is refused for "
+        f"{endpoint!r} (not a loopback endpoint): set SLUICEWAY_OBJECT_STORE__SECRET_KEY "
+        "to the deployment's credential"
+    )
+
+
 class ObjectStoreSettings(_Section):
     endpoint: str = "127.0.0.1:9000"
     """``host:port`` of the S3 API, without a scheme (``secure`` decides http or https)."""
     access_key: str = "sluiceway"
-    secret_key: SecretStr = SecretStr("sluiceway-dev-secret")
+    secret_key: SecretStr = SecretStr(DEVELOPMENT_SECRET)
+    """Refused with any endpoint outside loopback while it is the development secret."""
     secure: bool = False
+    ca_location: Path | None = None
+    """PEM bundle of the CAs that may sign the store's certificate (the secured local stack's
+    ``<state_dir>/secrets/ca.pem``); ``None``: the system's trust store. Needs ``secure``."""
     region: str = "us-east-1"
     bucket: str = "sluiceway-results"
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> ObjectStoreSettings:
+        refusal = development_secret_refusal(self.endpoint, self.secret_key.get_secret_value())
+        if refusal is not None:
+            raise ValueError(refusal)
+        if self.ca_location is not None and not self.secure:
+            raise ValueError("object_store.ca_location is set but secure is false (plain http)")
+        return self
 
 
 class TritonSettings(_Section):

@@ -76,6 +76,8 @@ def up(settings: Settings, progress: Progress = print) -> list[ServiceStatus]:
     1. Install what the cache lacks (Kafka jars, MinIO binary, Triton venv).
     2. For each service: reuse it if our process runs; otherwise check its ports and start it.
     3. Wait, with a cut-off, until every service answers its health check.
+    4. Let each service set up what only its running server can (secured MinIO: the
+       encrypted bucket and the scoped credentials).
     """
     services = all_services(settings)
     # Step 1.
@@ -91,6 +93,9 @@ def up(settings: Settings, progress: Progress = print) -> list[ServiceStatus]:
     # Step 3.
     for service in services:
         _await_healthy(service, settings.stack.start_timeout_s)
+    # Step 4.
+    for service in services:
+        service.configure(progress)
     return [_status_of(service, reused=service.name in reused) for service in services]
 
 
