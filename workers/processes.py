@@ -1,7 +1,8 @@
 """Running a Sluiceway service (``sluiceway worker``, ``sluiceway monitor``) as its own process.
 
 The child gets exactly the parent's settings through ``SLUICEWAY_*`` variables (plus the
-``extra_environment`` it is given, e.g. a connector's secret), writes to its own log file, and is stopped with SIGTERM (which drains it) when the ``with`` block ends.
+``extra_environment`` it is given, e.g. a connector's secret), writes to its own log file,
+and is stopped with SIGTERM (which drains it) when the ``with`` block ends.
 """
 
 from __future__ import annotations

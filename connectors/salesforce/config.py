@@ -104,6 +104,10 @@ def record_of(result: InferenceResult, signer: CorrelationSigner) -> tuple[str, 
     """``(sobject, record id)`` of a result this connector asked for, else why not:
     ``not_ours`` (another connector's or a plain request's) or a forgery's reason."""
     checked = signer.verify(result.correlation_id, result.request_id)
+    legacy = f"{CORRELATION_PREFIX}:{signer.connector}:"
+    if checked == Rejected("not_ours") and (result.correlation_id or "").startswith(legacy):
+        # The unsigned form of connectors before signing: this connector's name, no proof.
+        return Rejected("unsigned")
     if isinstance(checked, Rejected):
         return checked
     assert isinstance(checked, Verified)

@@ -269,9 +269,16 @@ def test_results_name_their_record_and_only_this_connectors_count() -> None:
     assert record_of(result.model_copy(update={"correlation_id": "sap:1"}), PROD) == Rejected(
         "not_ours"
     )
-    unsigned = "salesforce|prod|Supplier_Invoice__c:a01X"
-    assert record_of(result.model_copy(update={"correlation_id": unsigned}), PROD) == Rejected(
-        "unsigned"
+    for unsigned in (
+        "salesforce|prod|Supplier_Invoice__c:a01X",
+        "salesforce:prod:Supplier_Invoice__c:a01X",  # the form before signing
+    ):
+        assert record_of(result.model_copy(update={"correlation_id": unsigned}), PROD) == Rejected(
+            "unsigned"
+        )
+    staging = "salesforce:staging:Supplier_Invoice__c:a01X"
+    assert record_of(result.model_copy(update={"correlation_id": staging}), PROD) == Rejected(
+        "not_ours"
     )
     copied = result.model_copy(update={"request_id": uuid.uuid4()})
     assert record_of(copied, PROD) == Rejected("other_request")
