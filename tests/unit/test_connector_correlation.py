@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,10 @@ from connectors.common.correlation import (
     secrets_from_env,
 )
 from connectors.common.exceptions import UnmappableRecord
+from connectors.salesforce.exceptions import ConfigurationError
+from connectors.salesforce.runner import ConnectorOptions, SalesforceConnector
+from pipeline.cli import main as cli_main
+from pipeline.settings import Settings
 
 SECRET = b"s" * 32
 OLD_SECRET = b"o" * 32
@@ -171,3 +177,21 @@ def test_secrets_come_from_the_environment_and_a_missing_one_stops_the_connector
     with pytest.raises(MissingSecretError) as short:
         secrets_from_env({ENV_VARIABLE: "tiny-secret-value"}, "sap")
     assert "tiny-secret-value" not in str(short.value)
+
+
+def test_the_connectors_refuse_to_start_without_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in [n for n in os.environ if n.startswith(ENV_VARIABLE)]:
+        monkeypatch.delenv(name)
+    # Salesforce: refused before anything is opened (no mapping read, no broker contacted).
+    options = ConnectorOptions(mapping=tmp_path / "never-read.yaml", name="prod")
+    with pytest.raises(ConfigurationError, match=ENV_VARIABLE):
+        SalesforceConnector(Settings(), options, {"SALESFORCE_CLIENT_SECRET": "x" * 40})
+    with pytest.raises(ConfigurationError, match="shorter"):
+        SalesforceConnector(Settings(), options, {ENV_VARIABLE: "too-short"})
+    # SAP: the command ends with an error naming the variable, before it listens.
+    mapping = Path(__file__).resolve().parents[2] / "connectors/sap/mappings/supplier_invoice.yaml"
+    code = cli_main(["connect-sap", "--mapping", str(mapping), "--base-url", "http://127.0.0.1:9"])
+    assert code == 2
+    assert f"{ENV_VARIABLE}_SAP" in capsys.readouterr().err
