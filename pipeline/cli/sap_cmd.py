@@ -157,10 +157,6 @@ def connect_sap_command(args: argparse.Namespace, settings: Settings) -> int:
     if missing:
         raise SluicewayError(f"mapping {args.mapping} does not fill features {missing}")
     source = EntitySource.from_mapping(mapping.source)
-    try:
-        secrets = secrets_from_env(os.environ, args.name)
-    except MissingSecretError as missing:
-        raise SluicewayError(str(missing)) from None
     credentials = credentials_from_environment(args.auth, os.environ, token_url=args.token_url)
     host, port = _listen(args.listen)
     if port is None and args.poll_interval is None:
@@ -171,6 +167,10 @@ def connect_sap_command(args: argparse.Namespace, settings: Settings) -> int:
 
         security = _webhook_security(args)
         check_listen(host, security)  # before anything starts: a one-line refusal
+    try:
+        secrets = secrets_from_env(os.environ, args.name)
+    except MissingSecretError as no_secret:
+        raise SluicewayError(str(no_secret)) from None
 
     async def run() -> None:
         odata = ODataClient(args.base_url, source, credentials)

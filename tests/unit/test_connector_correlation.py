@@ -192,6 +192,7 @@ def test_the_connectors_refuse_to_start_without_a_secret(
         SalesforceConnector(Settings(), options, {ENV_VARIABLE: "too-short"})
     # SAP: the command ends with an error naming the variable, before it listens.
     mapping = Path(__file__).resolve().parents[2] / "connectors/sap/mappings/supplier_invoice.yaml"
-    code = cli_main(["connect-sap", "--mapping", str(mapping), "--base-url", "http://127.0.0.1:9"])
+    command = ["connect-sap", "--mapping", str(mapping), "--base-url", "http://127.0.0.1:9"]
+    code = cli_main([*command, "--auth", "none", "--listen", "off", "--poll-interval", "30"])
     assert code == 2
     assert f"{ENV_VARIABLE}_SAP" in capsys.readouterr().err
