@@ -14,7 +14,9 @@ Polling mode reads ``$filter=<delta_field> ge <position>`` pages in change order
 each page's requests, and checkpoints the page's newest change time once they are acked.
 
 Writeback consumes ``<ns>.<model>.results`` in the connector's own consumer group, picks the
-results whose correlation id names this connector, and writes each back (read the entity for
+results whose correlation id this connector signed for their request id (anything else that
+claims to be this connector's is counted as ``forged``, logged and never written), and writes
+each back (read the entity for
 its ETag, skip it if its marker field already holds the request id, PATCH/MERGE with
 ``If-Match``, or call the configured action). Offsets are committed only after every result
 up to them was written (or dead-lettered as permanently unwritable).
@@ -38,6 +40,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 import schemas
 from connectors.common.checkpoint import CheckpointStore
+from connectors.common.correlation import Rejected
 from connectors.common.dates import parse_datetime, to_iso_utc
 from connectors.common.dead_letters import send_unmappable
 from connectors.common.exceptions import UnmappableRecord
@@ -61,6 +64,7 @@ from connectors.sap.writeback import (
     correlation_id,
     plan_writeback,
     predicate_of,
+    signer,
 )
 from pipeline.client import request_id_for
 from pipeline.kafka import clients
@@ -106,6 +110,8 @@ class ConnectorStats:
     """Deliveries refused 429."""
     too_many_events: int = 0
     """Deliveries refused 413 for carrying more events than allowed."""
+    forged: int = 0
+    """Results claiming to be this connector's without its valid signature for their request."""
     skips: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -118,6 +124,7 @@ class SapConnector:
         mapping: Mapping,
         odata: ODataClient,
         *,
+        secrets: tuple[bytes, ...],
         name: str = "sap",
         dedupe_window: timedelta = timedelta(days=1),
         writeback_concurrency: int = 8,
@@ -127,6 +134,7 @@ class SapConnector:
         self.mapping = mapping
         self.odata = odata
         self.name = name
+        self.signer = signer(name, secrets)
         self.source = odata.source
         self.writeback_spec = (
             WritebackSpec.from_mapping(mapping.writeback) if mapping.writeback else None
@@ -275,7 +283,7 @@ class SapConnector:
             request = self.mapping.to_request(
                 record.properties,
                 source_event_id=event.id,
-                correlation_id=correlation_id(self.name, predicate),
+                correlation_id=correlation_id(self.signer, predicate, request_id),
             )
         except UnmappableRecord as unmappable:
             await self._dead_letter(
@@ -358,7 +366,11 @@ class SapConnector:
             request = self.mapping.to_request(
                 record.properties,
                 source_event_id=event_id,
-                correlation_id=correlation_id(self.name, predicate),
+                correlation_id=correlation_id(
+                    self.signer,
+                    predicate,
+                    request_id_for(self.mapping.source_system, event_id),
+                ),
             )
         except UnmappableRecord as unmappable:
             await self._dead_letter(payload, unmappable.reason_code, unmappable.message, key=None)
@@ -490,8 +502,10 @@ class SapConnector:
                 result = schemas.decode(message.value() or b"", InferenceResult)
             except DecodeError:
                 continue
-            predicate = predicate_of(self.name, result.correlation_id)
-            if predicate is None:
+            predicate = predicate_of(self.signer, result)
+            if isinstance(predicate, Rejected):
+                if predicate.reason != "not_ours":
+                    self._count_forged(result, predicate.reason)
                 continue
             by_entity[predicate].append(result)
         self._batch_done = False
@@ -502,6 +516,18 @@ class SapConnector:
 
         await asyncio.gather(*(write_entity(p, rs) for p, rs in by_entity.items()))
         self._batch_done = not stop.is_set()
+
+    def _count_forged(self, result: InferenceResult, reason: str) -> None:
+        # One line, no feature values or scores: the request id lets an operator find the
+        # request, the reason says what was wrong with its correlation id.
+        self.stats.forged += 1
+        log.warning(
+            'writeback refused: result not signed for its request reason="%s" request_id="%s" '
+            'model="%s"',
+            reason,
+            result.request_id,
+            result.model,
+        )
 
     async def _write_until_done(
         self, predicate: str, result: InferenceResult, stop: asyncio.Event

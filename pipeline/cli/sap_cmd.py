@@ -4,7 +4,10 @@ Receives SAP business events (CloudEvents) on ``--listen``, and/or polls OData f
 every ``--poll-interval`` seconds, publishes mapped requests, and writes results back.
 Credentials come from environment variables only (``--auth basic``: ``SAP_USERNAME`` and
 ``SAP_PASSWORD``; ``--auth oauth``: ``SAP_CLIENT_ID`` and ``SAP_CLIENT_SECRET`` with
-``--token-url``); they are never printed or logged.
+``--token-url``); they are never printed or logged. The connector signs the correlation id of
+every request it publishes and writes back only results it signed: its secret comes from
+``SLUICEWAY_CONNECTOR_SECRET_<NAME>`` or ``SLUICEWAY_CONNECTOR_SECRET`` (comma-separated for a
+rotation, the signing one first); without one it refuses to start.
 
 The receiver itself needs ``--webhook-auth basic|jwt|hmac`` (``none`` only on a loopback
 address), takes TLS with ``--tls-cert``/``--tls-key``, and limits deliveries per second and
@@ -136,6 +139,7 @@ def _listen(text: str) -> tuple[str, int | None]:
 
 
 def connect_sap_command(args: argparse.Namespace, settings: Settings) -> int:
+    from connectors.common.correlation import MissingSecretError, secrets_from_env
     from connectors.common.mapping import load_mapping
     from connectors.sap.client import ODataClient, credentials_from_environment
     from connectors.sap.connector import SapConnector, serve
@@ -163,6 +167,10 @@ def connect_sap_command(args: argparse.Namespace, settings: Settings) -> int:
 
         security = _webhook_security(args)
         check_listen(host, security)  # before anything starts: a one-line refusal
+    try:
+        secrets = secrets_from_env(os.environ, args.name)
+    except MissingSecretError as no_secret:
+        raise SluicewayError(str(no_secret)) from None
 
     async def run() -> None:
         odata = ODataClient(args.base_url, source, credentials)
@@ -170,6 +178,7 @@ def connect_sap_command(args: argparse.Namespace, settings: Settings) -> int:
             settings,
             mapping,
             odata,
+            secrets=secrets,
             name=args.name,
             dedupe_window=timedelta(hours=args.dedupe_window_hours),
         )
@@ -194,7 +203,8 @@ def connect_sap_command(args: argparse.Namespace, settings: Settings) -> int:
             f"duplicates={stats.duplicates} dead_lettered={stats.dead_lettered} "
             f"written={stats.written} already_written={stats.already_written} "
             f"skipped={stats.skipped} auth_failures={stats.auth_failures} "
-            f"rate_limited={stats.rate_limited} too_many_events={stats.too_many_events}",
+            f"rate_limited={stats.rate_limited} too_many_events={stats.too_many_events} "
+            f"forged={stats.forged}",
             flush=True,
         )
 

@@ -70,7 +70,11 @@ def _run_webhook(
     async def main() -> tuple[T, ConnectorStats]:
         credentials = BasicCredentials(sap.username, SecretStr(sap.password))
         connector = SapConnector(
-            settings, mapping, ODataClient(sap.base_url, source, credentials), name="webhook"
+            settings,
+            mapping,
+            ODataClient(sap.base_url, source, credentials),
+            secrets=(b"webhook-test-connector-secret-0123456789",),
+            name="webhook",
         )
         bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         stop = asyncio.Event()
