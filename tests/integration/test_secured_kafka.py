@@ -73,7 +73,10 @@ def _produce(config: dict[str, Any], topic: str, value: bytes) -> KafkaError | N
     """Produce one record; return the broker's answer (None: written)."""
     producer = Producer({**config, "message.timeout.ms": 10_000})
     outcome: list[KafkaError | None] = []
-    producer.produce(topic, value, on_delivery=lambda error, _message: outcome.append(error))
+    # Keyed: the control topic is compacted and takes no record without a key.
+    producer.produce(
+        topic, value, key=b"probe", on_delivery=lambda error, _message: outcome.append(error)
+    )
     wait_for(lambda: producer.poll(0.5) >= 0 and bool(outcome), 20, f"delivery to {topic}")
     return outcome[0]
 
