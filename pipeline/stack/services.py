@@ -252,7 +252,7 @@ class KafkaService(Service):
         command += ["-c", str(properties)]
         secret: str | None = None
         if self.secured:
-            from pipeline.kafka.acls import ADMIN
+            from pipeline.principals import ADMIN
             from pipeline.stack.secrets import KafkaSecrets
 
             # Only the admin at format time (its password is on this command line for the

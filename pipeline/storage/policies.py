@@ -3,12 +3,12 @@
 Every process that writes to the bucket gets its own MinIO user whose policy names exactly
 the folders it writes, taken from the same code that builds the object keys:
 
-- ``sluiceway-worker-<model>``: writes the model's result segments (``<model>/...``, see
+- ``worker-<model>``: writes the model's result segments (``<model>/...``, see
   :func:`~pipeline.storage.segments.segment_key`) and the originals of its dead letters
   (``dead-letters/<requests or batch topic>/...``); it reads nothing.
-- ``sluiceway-batch``: the batch runner and ``batch submit|status|results``: reads, writes and
+- ``batch``: the batch runner and ``batch submit|status|results``: reads, writes and
   lists the batch jobs' folder (``<batch.prefix>/...``) only.
-- ``sluiceway-monitor``: reads and publishes each model's reference sample
+- ``monitor``: reads and publishes each model's reference sample
   (``references/<model>/...``) and writes drift reports (``reports/<model>/...``).
 
 Every folder ends in ``/`` in the policy, so model ``a`` cannot write ``ab/...``. Names that
@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pipeline import principals
 from pipeline.errors import SluicewayError
 from pipeline.settings import Settings
 from pipeline.storage.segments import path_segment
@@ -66,11 +67,11 @@ class Grant:
 
 
 def worker_principal(model: str) -> str:
-    return f"sluiceway-worker-{_checked_name(model, 'model')}"
+    return principals.worker_principal(_checked_name(model, "model"))
 
 
-BATCH_PRINCIPAL = "sluiceway-batch"
-MONITOR_PRINCIPAL = "sluiceway-monitor"
+BATCH_PRINCIPAL = principals.BATCH
+MONITOR_PRINCIPAL = principals.MONITOR
 
 
 def plan_grants(settings: Settings) -> list[Grant]:

@@ -101,25 +101,25 @@ def test_a_ca_without_tls_is_refused(tmp_path: Path) -> None:
 
 def test_a_credential_is_generated_once_private_and_reused(tmp_path: Path) -> None:
     folder = tmp_path / "objectstore"
-    access, secret = ensure_credential(folder, "sluiceway-worker-a")
-    path = credential_file(folder, "sluiceway-worker-a")
-    assert access == "sluiceway-worker-a"
+    access, secret = ensure_credential(folder, "worker-a")
+    path = credential_file(folder, "worker-a")
+    assert access == "worker-a"
     assert 8 <= len(secret) <= 40  # MinIO's bounds for a secret key
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text() == f"{ACCESS_KEY_VARIABLE}={access}\n{SECRET_KEY_VARIABLE}={secret}\n"
-    assert ensure_credential(folder, "sluiceway-worker-a") == (access, secret)
-    assert ensure_credential(folder, "sluiceway-worker-b")[1] != secret
+    assert ensure_credential(folder, "worker-a") == (access, secret)
+    assert ensure_credential(folder, "worker-b")[1] != secret
 
 
 def test_a_credential_file_for_someone_else_or_broken_is_replaced(tmp_path: Path) -> None:
-    path = credential_file(tmp_path, "sluiceway-worker-a")
+    path = credential_file(tmp_path, "worker-a")
     for text in (
-        f"{ACCESS_KEY_VARIABLE}=sluiceway-monitor\n{SECRET_KEY_VARIABLE}=xxxxxxxxxx\n",
+        f"{ACCESS_KEY_VARIABLE}=monitor\n{SECRET_KEY_VARIABLE}=xxxxxxxxxx\n",
         "garbage without equals\n",
-        f"{ACCESS_KEY_VARIABLE}=sluiceway-worker-a\n",
+        f"{ACCESS_KEY_VARIABLE}=worker-a\n",
     ):
         path.write_text(text)
-        access, secret = ensure_credential(tmp_path, "sluiceway-worker-a")
-        assert access == "sluiceway-worker-a"
+        access, secret = ensure_credential(tmp_path, "worker-a")
+        assert access == "worker-a"
         assert len(secret) == 40
         assert read_credential(path) == (access, secret)
