@@ -432,6 +432,12 @@ class BatchSettings(_Section):
     """Object-store folder holding one sub-folder per job (input, manifest, outputs)."""
 
 
+_DEMO_CONNECTORS: dict[str, tuple[str, ...]] = {
+    "sap": ("invoice_risk",),
+    "salesforce": ("case_summary",),
+}
+
+
 class StackSettings(_Section):
     """Where and how ``sluiceway stack`` runs the native Kafka, MinIO and Triton."""
 
@@ -442,6 +448,16 @@ class StackSettings(_Section):
     kafka_version: str = "4.1.1"
     kafka_port: int = Field(default=9092, ge=1, le=65535)
     kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
+    kafka_mtls_port: int = Field(default=9094, ge=1, le=65535)
+    """Secured stack only: TLS with a client certificate (mTLS); the port setting
+    ``kafka_port`` then serves SASL_SSL with SCRAM-SHA-512."""
+    kafka_oauth_port: int = Field(default=9095, ge=1, le=65535)
+    """Secured stack only: SASL_SSL with OAUTHBEARER, JWTs signed by the stack's issuer."""
+    kafka_connectors: dict[str, tuple[str, ...]] = Field(
+        default_factory=lambda: _DEMO_CONNECTORS.copy()
+    )
+    """Secured stack only: connector name (its ``--name``) -> the models it serves, from
+    which ``sluiceway acl plan|apply`` derives the principal ``connector-<name>``."""
     kafka_heap: str = "768m"
     minio_version: str = "v0.0.0-20260212201848-7aac2a2c5b7c"
     minio_port: int = Field(default=9000, ge=1, le=65535)

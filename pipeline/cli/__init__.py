@@ -19,6 +19,7 @@ from pipeline.settings import Settings, load_settings
 
 SUBCOMMAND_MODULES = (
     "pipeline.cli.stack_cmd",
+    "pipeline.cli.acl_cmd",
     "pipeline.cli.settings_cmd",
     "pipeline.cli.demo_cmd",
     "pipeline.cli.worker_cmd",

@@ -1,14 +1,20 @@
-"""``sluiceway stack up|down|status|logs``: the native local stack (no Docker needed)."""
+"""``sluiceway stack up|down|status|logs|credentials|token``: the native local stack."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from pipeline.settings import Settings
 from pipeline.stack import manager
+from pipeline.stack.exceptions import StackError
+from pipeline.stack.kafka_security import MECHANISMS, credential_environment
+from pipeline.stack.oauth import ensure_issuer
+from pipeline.stack.secrets import check_principal
+from pipeline.stack.services import resolve
 
 
 def register(subparsers: Any) -> None:
@@ -22,6 +28,18 @@ def register(subparsers: Any) -> None:
     logs_parser = actions.add_parser("logs", help="print the end of the services' logs")
     logs_parser.add_argument("service", nargs="?", choices=["kafka", "minio", "triton"])
     logs_parser.add_argument("-n", "--lines", type=int, default=40)
+    credentials = actions.add_parser(
+        "credentials",
+        help="secured stack: print SLUICEWAY_KAFKA__* lines to connect as a principal "
+        "(includes its secret)",
+    )
+    credentials.add_argument("principal", help="worker-<model>, connector-<name>, monitor, ...")
+    credentials.add_argument("--mechanism", choices=MECHANISMS, default="scram")
+    token = actions.add_parser(
+        "token", help="secured stack: print a JWT for a principal, signed by the stack issuer"
+    )
+    token.add_argument("principal")
+    token.add_argument("--lifetime-s", type=float, default=3600.0)
     parser.set_defaults(handler=run_stack)
 
 
@@ -60,6 +78,17 @@ def run_stack(args: argparse.Namespace, settings: Settings) -> int:
         rows = manager.status(settings)
         print(format_table(rows))
         return 0 if all(row.state == "healthy" for row in rows) else 1
+    if action == "credentials":
+        environment = credential_environment(settings, args.principal, args.mechanism)
+        for name, value in environment.items():
+            print(f"{name}={shlex.quote(value)}")
+        return 0
+    if action == "token":
+        if not settings.stack.secured:
+            raise StackError("the stack is not secured (stack.secured): it issues no tokens")
+        issuer = ensure_issuer(resolve(settings.stack.state_dir))
+        print(issuer.token(check_principal(args.principal), args.lifetime_s))
+        return 0
     for name, tail in manager.logs(settings, args.service, args.lines).items():
         print(f"==> {name} <==\n{tail}\n")
     return 0

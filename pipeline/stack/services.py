@@ -18,7 +18,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.settings import Settings
+from pipeline.settings import KafkaSettings, Settings
+from pipeline.stack.exceptions import StackError
 from pipeline.stack.installers import (
     PROJECT_ROOT,
     Progress,
@@ -102,22 +103,48 @@ class Service(ABC):
 
 
 class KafkaService(Service):
-    """Apache Kafka in KRaft mode: one combined broker and controller."""
+    """Apache Kafka in KRaft mode: one combined broker and controller.
+
+    Plain (``stack.secured`` false): one PLAINTEXT listener. Secured: every listener is TLS
+    with the stack CA's server certificate, and
+
+    * ``kafka_port``: SASL_SSL, SCRAM-SHA-512 users (``admin`` added at format time, the
+      others by ``acl apply``); also the inter-broker listener, as ``admin``;
+    * ``kafka_mtls_port``: SSL with ``ssl.client.auth=required``, the principal being the
+      certificate's CN;
+    * ``kafka_oauth_port``: SASL_SSL, OAUTHBEARER, JWTs checked against the stack issuer's
+      JWKS file, the principal being the token's ``sub``;
+    * the controller listener: SASL_SSL with PLAIN, the one user ``admin`` (KRaft does not
+      take SCRAM on a controller listener), on loopback.
+
+    Authorisation is the ``StandardAuthorizer`` with nothing allowed without an ACL; ``admin``
+    is the only super user, and the stack itself (health probe, topic admin, ACLs) uses it.
+    """
 
     name = "kafka"
 
+    @property
+    def secured(self) -> bool:
+        return self.stack.secured
+
     def ports(self) -> list[Port]:
-        return [
+        ports = [
             Port(self.stack.kafka_port, "SLUICEWAY_STACK__KAFKA_PORT"),
             Port(self.stack.kafka_controller_port, "SLUICEWAY_STACK__KAFKA_CONTROLLER_PORT"),
         ]
+        if self.secured:
+            ports += [
+                Port(self.stack.kafka_mtls_port, "SLUICEWAY_STACK__KAFKA_MTLS_PORT"),
+                Port(self.stack.kafka_oauth_port, "SLUICEWAY_STACK__KAFKA_OAUTH_PORT"),
+            ]
+        return ports
 
     def install(self, progress: Progress) -> None:
         self._libs = install_kafka(self.cache_dir, self.stack.kafka_version, progress)
 
-    def _server_properties(self) -> str:
+    def _server_properties(self) -> dict[str, str]:
         port, controller = self.stack.kafka_port, self.stack.kafka_controller_port
-        lines = {
+        return {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{controller}",
@@ -142,31 +169,36 @@ class KafkaService(Service):
             "log.retention.hours": "24",
             "log.segment.bytes": str(64 * 1024 * 1024),
         }
-        return "".join(f"{key}={value}\n" for key, value in lines.items())
+
+    def _secured_properties(self) -> dict[str, str]:
+        from pipeline.stack.kafka_security import secured_listener_properties
+
+        return secured_listener_properties(self.settings)
 
     def prepare(self) -> Launch:
         self.home.mkdir(parents=True, exist_ok=True)
+        lines = self._server_properties()
+        if self.secured:
+            lines.update(self._secured_properties())
+        self._check_mode()
         properties = self.home / "server.properties"
-        properties.write_text(self._server_properties(), encoding="utf-8")
+        # Secured, the file holds the admin password (JAAS): owner only, like the secrets.
+        properties.unlink(missing_ok=True)
+        descriptor = os.open(properties, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write("".join(f"{key}={value}\n" for key, value in lines.items()))
         log4j = self.home / "log4j2.properties"
         log4j.write_text(_KAFKA_LOG4J, encoding="utf-8")
         classpath = f"{self._libs}/*"
         java = ["java", f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
+        if self.secured:
+            from pipeline.stack.oauth import ensure_issuer
+
+            # Kafka 4 reads an OAuth URL only when this system property allows it.
+            jwks_url = ensure_issuer(self.state_dir).jwks_file.as_uri()
+            java.insert(1, f"-Dorg.apache.kafka.sasl.oauthbearer.allowed.urls={jwks_url}")
         if not (self.home / "data" / "meta.properties").is_file():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            subprocess.run(
-                [
-                    *java,
-                    "kafka.tools.StorageTool",
-                    "format",
-                    "-t",
-                    cluster_id,
-                    "-c",
-                    str(properties),
-                ],
-                check=True,
-                capture_output=True,
-            )
+            self._format(java, properties)
         heap = self.stack.kafka_heap
         argv = [
             java[0],
@@ -180,15 +212,68 @@ class KafkaService(Service):
         ]
         return Launch(argv, dict(os.environ))
 
+    def _mode_file(self) -> Path:
+        return self.home / "mode"
+
+    def _check_mode(self) -> None:
+        """A data folder formatted plain has no SCRAM admin, one formatted secured has no
+        open listener: refuse to start either in the other mode rather than fail obscurely."""
+        wanted = "secured" if self.secured else "plain"
+        if not (self.home / "data" / "meta.properties").is_file():
+            return
+        try:
+            formatted = self._mode_file().read_text(encoding="ascii").strip()
+        except OSError:
+            formatted = "plain"
+        if formatted != wanted:
+            raise StackError(
+                f"kafka: {self.home / 'data'} was formatted for the {formatted} stack, and "
+                f"stack.secured asks for {wanted}: use another stack.state_dir, or remove "
+                "that folder to start from empty"
+            )
+
+    def _format(self, java: list[str], properties: Path) -> None:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        command = [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id]
+        command += ["-c", str(properties)]
+        secret: str | None = None
+        if self.secured:
+            from pipeline.kafka.acls import ADMIN
+            from pipeline.stack.secrets import KafkaSecrets
+
+            # Only the admin at format time (its password is on this command line for the
+            # second it runs); every other user is added through the admin client.
+            secret = KafkaSecrets(self.state_dir).admin_password()
+            command += ["--add-scram", f"SCRAM-SHA-512=[name={ADMIN},password={secret}]"]
+        try:
+            subprocess.run(command, check=True, capture_output=True)
+        except subprocess.CalledProcessError as exc:
+            # The error names the command; never with the password in it.
+            def hide(data: bytes) -> bytes:
+                return data if secret is None else data.replace(secret.encode(), b"***")
+
+            shown = [part if secret is None else part.replace(secret, "***") for part in command]
+            raise subprocess.CalledProcessError(
+                exc.returncode, shown, hide(exc.output or b""), hide(exc.stderr or b"")
+            ) from None
+        self._mode_file().write_text("secured\n" if self.secured else "plain\n", encoding="ascii")
+
+    def admin_settings(self) -> KafkaSettings:
+        """How the stack itself reaches this broker: plaintext, or as ``admin`` when secured."""
+        if not self.secured:
+            # The local broker listens in plaintext whatever the deployment's security settings.
+            return KafkaSettings(bootstrap_servers=self.endpoint())
+        from pipeline.stack.kafka_security import admin_kafka_settings
+
+        return admin_kafka_settings(self.settings)
+
     def healthy(self) -> bool:
         if not port_open(self.stack.kafka_port):
             return False
         from pipeline.kafka import clients
-        from pipeline.settings import KafkaSettings
 
-        # The local broker listens in plaintext whatever the deployment's security settings.
         admin = clients.admin(
-            KafkaSettings(bootstrap_servers=self.endpoint()),
+            self.admin_settings(),
             # A health probe answers within the status command's patience, not librdkafka's.
             overrides={"socket.timeout.ms": 2000},
         )
