@@ -87,6 +87,19 @@ def _enum_name(value: object) -> str:
     return str(getattr(value, "name", value))
 
 
+def filter_of(found: AclBinding) -> AclBindingFilter:
+    """The filter matching exactly ``found`` (to describe or delete that one binding)."""
+    return AclBindingFilter(
+        found.restype,
+        found.name,
+        found.resource_pattern_type,
+        found.principal,
+        found.host,
+        found.operation,
+        found.permission_type,
+    )
+
+
 def owned(principal: str) -> bool:
     """Whether ``User:<name>`` is one of the principals ``acl apply`` manages."""
     name = principal.removeprefix("User:")
@@ -150,18 +163,7 @@ def apply(
             report.created.append(created)
     report.stale = stale_bindings(existing, desired)
     if prune and report.stale:
-        filters = [
-            AclBindingFilter(
-                item.restype,
-                item.name,
-                item.resource_pattern_type,
-                item.principal,
-                item.host,
-                item.operation,
-                item.permission_type,
-            )
-            for item in report.stale
-        ]
+        filters = [filter_of(item) for item in report.stale]
         for _, future in admin.delete_acls(filters, request_timeout=timeout_s).items():
             try:
                 report.removed.extend(future.result(timeout=timeout_s))

@@ -331,8 +331,10 @@ def _client(namespace: str, models: Sequence[str]) -> set[Grant]:
 
 def _check_name(kind: str, name: str, namespace: str) -> None:
     principal = worker_principal(name) if kind == "model" else connector_principal(name)
-    if not PRINCIPAL_NAME.fullmatch(principal) or not RESOURCE_NAME.fullmatch(
-        f"{namespace}.{name}.requests"
+    if not (
+        PRINCIPAL_NAME.fullmatch(name)
+        and PRINCIPAL_NAME.fullmatch(principal)
+        and RESOURCE_NAME.fullmatch(f"{namespace}.{name}.feedback")
     ):
         raise AclPlanError(
             f"{kind} name {name!r} cannot be a Kafka principal and topic name: use letters, "

@@ -96,6 +96,11 @@ def secured_listener_properties(settings: Settings) -> dict[str, str]:
         "listener.name.oauth.oauthbearer.sasl.server.callback.handler.class": (
             "org.apache.kafka.common.security.oauthbearer.OAuthBearerValidatorCallbackHandler"
         ),
+        # Named explicitly: Kafka 4.1.1's default validator, as the listener configures it,
+        # accepted a token signed by any key (tests/integration/test_secured_kafka.py).
+        "sasl.oauthbearer.jwt.validator.class": (
+            "org.apache.kafka.common.security.oauthbearer.BrokerJwtValidator"
+        ),
         "sasl.oauthbearer.jwks.endpoint.url": jwks.as_uri(),
         "sasl.oauthbearer.expected.audience": AUDIENCE,
         "sasl.oauthbearer.expected.issuer": ISSUER,

@@ -20,6 +20,7 @@ import pytest
 from pipeline.kafka.admin import TopicSpec, ensure_topics
 from pipeline.settings import Settings
 from tests.integration.endpoints import Endpoints, endpoints_from_env, native_stack
+from tests.integration.secured_stack import secured_stack  # noqa: F401 (a session fixture)
 
 INTEGRATION_DIR = Path(__file__).parent
 
