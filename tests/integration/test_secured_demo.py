@@ -1,0 +1,142 @@
+"""The demo story on the secured stack: every process under its own principal, over TLS.
+
+Requests, results, the reply, and the monitor's rollback all run as in ``test_demo.py``, but
+the broker authenticates and authorises every client: the invoice worker presents a client
+certificate (mTLS), the case worker signs in with OAUTHBEARER tokens from a file, the monitor
+(faust and aiokafka) and the feeds use SCRAM-SHA-512 over SASL_SSL, and the operator's own
+actions (topics, control events) are the stack's ``admin``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline.client import InferTimeoutError, SluicewayClient
+from pipeline.kafka import clients
+from pipeline.kafka.acls import CLIENT, MONITOR, worker_principal
+from pipeline.kafka.admin import describe_topics
+from pipeline.modeling.invoices import FEATURES
+from pipeline.settings import KafkaSettings, Settings
+from pipeline.stack.oauth import ensure_issuer
+from pipeline.storage.client import make_client
+from schemas.models import InferenceRequest, InferenceResult, Inputs, ResultStatus
+from tests.integration.secured_stack import SecuredStack
+from tests.integration.waiting import wait_for
+from workers.demo import MODEL, TEXT_MODEL, render_report, run_demo, worker_assignments
+from workers.processes import Principals, ServiceProcess, as_principal
+
+INVOICES = 200
+CASES = 16
+
+
+def _oauth_kafka(stack: SecuredStack, principal: str, folder: Path) -> KafkaSettings:
+    """OAUTHBEARER with a token file, as a token projector (or ``sluiceway stack token``)
+    would keep it: the stack's issuer signs a token for ``principal``."""
+    token_file = folder / f"{principal}.jwt"
+    token_file.write_text(ensure_issuer(stack.state_dir).token(principal) + "\n")
+    return KafkaSettings(
+        bootstrap_servers=f"127.0.0.1:{stack.settings.stack.kafka_oauth_port}",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="OAUTHBEARER",
+        ssl_ca_location=stack.ca_location,
+        oauth_token_file=token_file,
+        client_id=principal,
+    )
+
+
+def _principals(stack: SecuredStack, settings: Settings, folder: Path) -> Principals:
+    def scram(principal: str) -> KafkaSettings:
+        return stack.principal_settings(principal, "scram", base=settings).kafka
+
+    return Principals(
+        operator=stack.admin_kafka(),
+        client=scram(CLIENT),
+        monitor=scram(MONITOR),
+        workers={
+            MODEL: stack.principal_settings(worker_principal(MODEL), "mtls", base=settings).kafka,
+            TEXT_MODEL: _oauth_kafka(stack, worker_principal(TEXT_MODEL), folder),
+        },
+    )
+
+
+@pytest.fixture
+def secured(secured_stack: SecuredStack) -> Settings:
+    """A namespace of this test's own, with the planned ACLs in place for it."""
+    return secured_stack.for_namespace(f"sec-{uuid.uuid4().hex[:8]}")
+
+
+def test_the_demo_story_runs_with_every_process_as_its_own_principal(
+    secured_stack: SecuredStack, secured: Settings, tmp_path: Path
+) -> None:
+    principals = _principals(secured_stack, secured, tmp_path)
+    settings = as_principal(secured, principals.operator)
+    lines: list[str] = []
+
+    report = run_demo(
+        settings,
+        count=INVOICES,
+        progress=lines.append,
+        cases=CASES,
+        rate=200.0,
+        rollback_window_s=2.0,
+        principals=principals,
+    )
+
+    assert report.published == report.results_read == report.results_correct == INVOICES
+    assert report.statuses == {"ok": INVOICES + CASES}
+    assert report.cases_published == report.cases_summarised == CASES
+    assert report.explanations_where_asked == INVOICES
+    assert report.dead_lettered == 0
+    store = make_client(settings.object_store)
+    for key in report.segments:
+        assert store.stat_object(settings.object_store.bucket, key).size > 0
+    # One worker process per model, each with its own principal.
+    started = [line for line in lines if line.startswith("started `sluiceway worker")]
+    assert len(started) == 2
+    # The rollback: the monitor (faust over SASL_SSL as `monitor`) judged v2 and rolled back.
+    story = report.story
+    assert story is not None
+    assert story.ok, "\n".join(lines)
+    assert story.rollback is not None
+    assert (story.rollback.from_version, story.rollback.to_version) == ("2", "1")
+    assert story.rollback.issued_by is not None
+    assert story.rollback.issued_by.startswith("monitor")
+    assert story.first_breach is not None
+    assert render_report(report).startswith("Sluiceway demo OK")
+    # Topics are as durable as this one-broker cluster allows, and exist under the namespace.
+    described = describe_topics(principals.operator, f"{secured.namespace}.")
+    assert {row.replication_factor for row in described} == {1}
+
+
+def test_a_reply_reaches_the_sdk_principal_through_the_secured_worker(
+    secured_stack: SecuredStack, secured: Settings, tmp_path: Path
+) -> None:
+    """The SDK as ``client`` asks; the invoice worker (mTLS) answers on the client's own reply
+    topic. As ``client``, the control topic stays out of sight."""
+    principals = _principals(secured_stack, secured, tmp_path)
+    client_settings = as_principal(secured, principals.client)
+    ((worker_settings, models),) = worker_assignments(secured, [MODEL], principals)
+    features = dict.fromkeys(FEATURES, 1.0)
+    answered: list[InferenceResult] = []
+
+    def ask(sdk: SluicewayClient) -> bool:
+        request = InferenceRequest(model=MODEL, inputs=Inputs(features=features))
+        try:
+            answered.append(sdk.infer(request, timeout_s=10))
+        except InferTimeoutError:  # the worker is still joining its group
+            return False
+        return True
+
+    with (
+        ServiceProcess(worker_settings, ["worker", "--model", *models], tmp_path / "w.log") as w,
+        SluicewayClient(client_settings) as sdk,
+    ):
+        wait_for(lambda: not w.exited() and ask(sdk), 120, "a reply from the secured worker")
+    assert answered[0].status is ResultStatus.OK
+    assert answered[0].model_version == "1"
+    topics = clients.admin(client_settings.kafka).list_topics(timeout=10).topics
+    assert sdk.reply_topic in topics
+    assert f"{secured.namespace}.control" not in topics
