@@ -26,6 +26,7 @@ from schemas.models import InferenceRequest, InferenceResult, Inputs, ResultStat
 from tests.integration.secured_stack import SecuredStack
 from tests.integration.waiting import wait_for
 from workers.demo import MODEL, TEXT_MODEL, render_report, run_demo, worker_assignments
+from workers.inference.runner import prepare_topics_and_bucket
 from workers.processes import Principals, ServiceProcess, as_principal
 
 INVOICES = 200
@@ -119,11 +120,16 @@ def test_a_reply_reaches_the_sdk_principal_through_the_secured_worker(
     principals = _principals(secured_stack, secured, tmp_path)
     client_settings = as_principal(secured, principals.client)
     ((worker_settings, models),) = worker_assignments(secured, [MODEL], principals)
+    # The operator creates the topics, as in a deployment: `client` may write requests but
+    # not create the topic (a produce to a missing topic is refused as unauthorised).
+    prepare_topics_and_bucket(as_principal(secured, principals.operator), [MODEL])
     features = dict.fromkeys(FEATURES, 1.0)
     answered: list[InferenceResult] = []
 
     def ask(sdk: SluicewayClient) -> bool:
-        request = InferenceRequest(model=MODEL, inputs=Inputs(features=features))
+        request = InferenceRequest(
+            request_id=uuid.uuid4(), model=MODEL, inputs=Inputs(features=features)
+        )
         try:
             answered.append(sdk.infer(request, timeout_s=10))
         except InferTimeoutError:  # the worker is still joining its group
