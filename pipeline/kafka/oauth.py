@@ -26,6 +26,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 from aiokafka.abc import AbstractTokenProvider
+from aiokafka.errors import KafkaConnectionError
 
 MAX_TOKEN_BYTES = 64 * 1024
 """Larger than any real JWT; a bigger file or answer is refused rather than read."""
@@ -38,6 +39,11 @@ TOKEN_REQUEST_TIMEOUT_S = 10.0
 
 class TokenError(Exception):
     """No usable token: the message says why, never the token or the secret."""
+
+
+class TokenUnavailableError(TokenError, KafkaConnectionError):  # type: ignore[misc]
+    """What the aiokafka providers raise: aiokafka treats it as a failed connection (logged,
+    the next broker tried, retried later) instead of an unexpected crash of its client."""
 
 
 @dataclass(frozen=True)
@@ -191,7 +197,10 @@ class OidcTokenProvider(AbstractTokenProvider):  # type: ignore[misc]  # aiokafk
         async with self._lock:
             if needs_refresh(self._token, self._fetched_at, self._clock()):
                 self._fetched_at = self._clock()
-                self._token = await self._fetch()
+                try:
+                    self._token = await self._fetch()
+                except TokenError as exc:
+                    raise TokenUnavailableError(str(exc)) from exc
             assert self._token is not None
             return self._token.value
 
@@ -219,5 +228,8 @@ class FileTokenProvider(AbstractTokenProvider):  # type: ignore[misc]  # aiokafk
         self._clock = clock
 
     async def token(self) -> str:
-        value = await asyncio.to_thread(read_token_file, self._path)
-        return token_from_jwt(value, now=self._clock()).value
+        try:
+            value = await asyncio.to_thread(read_token_file, self._path)
+            return token_from_jwt(value, now=self._clock()).value
+        except TokenError as exc:
+            raise TokenUnavailableError(str(exc)) from exc

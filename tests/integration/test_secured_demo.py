@@ -9,15 +9,26 @@ actions (topics, control events) are the stack's ``admin``.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, unquote
 
 import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka import TopicPartition as AioTopicPartition
+from confluent_kafka import KafkaException
+from pydantic import SecretStr
 
 from pipeline.client import InferTimeoutError, SluicewayClient
 from pipeline.kafka import clients
-from pipeline.kafka.acls import CLIENT, MONITOR, worker_principal
-from pipeline.kafka.admin import describe_topics
+from pipeline.kafka.acls import CLIENT, MONITOR, monitor_app_id, worker_principal
+from pipeline.kafka.admin import TopicSpec, describe_topics, ensure_topics
+from pipeline.kafka.clients import ProducerRole
 from pipeline.modeling.invoices import FEATURES
 from pipeline.settings import KafkaSettings, Settings
 from pipeline.stack.oauth import ensure_issuer
@@ -146,3 +157,113 @@ def test_a_reply_reaches_the_sdk_principal_through_the_secured_worker(
     topics = clients.admin(client_settings.kafka).list_topics(timeout=10).topics
     assert sdk.reply_topic in topics
     assert f"{secured.namespace}.control" not in topics
+
+
+class _TokenEndpoint:
+    """An OIDC token endpoint on loopback (client credentials grant) that signs with the
+    stack's issuer: what an identity provider is to a deployment."""
+
+    def __init__(self, stack: SecuredStack, clients_allowed: dict[str, str]) -> None:
+        issuer = ensure_issuer(stack.state_dir)
+        self.grants: list[str] = []
+        self.denied = 0
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                form = parse_qs(self.rfile.read(length).decode())
+                scheme, _, encoded = self.headers.get("Authorization", "").partition(" ")
+                client_id, _, secret = base64.b64decode(encoded).decode().partition(":")
+                client_id, secret = unquote(client_id), unquote(secret)
+                granted = (
+                    scheme == "Basic"
+                    and form.get("grant_type") == ["client_credentials"]
+                    and clients_allowed.get(client_id) == secret
+                )
+                if not granted:
+                    endpoint.denied += 1
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                endpoint.grants.append(client_id)
+                body = json.dumps(
+                    {
+                        "access_token": issuer.token(client_id, 600),
+                        "token_type": "Bearer",
+                        "expires_in": 600,
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_oidc_client_credentials_sign_in_librdkafka_and_aiokafka_alike(
+    secured_stack: SecuredStack, secured: Settings
+) -> None:
+    """One OIDC setting set: librdkafka (``sasl.oauthbearer.method=oidc``) produces and
+    aiokafka (the monitor's client, through our token provider) reads, both as ``monitor``;
+    a wrong client secret gets no token, hence no connection."""
+    endpoint = _TokenEndpoint(secured_stack, {MONITOR: "monitor-secret"})
+
+    def oidc(secret: str) -> KafkaSettings:
+        return KafkaSettings(
+            bootstrap_servers=f"127.0.0.1:{secured_stack.settings.stack.kafka_oauth_port}",
+            security_protocol="SASL_SSL",
+            sasl_mechanism="OAUTHBEARER",
+            ssl_ca_location=secured_stack.ca_location,
+            oauth_token_endpoint_url=endpoint.url,
+            oauth_client_id=MONITOR,
+            oauth_client_secret=SecretStr(secret),
+            oauth_scope="kafka",
+        )
+
+    kafka = oidc("monitor-secret")
+    # The monitor owns the topics under its faust app id.
+    topic = f"{monitor_app_id(secured.namespace)}-oidc-probe"
+    try:
+        ensure_topics(kafka, [TopicSpec(topic, 1)])
+        producer = clients.producer(kafka, role=ProducerRole.RELIABLE)
+        for index in range(5):
+            producer.produce(topic, f"event-{index}".encode())
+        assert producer.flush(30) == 0
+
+        async def read(settings: KafkaSettings) -> list[bytes]:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=settings.bootstrap_servers,
+                auto_offset_reset="earliest",
+                **clients.aiokafka_security(settings),
+            )
+            await consumer.start()
+            try:
+                consumer.assign([AioTopicPartition(topic, 0)])
+                batches = await consumer.getmany(timeout_ms=10_000, max_records=5)
+                return [m.value for records in batches.values() for m in records]
+            finally:
+                await consumer.stop()
+
+        assert asyncio.run(read(kafka)) == [f"event-{i}".encode() for i in range(5)]
+        assert endpoint.grants
+        assert set(endpoint.grants) == {MONITOR}
+
+        # A wrong secret gets no token, so no connection.
+        refused = clients.admin(oidc("wrong-secret"), overrides={"socket.timeout.ms": 3000})
+        with pytest.raises(KafkaException):
+            refused.list_topics(timeout=5)
+        assert endpoint.denied >= 1
+    finally:
+        endpoint.close()

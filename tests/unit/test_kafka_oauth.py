@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, unquote
 
 import pytest
 from aiohttp import web
+from aiokafka.errors import KafkaConnectionError
 
 from pipeline.kafka.oauth import (
     MAX_TOKEN_BYTES,
@@ -254,6 +255,13 @@ def test_a_refusing_endpoint_is_a_token_error_without_the_secret() -> None:
     with pytest.raises(TokenError, match="HTTP 401") as caught:
         asyncio.run(scenario())
     assert "the-secret" not in str(caught.value)
+    # aiokafka treats it as a failed connection (logged, retried), not as a crash.
+    assert isinstance(caught.value, KafkaConnectionError)
+
+
+def test_the_file_provider_fails_like_a_connection_when_the_file_is_gone(tmp_path: Path) -> None:
+    with pytest.raises(KafkaConnectionError, match="cannot be read"):
+        asyncio.run(FileTokenProvider(tmp_path / "gone").token())
 
 
 def test_an_unreachable_endpoint_is_a_token_error() -> None:
