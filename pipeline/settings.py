@@ -14,6 +14,7 @@ not to, so printing settings never leaks a password.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -22,7 +23,14 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,6 +38,7 @@ from pydantic_settings import (
 )
 
 from pipeline.errors import SluicewayError
+from pipeline.privacy import decode_key
 
 CONFIG_ENV_VAR = "SLUICEWAY_CONFIG"
 
@@ -262,14 +271,78 @@ def _file_problem(name: str, path: Path) -> str | None:
     return None
 
 
+DEVELOPMENT_SECRET = "sluiceway-dev-secret"  # noqa: S105 (public on purpose: refused off loopback)
+"""The object store's default secret: known to everyone who read this file, so it is good for
+the local stack only (see :func:`development_secret_refusal`)."""
+
+
+def endpoint_host(endpoint: str) -> str | None:
+    """The host an HTTP client would connect to for ``host:port`` (lower-cased, IPv6 without
+    brackets), or ``None`` when ``endpoint`` is more than a host and port (user info, a path,
+    a query): such a string is never trusted to mean a particular host."""
+    text = endpoint.strip()
+    parts = urlsplit(f"//{text}")
+    if parts.netloc != text or parts.username is not None or parts.password is not None:
+        return None
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        return None
+    return parts.hostname
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """Whether ``host`` names this machine's loopback interface by its text alone.
+
+    Only ``localhost`` and literal loopback addresses count: a name that merely resolves to
+    loopback today (``/etc/hosts``, DNS) may resolve elsewhere tomorrow, so it counts as remote.
+    """
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def development_secret_refusal(endpoint: str, secret: str) -> str | None:
+    """Why these object-store settings must not start a process, or ``None`` when they may.
+
+    The development secret is fine for the local stack, which listens on loopback only; an
+    endpoint anywhere else is a shared deployment, where that secret opens every object.
+    """
+    if secret != DEVELOPMENT_SECRET or is_loopback_host(endpoint_host(endpoint)):
+        return None
+    return (
+        f"object_store.secret_key is the development secret, which is refused for "
+        f"{endpoint!r} (not a loopback endpoint): set SLUICEWAY_OBJECT_STORE__SECRET_KEY "
+        "to the deployment's credential"
+    )
+
+
 class ObjectStoreSettings(_Section):
     endpoint: str = "127.0.0.1:9000"
     """``host:port`` of the S3 API, without a scheme (``secure`` decides http or https)."""
     access_key: str = "sluiceway"
-    secret_key: SecretStr = SecretStr("sluiceway-dev-secret")
+    secret_key: SecretStr = SecretStr(DEVELOPMENT_SECRET)
+    """Refused with any endpoint outside loopback while it is the development secret."""
     secure: bool = False
+    ca_location: Path | None = None
+    """PEM bundle of the CAs that may sign the store's certificate (the secured local stack's
+    ``<state_dir>/secrets/ca.pem``); ``None``: the system's trust store. Needs ``secure``."""
     region: str = "us-east-1"
     bucket: str = "sluiceway-results"
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> ObjectStoreSettings:
+        refusal = development_secret_refusal(self.endpoint, self.secret_key.get_secret_value())
+        if refusal is not None:
+            raise ValueError(refusal)
+        if self.ca_location is not None and not self.secure:
+            raise ValueError("object_store.ca_location is set but secure is false (plain http)")
+        return self
 
 
 class TritonSettings(_Section):
@@ -324,6 +397,22 @@ class ModelSettings(_Section):
     served_names: dict[str, str] = Field(default_factory=dict)
     """vLLM only: version -> the name the server serves it under (``--served-model-name``,
     a LoRA adapter); a version not listed is sent as the model's own name."""
+    pii: dict[str, Literal["drop", "hash", "mask"]] = Field(default_factory=dict)
+    """Personal data policy: feature name -> what everything leaving the worker carries of
+    its value (echoed ``input_features``, attributions, error text; the backend still gets
+    the real value). ``drop``: left out; ``hash``: keyed HMAC-SHA256 under
+    ``workers.pii_hash_key`` (stable, so joins work); ``mask``: the fixed marker
+    ``<masked>``. No PII feature's attribution leaves (it gives the value back). Keys must be
+    names in ``feature_order``; a model with a policy needs ``workers.dead_letter_original``
+    other than ``keep`` (``docs/worker.md``, "Personal data")."""
+
+    @model_validator(mode="after")
+    def _pii_names_declared_features(self) -> ModelSettings:
+        # A misspelt name would silently protect nothing.
+        unknown = sorted(set(self.pii) - set(self.feature_order))
+        if unknown:
+            raise ValueError(f"pii names features not in feature_order: {unknown}")
+        return self
 
 
 class WorkerSettings(_Section):
@@ -376,6 +465,34 @@ class WorkerSettings(_Section):
     signature_refresh_s: float = Field(default=30.0, gt=0)
     """How often the worker asks each backend again what its models take and which versions
     it has (a newly loaded version is accepted after at most this long)."""
+    pii_hash_key: SecretStr | None = None
+    """Key of the HMAC-SHA256 that ``models.<m>.pii: hash`` features are hashed with (any
+    long random text, e.g. ``openssl rand -base64 32``); required when a model hashes."""
+    dead_letter_original: Literal["keep", "encrypt", "drop"] = "keep"
+    """What a dead letter carries of the original value (inline or offloaded to the object
+    store): ``keep`` the bytes, ``encrypt`` them (AES-GCM under ``dead_letter_key``, key id
+    recorded; ``sluiceway dlq open`` decrypts), or ``drop`` them. A worker serving a model
+    with a ``pii`` policy refuses to start with ``keep``."""
+    dead_letter_key: SecretStr | None = None
+    """Base64 AES key (16, 24 or 32 bytes: ``openssl rand -base64 32``) that encrypts dead
+    letters' originals; required by ``dead_letter_original: encrypt``."""
+    dead_letter_retired_keys: tuple[SecretStr, ...] = ()
+    """Earlier ``dead_letter_key`` values, kept only so ``sluiceway dlq open`` can still
+    decrypt letters sealed before a key rotation."""
+
+    @model_validator(mode="after")
+    def _dead_letter_keys_are_aes_keys(self) -> WorkerSettings:
+        # Checked on the whole section, so a bad key is never quoted back in the error.
+        named = [("dead_letter_key", self.dead_letter_key)] if self.dead_letter_key else []
+        named += [("dead_letter_retired_keys", key) for key in self.dead_letter_retired_keys]
+        for name, key in named:
+            try:
+                decode_key(key.get_secret_value())
+            except ValueError as problem:
+                raise ValueError(f"{name} {problem}") from None
+        if self.dead_letter_original == "encrypt" and self.dead_letter_key is None:
+            raise ValueError("dead_letter_original 'encrypt' needs dead_letter_key")
+        return self
 
 
 class MonitorSettings(_Section):
@@ -548,6 +665,8 @@ def _reveal(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
     for name, value in model:
         if isinstance(value, SecretStr):
             data[name] = value.get_secret_value()
+        elif isinstance(value, tuple) and value and isinstance(value[0], SecretStr):
+            data[name] = [secret.get_secret_value() for secret in value]
         elif isinstance(value, BaseModel):
             data[name] = _reveal(value, data[name])
     return data

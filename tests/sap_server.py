@@ -104,6 +104,15 @@ class Write:
     version: int
 
 
+@dataclass(frozen=True)
+class Call:
+    """One request as it arrived (before authentication, CSRF or any failure)."""
+
+    method: str
+    path: str
+    key: InvoiceKey | None
+
+
 @dataclass
 class CsrfRejection:
     """One modifying call refused with 403 ``x-csrf-token: Required``."""
@@ -171,6 +180,8 @@ class SapProtocolServer:
         self._bearers: set[str] = set()
         self._failures: list[_Failure] = []
         self.writes: list[Write] = []
+        self.calls: list[Call] = []
+        """Every request but token requests, accepted or not, in arrival order."""
         self.reads = 0
         self.collection_queries: list[dict[str, str]] = []
         """The query options of every collection read, in order."""
@@ -357,6 +368,7 @@ class SapProtocolServer:
             method = request.headers["X-HTTP-Method"].upper()
         if request.path == "/oauth/token" and method == "POST":
             return await self._token(request)
+        self._record_call(request, method, version)
         self._authenticate(request)
         self._maybe_fail(method)
         service = V4_SERVICE if version == 4 else V2_SERVICE
@@ -404,6 +416,22 @@ class SapProtocolServer:
             )
             return self._action(key, "Release", {}, version)
         raise _ODataFailure(404, "/IWBEP/CM_MGW_RT/020", f"Resource not found for segment '{rest}'")
+
+    def _record_call(self, request: web.Request, method: str, version: int) -> None:
+        service = V4_SERVICE if version == 4 else V2_SERVICE
+        entity_set = V4_ENTITY_SET if version == 4 else V2_ENTITY_SET
+        rest = unquote(request.path[len(service) :]).lstrip("/")
+        with self._lock:
+            self.calls.append(Call(method, request.path, _key_of(request, rest, entity_set)))
+
+    def modifying_calls(self, key: InvoiceKey | None = None) -> list[Call]:
+        """Calls that could change data (any method but GET/HEAD), of ``key`` or of all."""
+        with self._lock:
+            return [
+                call
+                for call in self.calls
+                if call.method not in ("GET", "HEAD") and (key is None or call.key == key)
+            ]
 
     # -- auth, CSRF, failures
 

@@ -1,7 +1,8 @@
 """Running a Sluiceway service (``sluiceway worker``, ``sluiceway monitor``) as its own process.
 
-The child gets exactly the parent's settings through ``SLUICEWAY_*`` variables, writes to its
-own log file, and is stopped with SIGTERM (which drains it) when the ``with`` block ends.
+The child gets exactly the parent's settings through ``SLUICEWAY_*`` variables (plus the
+``extra_environment`` it is given, e.g. a connector's secret), writes to its own log file,
+and is stopped with SIGTERM (which drains it) when the ``with`` block ends.
 """
 
 from __future__ import annotations
@@ -43,10 +44,17 @@ def as_principal(settings: Settings, kafka: KafkaSettings) -> Settings:
 
 
 class ServiceProcess:
-    def __init__(self, settings: Settings, args: list[str], log: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        args: list[str],
+        log: Path,
+        extra_environment: Mapping[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self.args = args
         self.log = log
+        self.extra_environment = dict(extra_environment or {})
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -58,6 +66,7 @@ class ServiceProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         environment = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEWAY_")}
         environment.update(self.settings.as_environment())
+        environment.update(self.extra_environment)
         with self.log.open("ab") as output:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.cli", *self.args],

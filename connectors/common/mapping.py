@@ -153,13 +153,31 @@ def _number(value: Any, path: str) -> float:
             number = float(value.strip())
         except ValueError:
             raise UnmappableRecord(
-                "invalid_field", f"field {path!r}: {value!r} is not a number"
+                "invalid_field", f"field {path!r}: {_described(value)} that is not a number"
             ) from None
     else:
-        raise UnmappableRecord("invalid_field", f"field {path!r}: {value!r} is not a number")
+        raise UnmappableRecord(
+            "invalid_field", f"field {path!r}: {_described(value)}, not a number"
+        )
     if not math.isfinite(number):
-        raise UnmappableRecord("invalid_field", f"field {path!r}: {value!r} is not finite")
+        raise UnmappableRecord("invalid_field", f"field {path!r}: a number that is not finite")
     return number
+
+
+def _described(value: Any) -> str:
+    """What a value is, never what it says: a record's values may be personal data, and
+    these messages reach logs and dead letters."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a text"
+    if isinstance(value, dict | list):
+        return "a structure"
+    return f"a {type(value).__name__}"
 
 
 def _convert(value: Any, kind: FeatureType, path: str) -> Scalar:
@@ -168,7 +186,7 @@ def _convert(value: Any, kind: FeatureType, path: str) -> Scalar:
     if kind == "int":
         number = _number(value, path)
         if not number.is_integer():
-            raise UnmappableRecord("invalid_field", f"field {path!r}: {value!r} is not whole")
+            raise UnmappableRecord("invalid_field", f"field {path!r}: a number that is not whole")
         return int(number)
     if kind == "bool":
         if isinstance(value, bool):
@@ -178,7 +196,9 @@ def _convert(value: Any, kind: FeatureType, path: str) -> Scalar:
             return True
         if text in _FALSE_TEXT:
             return False
-        raise UnmappableRecord("invalid_field", f"field {path!r}: {value!r} is not a boolean")
+        raise UnmappableRecord(
+            "invalid_field", f"field {path!r}: {_described(value)} that is not a boolean"
+        )
     if isinstance(value, dict | list):
         raise UnmappableRecord("invalid_field", f"field {path!r}: a structure, not a text")
     return value if isinstance(value, str) else str(value)
@@ -290,12 +310,14 @@ class Mapping:
             if transform.map_default is not None:
                 return transform.map_default
             raise UnmappableRecord(
-                "unknown_code", f"field {path!r}: code {code!r} is not in the mapping's table"
+                "unknown_code", f"field {path!r}: a code that is not in the mapping's table"
             )
         try:
             moment = parse_datetime(raw)
         except ValueError:
-            raise UnmappableRecord("invalid_field", f"field {path!r}: {raw!r} is no date") from None
+            raise UnmappableRecord(
+                "invalid_field", f"field {path!r}: {_described(raw)} that is no date"
+            ) from None
         extra_days = 0.0
         if transform.plus_days_path is not None:
             extra = field_value(entity, transform.plus_days_path)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import re
 from typing import Any, Literal
+from uuid import UUID
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from connectors.common.correlation import CorrelationSigner, Rejected, Verified
 from connectors.common.mapping import Mapping
 from connectors.salesforce.exceptions import ConfigurationError
 from schemas.models import InferenceResult, ResultStatus, TensorDatatype
@@ -85,17 +87,34 @@ def input_fields(mapping: Mapping) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def correlation_id(connector: str, sobject: str, record_id: str) -> str:
-    """Carried by the request and echoed by its result: which record the result is for."""
-    return f"{CORRELATION_PREFIX}:{connector}:{sobject}:{record_id}"
+def signer(connector: str, secrets: tuple[bytes, ...]) -> CorrelationSigner:
+    """The signer of this connector's correlation ids."""
+    return CorrelationSigner(CORRELATION_PREFIX, connector, secrets)
 
 
-def record_of(result: InferenceResult, connector: str) -> tuple[str, str] | None:
-    """``(sobject, record id)`` of a result this connector asked for, else ``None``."""
-    parts = (result.correlation_id or "").split(":")
-    if len(parts) != 4 or parts[0] != CORRELATION_PREFIX or parts[1] != connector:
-        return None
-    return parts[2], parts[3]
+def correlation_id(
+    signer: CorrelationSigner, sobject: str, record_id: str, request_id: UUID | str
+) -> str:
+    """Carried by the request and echoed by its result: which record the result is for,
+    signed for this request (``salesforce|<connector>|<sobject>:<record id>|<request>|<mac>``)."""
+    return signer.sign(f"{sobject}:{record_id}", request_id)
+
+
+def record_of(result: InferenceResult, signer: CorrelationSigner) -> tuple[str, str] | Rejected:
+    """``(sobject, record id)`` of a result this connector asked for, else why not:
+    ``not_ours`` (another connector's or a plain request's) or a forgery's reason."""
+    checked = signer.verify(result.correlation_id, result.request_id)
+    legacy = f"{CORRELATION_PREFIX}:{signer.connector}:"
+    if checked == Rejected("not_ours") and (result.correlation_id or "").startswith(legacy):
+        # The unsigned form of connectors before signing: this connector's name, no proof.
+        return Rejected("unsigned")
+    if isinstance(checked, Rejected):
+        return checked
+    assert isinstance(checked, Verified)
+    sobject, separator, record_id = checked.subject.partition(":")
+    if not separator or not sobject or not record_id or ":" in record_id:
+        return Rejected("not_a_record")
+    return sobject, record_id
 
 
 def writeback_values(result: InferenceResult, config: WritebackConfig) -> dict[str, Any] | None:

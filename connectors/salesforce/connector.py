@@ -17,7 +17,9 @@ their requests carry the same ids as before. A broken stream is resubscribed the
 backoff; a rejected replay id stops the connector with an alert instead.
 
 **Writeback** (``<ns>.<model>.results`` -> REST), per polled batch of results: keep this
-connector's results (their correlation id names connector, sObject and record), PATCH them
+connector's results (their correlation id names connector, sObject and record, signed by this
+connector for the result's request id; one that claims to be this connector's without that
+signature is counted as ``forged``, logged and never written), PATCH them
 through sObject Collections (200 per call, ``allOrNone=false``), and commit the consumer
 offsets only after Salesforce accepted the batch. A record-level permanent failure
 (``ENTITY_IS_DELETED``) is logged and not retried; a transient failure that outlasts the
@@ -40,6 +42,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 import schemas
 from connectors.common.checkpoint import CheckpointStore, position_bytes
+from connectors.common.correlation import CorrelationSigner, Rejected
 from connectors.common.exceptions import UnmappableRecord
 from connectors.common.mapping import Mapping
 from connectors.salesforce import cdc
@@ -113,6 +116,7 @@ class IngestLoop:
         self,
         *,
         name: str,
+        signer: CorrelationSigner,
         mapping: Mapping,
         source: SourceConfig,
         own_changes: cdc.OwnChanges,
@@ -127,6 +131,7 @@ class IngestLoop:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
+        self.signer = signer
         self.mapping = mapping
         self.source = source
         self.own_changes = own_changes
@@ -272,11 +277,12 @@ class IngestLoop:
             except UnmappableRecord as exc:
                 self._dead_letter_event(received, exc, record_id=record_id, values=values)
                 continue
-            requests.append(
-                request.model_copy(
-                    update={"correlation_id": correlation_id(self.name, entity, record_id)}
-                )
-            )
+            try:
+                signed = correlation_id(self.signer, entity, record_id, request.request_id)
+            except UnmappableRecord as exc:
+                self._dead_letter_event(received, exc, record_id=record_id, values=values)
+                continue
+            requests.append(request.model_copy(update={"correlation_id": signed}))
         # Step 4.
         if requests:
             self.publisher.publish_many(requests)
@@ -388,6 +394,8 @@ class WritebackStats:
     written: int = 0
     not_ok: int = 0
     already_written: int = 0
+    forged: int = 0
+    """Results claiming to be this connector's without its valid signature for their request."""
     failed: dict[str, int] = field(default_factory=dict)
     commits: int = 0
 
@@ -409,6 +417,7 @@ class WritebackLoop:
         self,
         *,
         name: str,
+        signer: CorrelationSigner,
         config: WritebackConfig,
         consumer: Consumer,
         rest: SalesforceRest,
@@ -416,6 +425,7 @@ class WritebackLoop:
         poll_timeout_s: float = 0.5,
     ) -> None:
         self.name = name
+        self.signer = signer
         self.config = config
         self.consumer = consumer
         self.rest = rest
@@ -469,8 +479,10 @@ class WritebackLoop:
                 result = schemas.decode(message.value() or b"", InferenceResult)
             except DecodeError:
                 continue
-            target = record_of(result, self.name)
-            if target is None:
+            target = record_of(result, self.signer)
+            if isinstance(target, Rejected):
+                if target.reason != "not_ours":
+                    self._count_forged(result, target.reason)
                 continue
             self.stats.results += 1
             values = writeback_values(result, self.config)
@@ -508,6 +520,16 @@ class WritebackLoop:
                     code,
                     outcome.message,
                 )
+
+    def _count_forged(self, result: InferenceResult, reason: str) -> None:
+        # One line, no feature values or scores: the request id finds the request.
+        self.stats.forged += 1
+        log.warning(
+            'event="writeback_refused_unsigned" reason="%s" request_id="%s" model="%s"',
+            reason,
+            result.request_id,
+            result.model,
+        )
 
     def _not_yet_written(self, chunk: list[RecordUpdate]) -> list[RecordUpdate]:
         """Drop updates whose record already holds their request id in the marker field."""

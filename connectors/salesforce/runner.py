@@ -18,12 +18,13 @@ import grpc
 import httpx2
 
 from connectors.common.checkpoint import CheckpointStore
+from connectors.common.correlation import MissingSecretError, secrets_from_env
 from connectors.common.dead_letters import send_unmappable
 from connectors.common.exceptions import UnmappableRecord
 from connectors.common.mapping import load_mapping
 from connectors.salesforce import cdc
 from connectors.salesforce.auth import Authenticator, flow_from_env
-from connectors.salesforce.config import input_fields, salesforce_sections
+from connectors.salesforce.config import input_fields, salesforce_sections, signer
 from connectors.salesforce.connector import (
     SOURCE_SYSTEM,
     IngestLoop,
@@ -81,6 +82,11 @@ class SalesforceConnector:
             raise ConfigurationError(f"connector name {options.name!r}: letters, digits, _.- only")
         self.settings = settings
         self.options = options
+        try:
+            # Before anything is opened: without a secret the connector does not start.
+            self.signer = signer(options.name, secrets_from_env(environ, options.name))
+        except MissingSecretError as missing:
+            raise ConfigurationError(str(missing)) from None
         mapping = load_mapping(options.mapping)
         source, writeback = salesforce_sections(mapping)
         if options.topic:
@@ -136,6 +142,7 @@ class SalesforceConnector:
 
             self.ingest = IngestLoop(
                 name=options.name,
+                signer=self.signer,
                 mapping=mapping,
                 source=source,
                 own_changes=own,
@@ -154,7 +161,11 @@ class SalesforceConnector:
             )
             consumer.subscribe([topics.results])
             self.writeback = WritebackLoop(
-                name=options.name, config=writeback, consumer=consumer, rest=self.rest
+                name=options.name,
+                signer=self.signer,
+                config=writeback,
+                consumer=consumer,
+                rest=self.rest,
             )
 
     def stop(self) -> None:

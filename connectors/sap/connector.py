@@ -14,7 +14,9 @@ Polling mode reads ``$filter=<delta_field> ge <position>`` pages in change order
 each page's requests, and checkpoints the page's newest change time once they are acked.
 
 Writeback consumes ``<ns>.<model>.results`` in the connector's own consumer group, picks the
-results whose correlation id names this connector, and writes each back (read the entity for
+results whose correlation id this connector signed for their request id (anything else that
+claims to be this connector's is counted as ``forged``, logged and never written), and writes
+each back (read the entity for
 its ETag, skip it if its marker field already holds the request id, PATCH/MERGE with
 ``If-Match``, or call the configured action). Offsets are committed only after every result
 up to them was written (or dead-lettered as permanently unwritable).
@@ -38,6 +40,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 import schemas
 from connectors.common.checkpoint import CheckpointStore
+from connectors.common.correlation import Rejected
 from connectors.common.dates import parse_datetime, to_iso_utc
 from connectors.common.dead_letters import send_unmappable
 from connectors.common.exceptions import UnmappableRecord
@@ -51,6 +54,9 @@ from connectors.sap.exceptions import (
     PreconditionFailed,
 )
 from connectors.sap.odata import EntityRecord, EntitySource, delta_value, key_predicate
+from connectors.sap.webhook import WebhookGuard, WebhookSecurity, check_listen
+from connectors.sap.webhook_auth import AuthFailure
+from connectors.sap.webhook_limits import retry_after
 from connectors.sap.writeback import (
     Skip,
     WritebackCall,
@@ -58,6 +64,7 @@ from connectors.sap.writeback import (
     correlation_id,
     plan_writeback,
     predicate_of,
+    signer,
 )
 from pipeline.client import request_id_for
 from pipeline.kafka import clients
@@ -97,6 +104,14 @@ class ConnectorStats:
     skipped: int = 0
     write_failures: int = 0
     own_changes: int = 0
+    auth_failures: int = 0
+    """Deliveries refused 401 (reasons in the log and in ``WebhookGuard.refusals``)."""
+    rate_limited: int = 0
+    """Deliveries refused 429."""
+    too_many_events: int = 0
+    """Deliveries refused 413 for carrying more events than allowed."""
+    forged: int = 0
+    """Results claiming to be this connector's without its valid signature for their request."""
     skips: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -109,6 +124,7 @@ class SapConnector:
         mapping: Mapping,
         odata: ODataClient,
         *,
+        secrets: tuple[bytes, ...],
         name: str = "sap",
         dedupe_window: timedelta = timedelta(days=1),
         writeback_concurrency: int = 8,
@@ -118,6 +134,7 @@ class SapConnector:
         self.mapping = mapping
         self.odata = odata
         self.name = name
+        self.signer = signer(name, secrets)
         self.source = odata.source
         self.writeback_spec = (
             WritebackSpec.from_mapping(mapping.writeback) if mapping.writeback else None
@@ -179,9 +196,12 @@ class SapConnector:
 
     # ------------------------------------------------------------------ intake: events
 
-    async def handle_http(self, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+    async def handle_http(
+        self, headers: dict[str, str], body: bytes, *, max_events: int | None = None
+    ) -> tuple[int, dict[str, Any]]:
         """The HTTP answer to one push: 200 once every event is published (or dead-lettered),
-        503 when something transient failed (the sender delivers again)."""
+        503 when something transient failed (the sender delivers again), 413 (nothing
+        published) when a batch holds more than ``max_events`` events."""
         try:
             events = parse_http(headers, body)
         except InvalidCloudEvent as invalid:
@@ -189,6 +209,13 @@ class SapConnector:
                 body, invalid.reason_code, invalid.message, key=None, headers=_ce_headers(headers)
             )
             return 200, {"outcome": "dead_lettered", "reason": invalid.reason_code}
+        if max_events is not None and len(events) > max_events:
+            self.stats.too_many_events += 1
+            return 413, {
+                "error": "too_many_events",
+                "reason": f"a delivery may carry at most {max_events} events; this one has "
+                f"{len(events)}: send smaller batches",
+            }
         outcomes = []
         try:
             for event in events:
@@ -256,7 +283,7 @@ class SapConnector:
             request = self.mapping.to_request(
                 record.properties,
                 source_event_id=event.id,
-                correlation_id=correlation_id(self.name, predicate),
+                correlation_id=correlation_id(self.signer, predicate, request_id),
             )
         except UnmappableRecord as unmappable:
             await self._dead_letter(
@@ -339,7 +366,11 @@ class SapConnector:
             request = self.mapping.to_request(
                 record.properties,
                 source_event_id=event_id,
-                correlation_id=correlation_id(self.name, predicate),
+                correlation_id=correlation_id(
+                    self.signer,
+                    predicate,
+                    request_id_for(self.mapping.source_system, event_id),
+                ),
             )
         except UnmappableRecord as unmappable:
             await self._dead_letter(payload, unmappable.reason_code, unmappable.message, key=None)
@@ -471,8 +502,10 @@ class SapConnector:
                 result = schemas.decode(message.value() or b"", InferenceResult)
             except DecodeError:
                 continue
-            predicate = predicate_of(self.name, result.correlation_id)
-            if predicate is None:
+            predicate = predicate_of(self.signer, result)
+            if isinstance(predicate, Rejected):
+                if predicate.reason != "not_ours":
+                    self._count_forged(result, predicate.reason)
                 continue
             by_entity[predicate].append(result)
         self._batch_done = False
@@ -483,6 +516,18 @@ class SapConnector:
 
         await asyncio.gather(*(write_entity(p, rs) for p, rs in by_entity.items()))
         self._batch_done = not stop.is_set()
+
+    def _count_forged(self, result: InferenceResult, reason: str) -> None:
+        # One line, no feature values or scores: the request id lets an operator find the
+        # request, the reason says what was wrong with its correlation id.
+        self.stats.forged += 1
+        log.warning(
+            'writeback refused: result not signed for its request reason="%s" request_id="%s" '
+            'model="%s"',
+            reason,
+            result.request_id,
+            result.model,
+        )
 
     async def _write_until_done(
         self, predicate: str, result: InferenceResult, stop: asyncio.Event
@@ -567,12 +612,52 @@ class SapConnector:
 
     # ------------------------------------------------------------------ HTTP receiver
 
-    def web_app(self, path: str = "/events") -> web.Application:
+    def web_app(self, path: str = "/events", guard: WebhookGuard | None = None) -> web.Application:
+        """The receiver; ``guard`` (rate limit, authentication, events cap) comes before
+        anything of a delivery is parsed, published or dead-lettered."""
+
         async def receive(request: web.Request) -> web.Response:
+            client = request.remote or "unknown"
+            if guard is not None:
+                wait = guard.admit(client)
+                if wait > 0:
+                    self.stats.rate_limited += 1
+                    return web.json_response(
+                        {"error": "rate_limited"},
+                        status=429,
+                        headers={"Retry-After": retry_after(wait)},
+                    )
+                if not guard.needs_body():
+                    refused = await _authenticate(guard, request, b"", client)
+                    if refused is not None:
+                        return refused
             body = await request.read()
-            status, answer = await self.handle_http(dict(request.headers), body)
+            if guard is not None and guard.needs_body():
+                refused = await _authenticate(guard, request, body, client)
+                if refused is not None:
+                    return refused
+            status, answer = await self.handle_http(
+                dict(request.headers),
+                body,
+                max_events=guard.max_events if guard is not None else None,
+            )
             headers = {"Retry-After": "5"} if status == 503 else None
             return web.json_response(answer, status=status, headers=headers)
+
+        async def _authenticate(
+            guard: WebhookGuard, request: web.Request, body: bytes, client: str
+        ) -> web.Response | None:
+            try:
+                await guard.authenticate(request.headers, body, client)
+            except AuthFailure as failure:
+                self.stats.auth_failures += 1
+                # Never the reason: it would tell a prober which part of its guess was wrong.
+                return web.json_response(
+                    {"error": "unauthorized"},
+                    status=401,
+                    headers={"WWW-Authenticate": failure.challenge},
+                )
+            return None
 
         async def health(_request: web.Request) -> web.Response:
             counts = {k: v for k, v in vars(self.stats).items() if isinstance(v, int)}
@@ -666,10 +751,21 @@ async def serve(
     writeback: bool = True,
     stop: asyncio.Event | None = None,
     ready: Callable[[int | None], None] | None = None,
+    security: WebhookSecurity | None = None,
 ) -> ConnectorStats:
     """Run the connector until ``stop`` (or SIGTERM/SIGINT): the receiver on ``host:port``
     (``port=None``: no receiver), polling every ``poll_interval_s`` (``None``: no polling),
-    and the writeback loop. ``ready`` is called with the bound port once it listens."""
+    and the writeback loop. ``ready`` is called with the bound port once it listens.
+
+    ``security`` guards the receiver (authentication, TLS, rate and size limits); without
+    it, or without its verifier, only a loopback ``host`` is accepted (:func:`check_listen`).
+    """
+    security = security or WebhookSecurity()
+    guard: WebhookGuard | None = None
+    if port is not None:
+        check_listen(host, security)
+        guard = WebhookGuard(security)
+        await guard.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -680,9 +776,9 @@ async def serve(
     tasks = [asyncio.create_task(connector.run_checkpoints(stop), name="checkpoints")]
     try:
         if port is not None:
-            runner = web.AppRunner(connector.web_app(path))
+            runner = web.AppRunner(connector.web_app(path, guard))
             await runner.setup()
-            site = web.TCPSite(runner, host, port)
+            site = web.TCPSite(runner, host, port, ssl_context=security.tls)
             await site.start()
             addresses = runner.addresses
             bound = int(addresses[0][1]) if addresses else port

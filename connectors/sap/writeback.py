@@ -16,8 +16,10 @@ The mapping file's ``writeback`` section::
 
 Templates are Python format strings over ``score`` (float), ``request_id``, ``model`` and
 ``model_version``. Results are matched to entities through the request's ``correlation_id``,
-which the connector sets to ``sap|<connector>|<key predicate>``; the worker copies it into the
-result, so the writeback needs no lookup table and survives restarts.
+which the connector sets to ``sap|<connector>|<key predicate>|<request id>|<mac>``, signed with
+the connector secret (:mod:`connectors.common.correlation`); the worker copies it into the
+result, so the writeback needs no lookup table and survives restarts, and a result of a request
+the connector did not publish is never written back.
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from connectors.common.correlation import CorrelationSigner, Rejected, Verified
 from connectors.sap.exceptions import SapConfigError
 from connectors.sap.odata import EntitySource, entity_path
 from pipeline.client import readable
 from schemas.models import InferenceResult, ResultStatus
 
-CORRELATION_PREFIX = "sap|"
+CORRELATION_PREFIX = "sap"
 
 
 class WritebackSpec(BaseModel):
@@ -67,18 +71,28 @@ class WritebackSpec(BaseModel):
             raise SapConfigError(f"mapping writeback.{where}: {first['msg']}") from None
 
 
-def correlation_id(connector: str, predicate: str) -> str:
-    """The request's correlation id: which connector made it, and which entity it is about."""
-    return f"{CORRELATION_PREFIX}{connector}|{predicate}"
+def signer(connector: str, secrets: tuple[bytes, ...]) -> CorrelationSigner:
+    """The signer of this connector's correlation ids."""
+    return CorrelationSigner(CORRELATION_PREFIX, connector, secrets)
 
 
-def predicate_of(connector: str, correlation: str | None) -> str | None:
-    """The key predicate of a result this connector asked for; ``None`` for anybody else's."""
-    prefix = f"{CORRELATION_PREFIX}{connector}|"
-    if correlation is None or not correlation.startswith(prefix):
-        return None
-    predicate = correlation[len(prefix) :]
-    return predicate if predicate.startswith("(") and predicate.endswith(")") else None
+def correlation_id(signer: CorrelationSigner, predicate: str, request_id: UUID | str) -> str:
+    """The request's correlation id: which connector made it, which entity it is about, and
+    for which request, signed."""
+    return signer.sign(predicate, request_id)
+
+
+def predicate_of(signer: CorrelationSigner, result: InferenceResult) -> str | Rejected:
+    """The key predicate of a result this connector asked for, or why it is not written:
+    ``not_ours`` (another connector's or a plain request's) or a forgery's reason."""
+    checked = signer.verify(result.correlation_id, result.request_id)
+    if isinstance(checked, Rejected):
+        return checked
+    assert isinstance(checked, Verified)
+    predicate = checked.subject
+    if predicate.startswith("(") and predicate.endswith(")"):
+        return predicate
+    return Rejected("not_a_predicate")
 
 
 def output_value(result: InferenceResult, output: str) -> float | None:

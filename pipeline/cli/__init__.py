@@ -32,6 +32,8 @@ SUBCOMMAND_MODULES = (
     "pipeline.cli.batch_cmd",
     "pipeline.cli.salesforce_cmd",
     "pipeline.cli.sap_cmd",
+    "pipeline.cli.dlq_cmd",
+    "pipeline.cli.objectstore_cmd",
 )
 
 Handler = Callable[[argparse.Namespace, Settings], int]

@@ -2,7 +2,10 @@
 
 Credentials come from the environment only: ``SALESFORCE_LOGIN_URL``, ``SALESFORCE_CLIENT_ID``
 and either ``SALESFORCE_CLIENT_SECRET`` (client-credentials flow) or ``SALESFORCE_USERNAME`` +
-``SALESFORCE_PRIVATE_KEY_FILE`` (JWT bearer flow).
+``SALESFORCE_PRIVATE_KEY_FILE`` (JWT bearer flow). The connector signs the correlation id of
+every request it publishes and writes back only results it signed, with the secret in
+``SLUICEWAY_CONNECTOR_SECRET_<NAME>`` or ``SLUICEWAY_CONNECTOR_SECRET`` (comma-separated for a
+rotation, the signing one first); without one it refuses to start.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ def connect_salesforce_command(args: argparse.Namespace, settings: Settings) -> 
         print(
             f"writeback stopped: results={writeback.results} written={writeback.written} "
             f"not_ok={writeback.not_ok} already_written={writeback.already_written} "
-            f"failed={writeback.failed} commits={writeback.commits}"
+            f"failed={writeback.failed} forged={writeback.forged} "
+            f"commits={writeback.commits}"
         )
     return 0

@@ -39,6 +39,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from pipeline.errors import SluicewayError
+from pipeline.principals import (
+    BATCH,
+    CLIENT,
+    CONNECTOR_PREFIX,
+    MONITOR,
+    WORKER_PREFIX,
+    connector_principal,
+    worker_principal,
+)
 from pipeline.settings import Settings
 from pipeline.topics import (
     ModelTopics,
@@ -54,12 +63,6 @@ once, and a file name under the stack's secrets folder, so nothing that needs es
 RESOURCE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 """Kafka's legal topic characters and length; group and transactional ids here use the same."""
 
-ADMIN = "admin"
-MONITOR = "monitor"
-BATCH = "batch"
-CLIENT = "client"
-WORKER_PREFIX = "worker-"
-CONNECTOR_PREFIX = "connector-"
 MANAGED_PRINCIPAL_PREFIXES = (WORKER_PREFIX, CONNECTOR_PREFIX)
 """Principals ``acl apply`` owns besides :data:`FIXED_PRINCIPALS`: stale bindings of a
 ``worker-*`` or ``connector-*`` principal that the plan no longer names are its own."""
@@ -114,14 +117,6 @@ class Grant:
             f"User:{self.principal:<24} {self.operation:<16} {self.resource_type:<16} "
             f"{self.pattern_type:<8} {self.resource_name}"
         )
-
-
-def worker_principal(model: str) -> str:
-    return f"{WORKER_PREFIX}{model}"
-
-
-def connector_principal(name: str) -> str:
-    return f"{CONNECTOR_PREFIX}{name}"
 
 
 def checkpoint_topic(namespace: str) -> str:

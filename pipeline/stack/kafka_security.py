@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 from pipeline.kafka import acl_admin, acls
 from pipeline.kafka.acl_admin import ApplyReport
-from pipeline.kafka.acls import ADMIN
+from pipeline.principals import ADMIN
 from pipeline.settings import KafkaSettings, Settings
 from pipeline.stack.exceptions import StackError
 from pipeline.stack.oauth import AUDIENCE, ISSUER, ensure_issuer

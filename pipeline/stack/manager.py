@@ -76,7 +76,8 @@ def up(settings: Settings, progress: Progress = print) -> list[ServiceStatus]:
     1. Install what the cache lacks (Kafka jars, MinIO binary, Triton venv).
     2. For each service: reuse it if our process runs; otherwise check its ports and start it.
     3. Wait, with a cut-off, until every service answers its health check.
-    4. Secured: create the planned Kafka users and ACLs (``acl apply``; stale ones reported).
+    4. Let each service set up what only its running server can (secured MinIO: the
+       encrypted bucket and the scoped credentials).
     """
     services = all_services(settings)
     # Step 1.
@@ -93,24 +94,9 @@ def up(settings: Settings, progress: Progress = print) -> list[ServiceStatus]:
     for service in services:
         _await_healthy(service, settings.stack.start_timeout_s)
     # Step 4.
-    if settings.stack.secured:
-        _apply_acls(settings, progress)
+    for service in services:
+        service.configure(progress)
     return [_status_of(service, reused=service.name in reused) for service in services]
-
-
-def _apply_acls(settings: Settings, progress: Progress) -> None:
-    from pipeline.stack.kafka_security import apply_stack_acls
-
-    report = apply_stack_acls(settings)
-    users = f", users added: {', '.join(report.users_created)}" if report.users_created else ""
-    stale = (
-        f", {len(report.stale)} stale (`sluiceway acl apply --prune` removes them)"
-        if report.stale
-        else ""
-    )
-    progress(
-        f"kafka ACLs: {len(report.created)} created, {report.unchanged} in place{stale}{users}"
-    )
 
 
 def down(settings: Settings, progress: Progress = print) -> list[str]:

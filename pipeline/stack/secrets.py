@@ -20,7 +20,8 @@ import secrets
 import time
 from pathlib import Path
 
-from pipeline.kafka.acls import ADMIN, PRINCIPAL_NAME
+from pipeline.kafka.acls import PRINCIPAL_NAME
+from pipeline.principals import ADMIN
 from pipeline.stack.exceptions import StackError
 from pipeline.stack.tls import Authority, KeyPair, ensure_authority
 

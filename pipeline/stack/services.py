@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -18,7 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.settings import KafkaSettings, Settings
+from pipeline.settings import KafkaSettings, ObjectStoreSettings, Settings
 from pipeline.stack.exceptions import StackError
 from pipeline.stack.installers import (
     PROJECT_ROOT,
@@ -28,6 +29,7 @@ from pipeline.stack.installers import (
     install_triton,
     triton_paths,
 )
+from pipeline.stack.minio_security import ensure_kms_key, prepare_certs_dir
 from pipeline.stack.process import ManagedProcess, port_open
 
 
@@ -49,9 +51,11 @@ def resolve(path: Path) -> Path:
     return path if path.is_absolute() else (PROJECT_ROOT / path).resolve()
 
 
-def _http_get(url: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
+def _http_get(
+    url: str, timeout_s: float = 2.0, context: ssl.SSLContext | None = None
+) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (loopback URL built from settings)
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as response:  # noqa: S310 (loopback URL built from settings)
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, b""
@@ -81,6 +85,11 @@ class Service(ABC):
         """This service's data and generated configuration inside the state folder."""
         return self.state_dir / self.name
 
+    @property
+    def secrets_dir(self) -> Path:
+        """The secured stack's CA, certificates, keys and credentials (``stack.secured``)."""
+        return self.state_dir / "secrets"
+
     @abstractmethod
     def ports(self) -> list[Port]: ...
 
@@ -94,6 +103,11 @@ class Service(ABC):
 
     @abstractmethod
     def healthy(self) -> bool: ...
+
+    def configure(self, progress: Progress) -> None:
+        """Once every service is healthy: set up what the server's own API must create (no-op
+        unless a service needs it). Runs at every ``up``, so it must be idempotent."""
+        return
 
     @abstractmethod
     def version(self) -> str: ...
@@ -238,7 +252,7 @@ class KafkaService(Service):
         command += ["-c", str(properties)]
         secret: str | None = None
         if self.secured:
-            from pipeline.kafka.acls import ADMIN
+            from pipeline.principals import ADMIN
             from pipeline.stack.secrets import KafkaSecrets
 
             # Only the admin at format time (its password is on this command line for the
@@ -257,6 +271,25 @@ class KafkaService(Service):
                 exc.returncode, shown, hide(exc.output or b""), hide(exc.stderr or b"")
             ) from None
         self._mode_file().write_text("secured\n" if self.secured else "plain\n", encoding="ascii")
+
+    def configure(self, progress: Progress) -> None:
+        """Secured: create the planned principals' SCRAM users and ACLs (``acl apply``);
+        stale bindings are reported, not removed."""
+        if not self.secured:
+            return
+        from pipeline.stack.kafka_security import apply_stack_acls
+
+        report = apply_stack_acls(self.settings)
+        added = report.users_created
+        users = f", users added: {', '.join(added)}" if added else ""
+        stale = (
+            f", {len(report.stale)} stale (`sluiceway acl apply --prune` removes them)"
+            if report.stale
+            else ""
+        )
+        progress(
+            f"kafka: ACLs {len(report.created)} created, {report.unchanged} in place{stale}{users}"
+        )
 
     def admin_settings(self) -> KafkaSettings:
         """How the stack itself reaches this broker: plaintext, or as ``admin`` when secured."""
@@ -325,11 +358,51 @@ class MinioService(Service):
             "--console-address",
             f"127.0.0.1:{self.stack.minio_console_port}",
         ]
+        if self.stack.secured:
+            # TLS on both ports, and a static KMS key that SSE-S3 (the bucket's default
+            # encryption, set by configure()) derives each object's key from.
+            argv += ["--certs-dir", str(prepare_certs_dir(self.secrets_dir))]
+            env["MINIO_KMS_SECRET_KEY"] = ensure_kms_key(self.secrets_dir)
         return Launch(argv, env)
 
     def healthy(self) -> bool:
-        status, _ = _http_get(f"http://{self.endpoint()}/minio/health/ready")
+        if not self.stack.secured:
+            status, _ = _http_get(f"http://{self.endpoint()}/minio/health/ready")
+            return status == 200
+        ca = self.secrets_dir / "ca.pem"
+        if not ca.is_file():
+            return False
+        context = ssl.create_default_context(cafile=str(ca))
+        status, _ = _http_get(f"https://{self.endpoint()}/minio/health/ready", context=context)
         return status == 200
+
+    def client_settings(self) -> ObjectStoreSettings:
+        """The object-store settings that reach this server with its root credentials: over
+        https trusting the stack CA when secured."""
+        update: dict[str, object] = {"endpoint": self.endpoint()}
+        if self.stack.secured:
+            update |= {"secure": True, "ca_location": self.secrets_dir / "ca.pem"}
+        return self.settings.object_store.model_copy(update=update)
+
+    @property
+    def credentials_dir(self) -> Path:
+        """One ``<principal>.env`` per scoped credential (secured stack)."""
+        return self.secrets_dir / "objectstore"
+
+    def configure(self, progress: Progress) -> None:
+        if not self.stack.secured:
+            return
+        from pipeline.storage.client import ensure_encrypted_bucket, make_client
+        from pipeline.storage.grants import apply_grants
+        from pipeline.storage.policies import plan_grants
+
+        store = self.client_settings()
+        ensure_encrypted_bucket(make_client(store), store.bucket)
+        files = apply_grants(store, plan_grants(self.settings), self.credentials_dir)
+        progress(
+            f"minio: bucket {store.bucket} encrypted by default; "
+            f"{len(files)} scoped credentials in {self.credentials_dir}"
+        )
 
     def version(self) -> str:
         return f"MinIO {self.stack.minio_version} (built from source)"

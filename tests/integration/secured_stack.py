@@ -63,7 +63,11 @@ def secured_settings(state_dir: Path, base: int, **overrides: Any) -> Settings:
     return load_settings(
         stack={"secured": True, "state_dir": str(state_dir), **ports},
         kafka={"bootstrap_servers": f"127.0.0.1:{ports['kafka_port']}"},
-        object_store={"endpoint": f"127.0.0.1:{ports['minio_port']}"},
+        object_store={
+            "endpoint": f"127.0.0.1:{ports['minio_port']}",
+            "secure": True,
+            "ca_location": str(state_dir / "secrets" / "ca.pem"),
+        },
         backends={
             "triton": {
                 "http_url": f"127.0.0.1:{ports['triton_http_port']}",

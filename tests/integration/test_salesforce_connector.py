@@ -19,8 +19,9 @@ from confluent_kafka import TopicPartition
 
 import schemas
 from connectors.common.checkpoint import CheckpointStore, position_bytes
+from connectors.common.correlation import ENV_VARIABLE
 from connectors.salesforce.auth import Authenticator, ClientCredentials, JwtBearer
-from connectors.salesforce.config import correlation_id
+from connectors.salesforce.config import correlation_id, signer
 from connectors.salesforce.connector import SOURCE_SYSTEM
 from connectors.salesforce.exceptions import AuthenticationError, ReplayIdRejectedError
 from connectors.salesforce.rest import RecordUpdate, SalesforceRest
@@ -69,6 +70,9 @@ FIELD_OF_FEATURE = {
     "manual_entry": "Manual_Entry__c",
 }
 BOOLEAN_FIELDS = {"New_Bank_Account__c", "Foreign_Vendor__c", "Manual_Entry__c"}
+SECRET = "salesforce-connector-test-secret-0123456789"
+"""The connectors' signing secret (``SLUICEWAY_CONNECTOR_SECRET``)."""
+SIGNER = signer("inproc", (SECRET.encode(),))
 
 
 @pytest.fixture
@@ -170,6 +174,7 @@ def _connector_process(settings: Settings, name: str, log: Path, *extra: str) ->
             *extra,
         ],
         log,
+        extra_environment={ENV_VARIABLE: SECRET},
     )
 
 
@@ -358,6 +363,7 @@ def test_change_data_capture_semantics_reach_kafka_as_documented(
             "SALESFORCE_LOGIN_URL": org.login_url,
             "SALESFORCE_CLIENT_ID": org.client_id,
             "SALESFORCE_CLIENT_SECRET": org.client_secret,
+            ENV_VARIABLE: SECRET,
         },
     )
     thread, errors = _run_in_thread(connector)
@@ -396,7 +402,7 @@ def test_change_data_capture_semantics_reach_kafka_as_documented(
     assert gap.inputs.features is not None
     assert gap.inputs.features["days_to_due"] == -12.0
     assert all(
-        r.correlation_id == correlation_id("inproc", ENTITY, r.source.entity_id)
+        r.correlation_id == correlation_id(SIGNER, ENTITY, r.source.entity_id, r.request_id)
         for r in requests
         if r.source is not None
     )
@@ -427,6 +433,7 @@ def test_a_broken_stream_resubscribes_after_the_checkpoint(
         "SALESFORCE_LOGIN_URL": salesforce.login_url,
         "SALESFORCE_CLIENT_ID": salesforce.client_id,
         "SALESFORCE_CLIENT_SECRET": salesforce.client_secret,
+        ENV_VARIABLE: SECRET,
     }
     connector = SalesforceConnector(settings, _options(writeback=False), env)
     thread, errors = _run_in_thread(connector)
@@ -468,6 +475,7 @@ def test_a_rejected_replay_id_stops_with_an_alert_and_never_falls_back_to_latest
         "SALESFORCE_LOGIN_URL": salesforce.login_url,
         "SALESFORCE_CLIENT_ID": salesforce.client_id,
         "SALESFORCE_CLIENT_SECRET": salesforce.client_secret,
+        ENV_VARIABLE: SECRET,
     }
     connector = SalesforceConnector(settings, _options(writeback=False), env)
     with pytest.raises(ReplayIdRejectedError) as rejected:
@@ -493,9 +501,12 @@ def test_a_rejected_replay_id_stops_with_an_alert_and_never_falls_back_to_latest
 
 
 def _result(record_id: str, *, connector: str = "inproc", ok: bool = True) -> InferenceResult:
+    request_id = uuid.uuid4()
     return InferenceResult(
-        request_id=uuid.uuid4(),
-        correlation_id=correlation_id(connector, ENTITY, record_id),
+        request_id=request_id,
+        correlation_id=correlation_id(
+            signer(connector, (SECRET.encode(),)), ENTITY, record_id, request_id
+        ),
         status=ResultStatus.OK if ok else ResultStatus.ERROR,
         error_code=None if ok else "backend_error",
         model=MODEL,
@@ -535,6 +546,7 @@ def test_results_are_written_once_and_record_failures_stay_with_their_record(
         "SALESFORCE_LOGIN_URL": salesforce.login_url,
         "SALESFORCE_CLIENT_ID": salesforce.client_id,
         "SALESFORCE_CLIENT_SECRET": salesforce.client_secret,
+        ENV_VARIABLE: SECRET,
     }
 
     def run_writeback_until(results: int) -> Any:
@@ -575,6 +587,128 @@ def test_results_are_written_once_and_record_failures_stay_with_their_record(
     second = run_writeback_until(2)
     assert (second.results, second.already_written) == (2, 1)
     assert [w.record_id for w in salesforce.writes] == [_record_id(0), _record_id(2)]
+
+
+def _patches(org: SalesforceOrg) -> list[tuple[str, str, int]]:
+    """Every modifying REST call the org answered (anything but GET and the token POST)."""
+    return [
+        call
+        for call in list(org.rest_requests)
+        if call[0] != "GET" and call[1] != "/services/oauth2/token"
+    ]
+
+
+def _served(settings: Settings, request_ids: set[uuid.UUID]) -> list[InferenceResult]:
+    topic = ModelTopics(settings.namespace, MODEL).results
+    found: dict[uuid.UUID, InferenceResult] = {}
+
+    def collected() -> bool:
+        for value in _read_all(settings, topic):
+            result = schemas.decode(value, InferenceResult)
+            if result.request_id in request_ids:
+                found[result.request_id] = result
+        return set(found) == request_ids
+
+    wait_for(_polled(collected), 120, f"the worker to serve {len(request_ids)} outsider requests")
+    return list(found.values())
+
+
+def test_requests_published_by_an_outsider_are_served_but_never_written_back(
+    settings: Settings, salesforce: SalesforceOrg, tmp_path: Path
+) -> None:
+    prepare_topics_and_bucket(settings, [MODEL])
+    values = _invoice_values(4, seed=31)
+    for index in range(2):
+        _create(salesforce, index, values[index])
+    env = {
+        "SALESFORCE_LOGIN_URL": salesforce.login_url,
+        "SALESFORCE_CLIENT_ID": salesforce.client_id,
+        "SALESFORCE_CLIENT_SECRET": salesforce.client_secret,
+        ENV_VARIABLE: SECRET,
+    }
+    worker = ServiceProcess(settings, ["worker", "--model", MODEL], tmp_path / "worker.log")
+    with worker:
+        connector = SalesforceConnector(settings, _options(), env)
+        thread, errors = _run_in_thread(connector)
+        assert connector.writeback is not None
+        stats = connector.writeback.stats
+
+        def written(count: int) -> Callable[[], bool]:
+            return _polled(
+                lambda: bool(errors) or len({w.record_id for w in salesforce.writes}) >= count
+            )
+
+        try:
+            wait_for(written(2), 120, "the connector's own first two records written back")
+            before = _patches(salesforce)
+            real = min(_requests(settings), key=lambda r: str(r.source))
+            assert real.correlation_id is not None
+            assert real.source is not None
+            victim = _record_id(100)
+            outsider_signer = signer("inproc", (b"an outsider's guess at the secret!!",))
+
+            def forged(correlation: str | None, request_id: uuid.UUID | None = None) -> Any:
+                features = {**(real.inputs.features or {}), "amount_eur": 1e7}
+                return real.model_copy(
+                    update={
+                        "request_id": request_id or uuid.uuid4(),
+                        "correlation_id": correlation,
+                        "inputs": real.inputs.model_copy(update={"features": features}),
+                    }
+                )
+
+            made_up = uuid.uuid4()
+            outsiders = [
+                # The copied, valid id of a real request on a request of the outsider's.
+                forged(real.correlation_id),
+                # The old unsigned form, naming another record.
+                forged(f"salesforce:inproc:{ENTITY}:{victim}"),
+                forged(f"salesforce|inproc|{ENTITY}:{victim}"),
+                # The real id with the record swapped.
+                forged(real.correlation_id.replace(real.source.entity_id, victim)),
+                # The right shape and the request's own id, with a MAC made up.
+                forged(f"salesforce|inproc|{ENTITY}:{victim}|{made_up}|{'A' * 43}", made_up),
+                # Signed correctly, but with a secret that is not the connector's.
+                forged(correlation_id(outsider_signer, ENTITY, victim, made_up), made_up),
+            ]
+            # A replay of the real request itself (same id, the outsider's inputs): the
+            # marker field shows it written already.
+            replay = forged(real.correlation_id, real.request_id)
+            publish(
+                settings,
+                ModelTopics(settings.namespace, MODEL).requests,
+                (
+                    (real.source.entity_id.encode(), schemas.encode(request))
+                    for request in [*outsiders, replay]
+                ),
+            )
+            served = _served(settings, {r.request_id for r in outsiders})
+            assert {r.status for r in served} == {ResultStatus.OK}, "the worker served them"
+            wait_for(
+                _polled(
+                    lambda: (
+                        bool(errors)
+                        or (stats.forged >= len(outsiders) and stats.already_written >= 1)
+                    )
+                ),
+                60,
+                "the connector to refuse every outsider result",
+            )
+            assert _patches(salesforce) == before, "an outsider's result reached Salesforce"
+            # The connector's own requests after them are still written back.
+            for index in range(2, 4):
+                _create(salesforce, index, values[index])
+            wait_for(written(4), 120, "the connector's own later records written back")
+        finally:
+            connector.stop()
+            thread.join(30)
+    assert errors == []
+    assert stats.forged == len(outsiders)
+    assert salesforce.writes_of(victim) == []
+    writes = Counter(w.record_id for w in salesforce.writes)
+    assert writes == Counter({_record_id(i): 1 for i in range(4)}), "one write per own record"
+    own = {str(_expected_request_id(i)) for i in range(4)}
+    assert {w.fields["Risk_Request_Id__c"] for w in salesforce.writes} == own
 
 
 # ---------------------------------------------------------------------------- REST and OAuth

@@ -10,6 +10,7 @@ import asyncio
 import json
 import signal
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from pydantic import SecretStr
 
 import schemas
 from connectors.common.checkpoint import CheckpointStore
+from connectors.common.correlation import ENV_VARIABLE
 from connectors.sap.client import (
     BasicCredentials,
     Credentials,
@@ -41,13 +43,14 @@ from connectors.sap.client import (
 from connectors.sap.connector import EVENTS_STREAM
 from connectors.sap.exceptions import EntityNotFound, ODataError, PreconditionFailed
 from connectors.sap.odata import EntitySource
-from connectors.sap.writeback import WritebackCall
+from connectors.sap.writeback import WritebackCall, correlation_id, signer
 from pipeline.client import request_id_for
 from pipeline.kafka.admin import describe_topics, end_offsets
 from pipeline.modeling.invoices import generate
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
-from schemas.models import DeadLetter, InferenceRequest
+from schemas.models import DeadLetter, InferenceRequest, InferenceResult
+from tests.integration.traffic import publish
 from tests.integration.waiting import wait_for
 from tests.sap_server import (
     V2_ENTITY_SET,
@@ -69,6 +72,7 @@ MAPPING = REPO_ROOT / "connectors" / "sap" / "mappings" / "supplier_invoice.yaml
 MODEL = "invoice_risk"
 SYSTEM = "S4H"
 CONNECTOR = "sap-test"
+SECRET = "sap-connector-test-secret-0123456789abcdef"
 
 
 @pytest.fixture
@@ -108,9 +112,13 @@ class Connector:
                 CONNECTOR,
                 "--listen",
                 listen,
+                # Loopback only: the webhook's security has its own tests (test_sap_webhook.py).
+                *(() if listen == "off" else ("--webhook-auth", "none")),
                 *args,
             ],
             log,
+            # The connector signs its requests with it (and verifies results with it).
+            extra_environment={ENV_VARIABLE: SECRET},
         )
 
     def start(self) -> Connector:
@@ -237,7 +245,7 @@ def test_a_thousand_events_are_scored_and_written_back_exactly_once(
     writes = sap.writes_by_key()
     assert set(writes) == set(keys)
     assert all(len(w) == 1 for w in writes.values()), "every invoice written exactly once"
-    by_key = {(r.correlation_id or "").split("|")[-1]: r for r in requests}
+    by_key = {(r.correlation_id or "").split("|")[2]: r for r in requests}
     for key, (write,) in writes.items():
         assert write.method == "MERGE"
         predicate = f"(SupplierInvoice='{key[0]}',FiscalYear='{key[1]}')"
@@ -301,6 +309,122 @@ def test_a_killed_connector_restarts_without_duplicates_or_gaps(
     writes = sap.writes_by_key()
     assert set(writes) == set(keys)
     assert all(len(w) == 1 for w in writes.values())
+
+
+def _results_served(settings: Settings, request_ids: set[uuid.UUID]) -> list[InferenceResult]:
+    """The results of ``request_ids`` on the results topic (read from its beginning)."""
+    topic = ModelTopics(settings.namespace, MODEL).results
+    consumer = Consumer(
+        {**settings.kafka.client_config(), "group.id": f"sap-test-{uuid.uuid4().hex[:6]}"}
+    )
+    partitions = end_offsets(settings.kafka, topic)
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    found: dict[uuid.UUID, InferenceResult] = {}
+
+    def collected() -> bool:
+        for message in consumer.consume(500, 0.5):
+            if message.error() is None:
+                result = schemas.decode(message.value() or b"", InferenceResult)
+                if result.request_id in request_ids:
+                    found[result.request_id] = result
+        return set(found) == request_ids
+
+    try:
+        wait_for(collected, 120, f"the worker to serve {len(request_ids)} outsider requests")
+    finally:
+        consumer.close()
+    return list(found.values())
+
+
+def test_requests_published_by_an_outsider_are_served_but_never_written_back(
+    settings: Settings, sap: SapProtocolServer, worker: ServiceProcess, tmp_path: Path
+) -> None:
+    rows = generate(6, seed=29).x
+    keys = invoices_from_features(sap, rows[:4])
+    victims = invoices_from_features(sap, rows[4:], first_number=5105700000)
+    events = [supplier_invoice_event(key, event_id=f"own-{i}") for i, key in enumerate(keys)]
+    connector = Connector(settings, sap, tmp_path / "connector.log", MAPPING).start()
+    topic = ModelTopics(settings.namespace, MODEL).requests
+    try:
+        connector.wait_ready()
+        push_events(connector.url, events[:2])
+        _all_written(sap, keys[:2], timeout_s=120)
+        (real, _) = sorted(_requests_published(settings), key=lambda r: str(r.source))
+        assert real.correlation_id is not None
+        real_predicate = real.correlation_id.split("|")[2]
+        victim = f"(SupplierInvoice='{victims[0][0]}',FiscalYear='{victims[0][1]}')"
+        other = f"(SupplierInvoice='{victims[1][0]}',FiscalYear='{victims[1][1]}')"
+        outsider_signer = signer(CONNECTOR, (b"an outsider's guess at the secret!!",))
+
+        def forged(correlation: str | None = None, request_id: uuid.UUID | None = None) -> Any:
+            request_id = request_id or uuid.uuid4()
+            return real.model_copy(
+                update={
+                    "request_id": request_id,
+                    "correlation_id": correlation,
+                    # Inputs of the outsider's choosing: a score they picked.
+                    "inputs": real.inputs.model_copy(
+                        update={"features": {**(real.inputs.features or {}), "amount_eur": 1e7}}
+                    ),
+                }
+            )
+
+        copied_id = uuid.uuid4()
+        mac_shaped_id = uuid.uuid4()
+        outsiders = [
+            # The copied, valid id of a real request on a request of the outsider's.
+            forged(real.correlation_id, copied_id),
+            # The old unsigned form, naming another invoice.
+            forged(f"sap|{CONNECTOR}|{victim}"),
+            # The real id with the invoice swapped (its MAC then covers another subject).
+            forged(real.correlation_id.replace(real_predicate, victim)),
+            # The right shape and the request's own id, with a MAC made up.
+            forged(f"sap|{CONNECTOR}|{other}|{mac_shaped_id}|{'A' * 43}", mac_shaped_id),
+            # Signed correctly, but with a secret that is not the connector's.
+            forged(correlation_id(outsider_signer, victim, mac_shaped_id), mac_shaped_id),
+        ]
+        # A replay of the real request itself (same id, the outsider's inputs): it may only
+        # be the already written result, never a second write.
+        replay = forged(real.correlation_id, real.request_id)
+        publish(
+            settings,
+            topic,
+            (
+                (str(request.request_id).encode(), schemas.encode(request))
+                for request in [*outsiders, replay]
+            ),
+        )
+        # The connector's own requests after them are still written back.
+        push_events(connector.url, events[2:])
+        _all_written(sap, keys, timeout_s=120)
+        served = _results_served(settings, {r.request_id for r in outsiders})
+        assert {r.status.value for r in served} == {"ok"}, "the worker served them all"
+        wait_for(
+            _every(0.2, lambda: connector.counts().get("forged", 0) >= len(outsiders)),
+            60,
+            "the connector to refuse every outsider result",
+        )
+        counts = connector.counts()
+    finally:
+        connector.process.stop()
+    assert counts["forged"] == len(outsiders)
+    assert counts["written"] == len(keys)
+    assert sap.modifying_calls(victims[0]) == []
+    assert sap.modifying_calls(victims[1]) == []
+    assert sorted(call.key or ("", "") for call in sap.modifying_calls()) == sorted(
+        write.key for write in sap.writes
+    ), "no modifying call but the connector's own writes"
+    writes = sap.writes_by_key()
+    assert set(writes) == set(keys)
+    assert all(len(w) == 1 for w in writes.values()), "a forged result was written"
+    own = {str(request_id_for(SYSTEM, event["id"])) for event in events}
+    assert {w.body["YY1_RiskRequestId"] for (w,) in writes.values()} <= own
+    outsider_ids = {str(r.request_id) for r in outsiders}
+    assert not {w.body["YY1_RiskRequestId"] for (w,) in writes.values()} & outsider_ids
+    log = (tmp_path / "connector.log").read_text()
+    refusals = [line for line in log.splitlines() if "writeback refused" in line]
+    assert len(refusals) == len(outsiders)
+    assert all("1e7" not in line and "10000000" not in line for line in refusals)
 
 
 def test_polling_reads_v4_pages_checkpoints_and_ignores_its_own_writebacks(

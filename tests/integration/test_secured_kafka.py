@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from pipeline.kafka import acl_admin, clients
 from pipeline.kafka.admin import TopicSpec, control_topic_spec, ensure_topics, model_topic_specs
+from pipeline.kafka.exceptions import TopicAdminError
+from pipeline.stack import manager
 from pipeline.stack.kafka_security import apply_stack_acls
 from pipeline.stack.oauth import AUDIENCE, ISSUER, ensure_issuer, key_id, mint_token
 from pipeline.stack.tls import ensure_authority
@@ -73,7 +75,10 @@ def _produce(config: dict[str, Any], topic: str, value: bytes) -> KafkaError | N
     """Produce one record; return the broker's answer (None: written)."""
     producer = Producer({**config, "message.timeout.ms": 10_000})
     outcome: list[KafkaError | None] = []
-    producer.produce(topic, value, on_delivery=lambda error, _message: outcome.append(error))
+    # Keyed: the control topic is compacted and takes no record without a key.
+    producer.produce(
+        topic, value, key=b"probe", on_delivery=lambda error, _message: outcome.append(error)
+    )
     wait_for(lambda: producer.poll(0.5) >= 0 and bool(outcome), 20, f"delivery to {topic}")
     return outcome[0]
 
@@ -301,3 +306,22 @@ def test_admin_healthy_probe_and_principal_settings_work(stack: SecuredStack) ->
     )
     assert producer.flush(15) == 0
     assert outcome == [None]
+
+
+def test_a_worker_creates_its_own_topics_in_a_fresh_namespace_but_no_one_elses(
+    stack: SecuredStack,
+) -> None:
+    """What a worker ensures at start-up works under its ACLs (namespace of this test's own)."""
+    namespace = f"sec-{uuid.uuid4().hex[:8]}"
+    settings = stack.principal_settings(f"worker-{OWN}", base=stack.for_namespace(namespace))
+    own = ModelTopics(namespace, OWN)
+    specs = [control_topic_spec(namespace), *model_topic_specs(own)]
+    assert sorted(ensure_topics(settings.kafka, specs)) == sorted(spec.name for spec in specs)
+    assert _produce(stack.librdkafka_config(f"worker-{OWN}", "scram"), own.results, b"r") is None
+    with pytest.raises(TopicAdminError, match="TOPIC_AUTHORIZATION_FAILED"):
+        ensure_topics(settings.kafka, model_topic_specs(ModelTopics(namespace, OTHER)))
+
+
+def test_stack_status_reports_kafka_healthy_through_the_admin_login(stack: SecuredStack) -> None:
+    rows = {row.name: row for row in manager.status(stack.settings)}
+    assert rows["kafka"].state == "healthy"

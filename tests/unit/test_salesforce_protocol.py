@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from connectors.common.correlation import Rejected
 from connectors.salesforce.auth import (
     ClientCredentials,
     JwtBearer,
@@ -25,6 +26,7 @@ from connectors.salesforce.config import (
     WritebackConfig,
     correlation_id,
     record_of,
+    signer,
     writeback_values,
 )
 from connectors.salesforce.connector import latest_per_record
@@ -234,6 +236,9 @@ def test_soql_datetimes_are_utc_literals() -> None:
 # ---------------------------------------------------------------------------- writeback
 
 
+PROD = signer("prod", (b"p" * 32,))
+
+
 def _result(status: ResultStatus = ResultStatus.OK, score: float = 0.25) -> InferenceResult:
     outputs = Outputs(
         tensors=[
@@ -245,9 +250,10 @@ def _result(status: ResultStatus = ResultStatus.OK, score: float = 0.25) -> Infe
             )
         ]
     )
+    request_id = uuid.uuid4()
     return InferenceResult(
-        request_id=uuid.uuid4(),
-        correlation_id=correlation_id("prod", "Supplier_Invoice__c", "a01X"),
+        request_id=request_id,
+        correlation_id=correlation_id(PROD, "Supplier_Invoice__c", "a01X", request_id),
         status=status,
         error_code=None if status is ResultStatus.OK else "backend_error",
         model="invoice_risk",
@@ -258,9 +264,28 @@ def _result(status: ResultStatus = ResultStatus.OK, score: float = 0.25) -> Infe
 
 def test_results_name_their_record_and_only_this_connectors_count() -> None:
     result = _result()
-    assert record_of(result, "prod") == ("Supplier_Invoice__c", "a01X")
-    assert record_of(result, "staging") is None
-    assert record_of(result.model_copy(update={"correlation_id": "sap:1"}), "prod") is None
+    assert record_of(result, PROD) == ("Supplier_Invoice__c", "a01X")
+    assert record_of(result, signer("staging", (b"s" * 32,))) == Rejected("not_ours")
+    assert record_of(result.model_copy(update={"correlation_id": "sap:1"}), PROD) == Rejected(
+        "not_ours"
+    )
+    for unsigned in (
+        "salesforce|prod|Supplier_Invoice__c:a01X",
+        "salesforce:prod:Supplier_Invoice__c:a01X",  # the form before signing
+    ):
+        assert record_of(result.model_copy(update={"correlation_id": unsigned}), PROD) == Rejected(
+            "unsigned"
+        )
+    staging = "salesforce:staging:Supplier_Invoice__c:a01X"
+    assert record_of(result.model_copy(update={"correlation_id": staging}), PROD) == Rejected(
+        "not_ours"
+    )
+    copied = result.model_copy(update={"request_id": uuid.uuid4()})
+    assert record_of(copied, PROD) == Rejected("other_request")
+    sobject_only = correlation_id(PROD, "Supplier_Invoice__c", "", result.request_id)
+    assert record_of(result.model_copy(update={"correlation_id": sobject_only}), PROD) == Rejected(
+        "not_a_record"
+    )
 
 
 def test_writeback_values_come_from_the_result() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from connectors.common.correlation import Rejected
 from connectors.sap.exceptions import SapConfigError
 from connectors.sap.odata import EntitySource
 from connectors.sap.writeback import (
@@ -19,6 +20,7 @@ from connectors.sap.writeback import (
     plan_writeback,
     predicate_of,
     predicate_parts,
+    signer,
 )
 from schemas.models import InferenceResult, Outputs, ResultStatus, Tensor, TensorDatatype
 
@@ -30,6 +32,7 @@ V2 = EntitySource(
 V4 = V2.model_copy(update={"odata_version": 4, "service": "/odata4/x", "entity_set": "Inv"})
 PREDICATE = "(SupplierInvoice='5105600001',FiscalYear='2024')"
 REQUEST_ID = uuid.UUID("00000000-0000-0000-0000-000000000042")
+SIGNER = signer("sap", (b"k" * 32,))
 PATCH = WritebackSpec(
     fields={"YY1_RiskScore": "{score:.4f}", "YY1_RiskRequestId": "{request_id}"},
     marker_field="YY1_RiskRequestId",
@@ -57,18 +60,31 @@ def _result(score: float | None = 0.73125, **changes: Any) -> InferenceResult:
         "model": "invoice_risk",
         "model_version": "1",
         "outputs": outputs,
-        "correlation_id": correlation_id("sap", PREDICATE),
+        "correlation_id": correlation_id(SIGNER, PREDICATE, REQUEST_ID),
     }
     fields.update(changes)
     return InferenceResult(**fields)
 
 
 def test_correlation_ids_name_the_connector_and_the_entity() -> None:
-    correlation = correlation_id("sap", PREDICATE)
-    assert predicate_of("sap", correlation) == PREDICATE
-    assert predicate_of("sap-other", correlation) is None
-    assert predicate_of("sap", None) is None
-    assert predicate_of("sap", "sap|sap|not-a-predicate") is None
+    result = _result()
+    assert predicate_of(SIGNER, result) == PREDICATE
+    other = signer("sap-other", (b"k" * 32,))
+    assert predicate_of(other, result) == Rejected("not_ours")
+    assert predicate_of(SIGNER, _result(correlation_id=None)) == Rejected("not_ours")
+    # The old unsigned form, as an outsider would write it, is refused.
+    assert predicate_of(SIGNER, _result(correlation_id=f"sap|sap|{PREDICATE}")) == Rejected(
+        "unsigned"
+    )
+    not_a_predicate = correlation_id(SIGNER, "not-a-predicate", REQUEST_ID)
+    assert predicate_of(SIGNER, _result(correlation_id=not_a_predicate)) == Rejected(
+        "not_a_predicate"
+    )
+
+
+def test_a_signed_correlation_id_copied_onto_another_request_is_refused() -> None:
+    copied = _result(request_id=uuid.uuid4())
+    assert predicate_of(SIGNER, copied) == Rejected("other_request")
 
 
 def test_v2_updates_merge_with_the_rendered_fields() -> None:

@@ -13,6 +13,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from pipeline.cli import main
 from pipeline.settings import Settings, load_settings
 from pipeline.stack.exceptions import StackError
 from pipeline.stack.kafka_security import (
@@ -151,3 +152,43 @@ def test_credentials_are_env_lines_for_scram_and_mtls_and_refused_otherwise(
         credential_environment(settings, "monitor", "oauth")
     with pytest.raises(StackError, match="not secured"):
         credential_environment(_secured(tmp_path, secured=False), "monitor", "scram")
+
+
+def test_a_data_folder_formatted_in_the_other_mode_is_refused(tmp_path: Path) -> None:
+    kafka = KafkaService(_secured(tmp_path))
+    (kafka.home / "data").mkdir(parents=True)
+    (kafka.home / "data" / "meta.properties").write_text("cluster.id=x\n")
+    with pytest.raises(StackError, match="formatted for the plain stack"):
+        kafka._check_mode()
+    (kafka.home / "mode").write_text("secured\n")
+    kafka._check_mode()
+    with pytest.raises(StackError, match="formatted for the secured stack"):
+        KafkaService(_secured(tmp_path, secured=False))._check_mode()
+
+
+def test_stack_credentials_prints_env_lines_and_refuses_odd_principals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SLUICEWAY_STACK__SECURED", "true")
+    monkeypatch.setenv("SLUICEWAY_STACK__STATE_DIR", str(tmp_path))
+    assert main(["stack", "credentials", "worker-scaler"]) == 0
+    lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["SLUICEWAY_KAFKA__SASL_USERNAME"] == "worker-scaler"
+    assert lines["SLUICEWAY_KAFKA__SASL_PASSWORD"] == KafkaSecrets(tmp_path).password(
+        "worker-scaler"
+    )
+    assert main(["stack", "credentials", "../admin"]) == 2
+    assert "not a principal name" in capsys.readouterr().err
+    assert main(["stack", "token", "monitor"]) == 0
+    assert capsys.readouterr().out.count(".") == 2
+
+
+def test_acl_plan_command_prints_every_grant_and_refuses_a_bad_connector(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["acl", "plan", "--connector", "erp=scaler"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].endswith("ACLs for 7 principals")
+    assert any("User:connector-erp" in line and "inference.scaler.requests" in line for line in out)
+    assert main(["acl", "plan", "--connector", "erp=ghost"]) == 2
+    assert "'ghost'" in capsys.readouterr().err

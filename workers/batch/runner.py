@@ -10,7 +10,12 @@ One runner drives one job at a time, in four steps:
    the worker never sees (it reads committed), and its successor (same transactional id)
    fences it and resumes after the last committed chunk: no record is published twice.
 3. **Gather** outcomes from the model's results and dead-letter topics, read from the offsets
-   of the checkpoint, keeping the records of this job (message key ``<job id>/<custom id>``).
+   of the checkpoint, keeping the records of this job: message key ``<job id>/<custom id>``
+   *and* the request id this runner gave that record. Request ids are HMAC-SHA256 of the
+   record's key under a random job key kept in the job's checkpoint, so nobody without it can
+   make an outcome that counts: a result or dead letter published by an outsider with a job's
+   key is counted as forged, logged and ignored. A restarted runner reads the job key back
+   from the checkpoint and recognises its earlier requests.
    At most ``batch.max_outstanding`` records wait for an outcome, so a cancel or the
    deadline stops work quickly and memory stays flat.
 4. **Finalize**: ``results.jsonl`` and ``errors.jsonl`` in input order, then the manifest.
@@ -21,8 +26,11 @@ so ``sluiceway batch run JOB`` after a crash simply goes on.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import secrets
 import tempfile
 import time
 import uuid
@@ -58,6 +66,8 @@ from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics, batch_progress_topic
 from schemas import default_codec
+from schemas.codec import AvroCodec
+from schemas.exceptions import DecodeError
 from schemas.models import (
     BatchCounts,
     BatchJob,
@@ -87,29 +97,48 @@ class Checkpoint:
     """Input positions done (published, or answered locally as invalid)."""
     results_from: dict[int, int]
     dead_letters_from: dict[int, int]
+    job_key: str | None = None
+    """Hex key of the job's request ids (:func:`request_id`), made with the first checkpoint;
+    ``None`` only in checkpoints of runners older than it."""
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "published": self.published,
-                "results_from": self.results_from,
-                "dead_letters_from": self.dead_letters_from,
-            }
-        ).encode()
+        data: dict[str, Any] = {
+            "published": self.published,
+            "results_from": self.results_from,
+            "dead_letters_from": self.dead_letters_from,
+        }
+        if self.job_key is not None:
+            data["job_key"] = self.job_key
+        return json.dumps(data).encode()
 
     @classmethod
     def decode(cls, value: bytes) -> Checkpoint:
         data = json.loads(value)
+        job_key = data.get("job_key")
         return cls(
             int(data["published"]),
             {int(p): int(o) for p, o in data["results_from"].items()},
             {int(p): int(o) for p, o in data["dead_letters_from"].items()},
+            str(job_key) if job_key is not None else None,
         )
 
 
-def request_id(job_id: str, custom_id: str) -> uuid.UUID:
-    """The same record of the same job is always the same request."""
-    return request_id_for(f"batch/{job_id}", custom_id)
+def new_job_key() -> str:
+    return secrets.token_hex(32)
+
+
+def request_id(job_id: str, custom_id: str, job_key: str | None) -> uuid.UUID:
+    """The same record of the same job is always the same request, and only a holder of the
+    job key can tell which id that is (an outsider cannot make an outcome that counts).
+
+    ``job_key=None``: the public derivation of runners before job keys, kept so that a job
+    they started still finishes."""
+    if job_key is None:
+        return request_id_for(f"batch/{job_id}", custom_id)
+    digest = hmac.new(
+        bytes.fromhex(job_key), message_key(job_id, custom_id), hashlib.sha256
+    ).digest()
+    return uuid.UUID(bytes=digest[:16], version=4)
 
 
 def message_key(job_id: str, custom_id: str) -> bytes:
@@ -117,13 +146,13 @@ def message_key(job_id: str, custom_id: str) -> bytes:
 
 
 def error_line(
-    job_id: str, custom_id: str, status: str, code: str, message: str, **extra: Any
+    request: uuid.UUID, custom_id: str, status: str, code: str, message: str, **extra: Any
 ) -> str:
     """One line of errors.jsonl: whose record, what became of it, and why."""
     return json.dumps(
         {
             "custom_id": custom_id,
-            "request_id": str(request_id(job_id, custom_id)),
+            "request_id": str(request),
             "status": status,
             "error_code": code,
             "error_message": message,
@@ -179,6 +208,9 @@ class _JobRun:
         self.prefix = f"{job.job_id}/".encode()
         self.ledger = Ledger(scratch / "ledger.sqlite")
         self.total = 0
+        self.job_key: str | None = None
+        self.forged = 0
+        """Outcomes with this job's key but not one of its request ids: ignored."""
         self._last_progress = 0.0
         self._read_from: dict[tuple[str, int], int] = {}
         """Where this run started reading each outcome partition."""
@@ -200,6 +232,13 @@ class _JobRun:
         producer = self._transactional_producer()
         try:
             checkpoint = self._latest_checkpoint() or self._first_checkpoint(producer)
+            self.job_key = checkpoint.job_key
+            if self.job_key is None:
+                log.warning(
+                    'batch job="%s" was started by a runner without job keys: its outcomes '
+                    "are matched by their public request ids",
+                    self.job.job_id,
+                )
             if self.job.status is BatchJobStatus.FINALIZING:
                 # Died while writing the outputs: collect what arrived, and write them again.
                 stop = self._stop_reason() if checkpoint.published < self.total else None
@@ -326,7 +365,7 @@ class _JobRun:
                     self._answer_invalid(position, parsed)
                     continue
                 request = InferenceRequest(
-                    request_id=request_id(job.job_id, parsed.custom_id),
+                    request_id=self._request_id(parsed.custom_id),
                     model=job.model,
                     model_version=job.model_version,
                     inputs=parsed.inputs,
@@ -343,7 +382,9 @@ class _JobRun:
                     message_key(job.job_id, parsed.custom_id),
                     headers,
                 )
-            moved = Checkpoint(end, checkpoint.results_from, checkpoint.dead_letters_from)
+            moved = Checkpoint(
+                end, checkpoint.results_from, checkpoint.dead_letters_from, checkpoint.job_key
+            )
             _produce(producer, self.progress_topic, moved.encode(), job.job_id.encode(), [])
             producer.commit_transaction(_TRANSACTION_TIMEOUT_S)
         except KafkaException as exc:
@@ -361,23 +402,52 @@ class _JobRun:
             key = message.key()
             if message.error() is not None or not key or not key.startswith(self.prefix):
                 continue
-            custom_id = key[len(self.prefix) :].decode()
-            ok, body = self._outcome(message, custom_id)
+            custom_id = key[len(self.prefix) :].decode(errors="replace")
+            outcome = self._outcome(message, custom_id)
+            if outcome is None:
+                self._count_forged(message)
+                continue
+            ok, body = outcome
             self.ledger.record_by_custom_id(custom_id, ok=ok, body=body)
 
-    def _outcome(self, message: Message, custom_id: str) -> tuple[bool, str]:
+    def _count_forged(self, message: Message) -> None:
+        # One line, no values: where the message sits lets an operator find it.
+        self.forged += 1
+        log.warning(
+            'batch job="%s" ignored an outcome that is not one of its requests topic="%s" '
+            'partition="%s" offset="%s"',
+            self.job.job_id,
+            message.topic(),
+            message.partition(),
+            message.offset(),
+        )
+
+    def _outcome(self, message: Message, custom_id: str) -> tuple[bool, str] | None:
+        """The record's outcome, or ``None`` when the message is not the answer to the
+        request this runner published for ``custom_id`` (undecodable, or another id)."""
         value = message.value() or b""
+        expected = self._request_id(custom_id)
         if message.topic() == self.topics.dlq:
-            letter = self.codec.decode(value, DeadLetter)
+            try:
+                letter = self.codec.decode(value, DeadLetter)
+            except DecodeError:
+                return None
+            if _letter_request_id(letter, self.codec) != str(expected):
+                return None
             return False, error_line(
-                self.job.job_id,
+                expected,
                 custom_id,
                 ResultStatus.ERROR.value,
                 letter.reason_code,
                 letter.reason_message,
                 model=letter.model,
             )
-        result = self.codec.decode(value, InferenceResult)
+        try:
+            result = self.codec.decode(value, InferenceResult)
+        except DecodeError:
+            return None
+        if result.request_id != expected:
+            return None
         line: dict[str, Any] = {"custom_id": custom_id, **readable(result)}
         for name in _RESULT_FIELDS_DROPPED:
             line.pop(name, None)
@@ -401,7 +471,9 @@ class _JobRun:
                     continue
                 failed += 1
                 status = stop or "lost"
-                body = row.body or error_line(job.job_id, row.custom_id, status, status, unanswered)
+                body = row.body or error_line(
+                    self._request_id(row.custom_id), row.custom_id, status, status, unanswered
+                )
                 errors.write(f"{body}\n")
         job = job.model_copy(
             update={
@@ -413,11 +485,12 @@ class _JobRun:
         counts = BatchCounts(total=self.total, completed=ok, failed=failed)
         done = self._save(advance(job, status, self.now(), counts=counts))
         log.info(
-            'batch job="%s" status="%s" completed="%d" failed="%d"',
+            'batch job="%s" status="%s" completed="%d" failed="%d" forged_ignored="%d"',
             done.job_id,
             done.status.value,
             ok,
             failed,
+            self.forged,
         )
         return done
 
@@ -427,6 +500,9 @@ class _JobRun:
         )
 
     # ------------------------------------------------------------- helpers
+
+    def _request_id(self, custom_id: str) -> uuid.UUID:
+        return request_id(self.job.job_id, custom_id, self.job_key)
 
     def _stop_reason(self) -> str | None:
         if self.store.cancel_request(self.job.job_id) is not None:
@@ -454,7 +530,7 @@ class _JobRun:
 
     def _rejected_line(self, custom_id: str, error: RecordError) -> str:
         return error_line(
-            self.job.job_id,
+            self._request_id(custom_id),
             custom_id,
             ResultStatus.REJECTED.value,
             error.code,
@@ -480,6 +556,7 @@ class _JobRun:
             0,
             end_offsets(self.settings.kafka, self.topics.results),
             end_offsets(self.settings.kafka, self.topics.dlq),
+            new_job_key(),
         )
         producer.begin_transaction()
         _produce(producer, self.progress_topic, checkpoint.encode(), self.job.job_id.encode(), [])
@@ -539,6 +616,18 @@ class _JobRun:
             group_id=f"{self.settings.namespace}.batch-runner.{self.job.job_id}",
             role=ConsumerRole.COMMITTED,
         )
+
+
+def _letter_request_id(letter: DeadLetter, codec: AvroCodec) -> str | None:
+    """The request id a dead letter is about: its own field, else the original request's."""
+    if letter.request_id is not None:
+        return letter.request_id
+    if letter.original_value is None:
+        return None
+    try:
+        return str(codec.decode(letter.original_value, InferenceRequest).request_id)
+    except DecodeError:
+        return None
 
 
 def _produce(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +21,7 @@ from pipeline.backends import RowInput, RowOutput, TextPrompt
 from pipeline.backends.base import ATTRIBUTIONS_OUTPUT
 from pipeline.backends.signature import ModelSignature, SignatureMismatch
 from pipeline.kafka.ports import ConsumedMessage
+from pipeline.privacy import KEEP_ORIGINALS, NO_POLICY, FeaturePolicy, OriginalPolicy
 from pipeline.settings import ModelSettings
 from pipeline.storage.segments import path_segment
 from schemas import AvroCodec, Limits, default_catalog, default_codec, message_headers
@@ -202,8 +203,10 @@ def full_record(
     version: str,
     feature_names: Sequence[str] = (),
     request_id: str | None = None,
+    policy: FeaturePolicy = NO_POLICY,
 ) -> dict[str, Any]:
-    """The complete result as stored in the segment: every output, every attribution.
+    """The complete result as stored in the segment: every output, every attribution but
+    those of the model's PII features (``policy``).
 
     ``request_id`` is the request's id as text when the caller already has it.
     """
@@ -211,12 +214,19 @@ def full_record(
         "request_id": request_id or str(request.request_id),
         "model": model,
         "model_version": version,
-        "outputs": {name: _jsonable(array) for name, array in output.tensors.items()},
+        "outputs": {
+            name: _jsonable(array)
+            for name, array in output.tensors.items()
+            # The raw attributions tensor holds every feature's, the PII ones too; under a
+            # policy only the named ``attributions`` below leave.
+            if not (policy.active and name == ATTRIBUTIONS_OUTPUT)
+        },
     }
     attributions = output.tensors.get(ATTRIBUTIONS_OUTPUT)
     if request.explain and attributions is not None and feature_names:
         values = np.asarray(attributions, dtype=np.float64).reshape(-1)
-        record["attributions"] = dict(zip(feature_names, values.tolist(), strict=False))
+        by_feature = dict(zip(feature_names, values.tolist(), strict=False))
+        record["attributions"] = policy.attributions(by_feature)
     if output.text is not None:
         record["text"] = output.text
         record["finish_reason"] = output.finish_reason
@@ -283,7 +293,9 @@ def _tensor_record(name: str, array: np.ndarray[Any, Any]) -> dict[str, Any]:
     }
 
 
-def _explanation(output: RowOutput, feature_names: Sequence[str]) -> ExplanationSummary | None:
+def _explanation(
+    output: RowOutput, feature_names: Sequence[str], policy: FeaturePolicy = NO_POLICY
+) -> ExplanationSummary | None:
     if output.token_logprobs:
         return ExplanationSummary(
             method="token_logprobs",
@@ -295,7 +307,10 @@ def _explanation(output: RowOutput, feature_names: Sequence[str]) -> Explanation
     if attributions is None or not feature_names:
         return None
     values = np.asarray(attributions, dtype=np.float64).reshape(-1)[: len(feature_names)]
-    top = np.argsort(-np.abs(values))[:TOP_K_ATTRIBUTIONS]
+    allowed = np.array(
+        [i for i in range(len(values)) if policy.may_explain(feature_names[i])], dtype=np.intp
+    )
+    top = allowed[np.argsort(-np.abs(values[allowed]))][:TOP_K_ATTRIBUTIONS]
     return ExplanationSummary(
         method="attributions",
         attributions=[Attribution(feature=feature_names[i], value=float(values[i])) for i in top],
@@ -319,6 +334,7 @@ def _result_record(
     model: str,
     worker_id: str,
     echo_features: bool = False,
+    policy: FeaturePolicy = NO_POLICY,
 ) -> ResultRecord:
     return {
         "request_id": request.request_id,
@@ -336,7 +352,7 @@ def _result_record(
         "batch_job_id": request.batch_job_id,
         "custom_id": request.custom_id,
         "trace": None if request.trace is None else request.trace.model_dump(),
-        "input_features": request.inputs.features if echo_features else None,
+        "input_features": policy.features(request.inputs.features) if echo_features else None,
     }
 
 
@@ -357,6 +373,7 @@ def ok_result(
     backend_ms: float,
     total_ms: float,
     echo_features: bool = False,
+    policy: FeaturePolicy = NO_POLICY,
 ) -> ResultRecord:
     record = _result_record(
         request,
@@ -364,8 +381,9 @@ def ok_result(
         model=model,
         worker_id=worker_id,
         echo_features=echo_features,
+        policy=policy,
     )
-    explanation = _explanation(output, feature_names) if request.explain else None
+    explanation = _explanation(output, feature_names, policy) if request.explain else None
     record["model_version"] = version
     record["outputs"] = _inline_outputs(output)
     record["explanation"] = None if explanation is None else explanation.model_dump()
@@ -385,7 +403,12 @@ def ok_result(
 
 
 def expired_result(
-    request: InferenceRequest, *, model: str, worker_id: str, echo_features: bool = False
+    request: InferenceRequest,
+    *,
+    model: str,
+    worker_id: str,
+    echo_features: bool = False,
+    policy: FeaturePolicy = NO_POLICY,
 ) -> ResultRecord:
     record = _result_record(
         request,
@@ -393,6 +416,7 @@ def expired_result(
         model=model,
         worker_id=worker_id,
         echo_features=echo_features,
+        policy=policy,
     )
     record["error_code"] = "deadline_exceeded"
     record["error_message"] = "the request's deadline passed before it could be served"
@@ -445,6 +469,9 @@ def build_dead_letter(
     bucket: str,
     header_budget: int = MAX_LETTER_HEADER_BYTES,
     key_limit: int = MAX_LETTER_KEY_BYTES,
+    originals: OriginalPolicy = KEEP_ORIGINALS,
+    policy: FeaturePolicy = NO_POLICY,
+    features: Mapping[str, Any] | None = None,
 ) -> LetterDraft:
     """The dead letter of ``message``; never raises, whatever the message carries.
 
@@ -453,11 +480,15 @@ def build_dead_letter(
     ``header_budget``; headers left out are named. With the three limits adding up to less
     than the producer's message limit, the letter always fits it. Should the full letter
     still not encode, a bare one says why.
+
+    The original value (inline or offloaded alike) is kept, sealed or dropped as
+    ``originals`` says, and ``detail`` loses any spelling of the request's PII ``features``.
     """
     topic = str(message.topic())
     partition = int(message.partition() or 0)
     offset = int(message.offset() or 0)
-    value = message.value()
+    value, treatment_headers = _protected_value(message, originals, topic, partition, offset)
+    detail = _scrubbed(policy, detail, features)
     offload_key = None
     if value is not None and len(value) > inline_limit:
         offload_key = dead_letter_offload_key(topic, partition, offset)
@@ -503,10 +534,27 @@ def build_dead_letter(
         encoded = schemas.encode(DeadLetter(**fields))
     return LetterDraft(
         encoded,
-        dead_letter_headers(fields["reason_code"], fields["error_class"], fields["attempts"]),
+        dead_letter_headers(fields["reason_code"], fields["error_class"], fields["attempts"])
+        + treatment_headers,
         offload_key,
         value if offload_key else None,
     )
+
+
+def _protected_value(
+    message: ConsumedMessage, originals: OriginalPolicy, topic: str, partition: int, offset: int
+) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """The original value as the letter may carry it; with no policy, as it came."""
+    raw = message.value()
+    value = raw if isinstance(raw, bytes) or raw is None else bytes(raw)
+    return originals.protect(value, topic, partition, offset)
+
+
+def _scrubbed(policy: FeaturePolicy, text: str, features: Mapping[str, Any] | None) -> str:
+    try:
+        return policy.scrub(text, features)
+    except Exception:  # scrubbing must never cost a letter; then say nothing at all
+        return "(detail withheld)"
 
 
 def _original_timestamp(timestamp_ms: int) -> datetime | None:
@@ -561,11 +609,14 @@ def rejected_result(
     worker_id: str,
     code: str,
     message: str,
+    policy: FeaturePolicy = NO_POLICY,
 ) -> ResultRecord:
-    """A request answered ``rejected``: refused at the boundary, or dead-lettered (its reply)."""
+    """A request answered ``rejected``: refused at the boundary, or dead-lettered (its reply).
+    The message loses any spelling of the request's PII features (``policy``)."""
     record = _result_record(request, status=ResultStatus.REJECTED, model=model, worker_id=worker_id)
     record["error_code"] = _clean(code, _NAME_LIMIT) or "rejected"
-    record["error_message"] = _clean(message, 4000) or None
+    shown = _scrubbed(policy, message, request.inputs.features)
+    record["error_message"] = _clean(shown, 4000) or None
     return record
 
 

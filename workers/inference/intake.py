@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from pipeline import privacy
 from pipeline.backends import RowInput
 from pipeline.backends.signature import ModelSignature
 from pipeline.batching import Lane
@@ -130,16 +131,19 @@ class Intake:
         except Exception as error:
             # A record that breaks the decoder in a way no rule foresaw is still bad input:
             # it goes to the DLQ under its own reason; the log keeps the trace for a fix.
-            log.exception(
-                'unforeseen intake failure topic="%s" offset="%s"',
+            # Its message may quote the record: only its type and where it came from.
+            log.error(
+                'unforeseen intake failure topic="%s" offset="%s" error="%s" at="%s"',
                 message.topic(),
                 message.offset(),
+                type(error).__name__,
+                privacy.code_trace(error),
             )
             return Refusal(
                 message,
                 model,
                 "unprocessable",
-                f"{type(error).__name__}: {error}",
+                privacy.withheld(error),
                 type(error).__name__,
                 dead_letter=True,
                 request=request,

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from pipeline import privacy
 from pipeline.backends import Backend, BackendError, RowOutput
 from pipeline.batching import Batch, Pending
 from pipeline.resilience import CircuitBreaker, RetryPolicy
@@ -116,18 +117,20 @@ class BatchServer:
                 continue
             except Exception as error:
                 breaker.record_success(self._clock() - call_started)
+                # The message of an unforeseen error may quote the batch's values: never
+                # logged or sent on, only its type and where it came from.
                 log.warning(
-                    'model="%s" batch of %d failed unexpectedly error="%s: %s"',
+                    'model="%s" batch of %d failed unexpectedly error="%s" at="%s"',
                     model,
                     len(items),
                     type(error).__name__,
-                    error,
+                    privacy.code_trace(error),
                 )
                 await self._refused(
                     model,
                     version,
                     items,
-                    BackendError(f"{type(error).__name__}: {error}", reason="unprocessable"),
+                    BackendError(privacy.withheld(error), reason="unprocessable"),
                     attempts,
                     outcome,
                     started,

@@ -30,6 +30,7 @@ from pipeline.kafka.ports import ProducerPort
 from pipeline.kafka.producer import DeliveryError, OutgoingMessage
 from pipeline.kafka.watermark import OffsetTracker
 from pipeline.metrics import WorkerMetrics
+from pipeline.privacy import FeaturePolicy, OriginalPolicy, decode_key
 from pipeline.resilience import RetryPolicy
 from pipeline.settings import Settings
 from pipeline.storage.exceptions import ObjectKeyRefused, ObjectStoreError
@@ -147,6 +148,15 @@ class OutcomeSink:
         self._letter_limits = letter_limits(
             settings.workers.max_message_bytes, settings.workers.dead_letter_inline_bytes
         )
+        self._policies: dict[str, FeaturePolicy] = {}
+        self._originals = original_policy(settings)
+
+    def policy(self, model: str) -> FeaturePolicy:
+        """The model's personal data policy: applied to everything this sink sends out."""
+        found = self._policies.get(model)
+        if found is None:
+            found = self._policies[model] = feature_policy(self._settings, model)
+        return found
 
     def _key_of(self, message: Any) -> bytes | str | None:
         """The original key, unless too large to travel with an outcome (then none: the
@@ -174,10 +184,17 @@ class OutcomeSink:
         """Segment first, then results; the offsets complete only when both are acknowledged."""
         served_version = version or "latest"
         model_settings = self._settings.models[model]
+        policy = self.policy(model)
         ids = [contracts.request_id(record.request) for record, _ in served]
         full = [
             contracts.full_record(
-                r.request, out, model, served_version, model_settings.feature_order, request_id
+                r.request,
+                out,
+                model,
+                served_version,
+                model_settings.feature_order,
+                request_id,
+                policy,
             )
             for (r, out), request_id in zip(served, ids, strict=True)
         ]
@@ -210,6 +227,7 @@ class OutcomeSink:
                 backend_ms=backend_s * 1000,
                 total_ms=(now - record.received_at) * 1000,
                 echo_features=model_settings.echo_features,
+                policy=policy,
             )
             answers.append(self._result_answer(model, record, result))
         await self._deliver(answers)
@@ -223,6 +241,7 @@ class OutcomeSink:
                 model=record.model,
                 worker_id=self._worker_id,
                 echo_features=self._settings.models[record.model].echo_features,
+                policy=self.policy(record.model),
             )
             by_model.setdefault(record.model, []).append(
                 self._result_answer(record.model, record, result)
@@ -312,6 +331,9 @@ class OutcomeSink:
             request_id=None if request is None else contracts.request_id(request),
             bucket=self._store.bucket,
             **self._letter_limits,
+            originals=self._originals,
+            policy=self.policy(refusal.model),
+            features=None if request is None else request.inputs.features,
         )
         if draft.offload_key is not None and draft.offload_body is not None:
             body, key = draft.offload_body, draft.offload_key
@@ -333,6 +355,7 @@ class OutcomeSink:
             worker_id=self._worker_id,
             code=refusal.reason,
             message=refusal.detail,
+            policy=self.policy(refusal.model),
         )
 
     # ------------------------------------------------------------------ delivery
@@ -418,6 +441,24 @@ class OutcomeSink:
     def _count(self, model: str, status: str, count: int) -> None:
         self.results += count
         self._metrics.produced.labels(model, status).inc(count)
+
+
+def feature_policy(settings: Settings, model: str) -> FeaturePolicy:
+    """``models.<model>.pii`` with the hash key, ready to apply."""
+    key = settings.workers.pii_hash_key
+    return FeaturePolicy(
+        dict(settings.models[model].pii),
+        None if key is None else key.get_secret_value().encode(),
+    )
+
+
+def original_policy(settings: Settings) -> OriginalPolicy:
+    """``workers.dead_letter_original`` with its key, ready to apply."""
+    key = settings.workers.dead_letter_key
+    return OriginalPolicy(
+        settings.workers.dead_letter_original,
+        None if key is None else decode_key(key.get_secret_value()),
+    )
 
 
 def letter_limits(max_message_bytes: int, dead_letter_inline_bytes: int) -> dict[str, int]:

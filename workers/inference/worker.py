@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaException
 from confluent_kafka.admin import AdminClient
 
+from pipeline import privacy
 from pipeline.backends import Backend, BackendError
 from pipeline.backends.signature import ModelSignature
 from pipeline.batching import Lane
@@ -198,6 +199,13 @@ class InferenceWorker:
             raise SettingsError(f"models not in settings.models: {unknown}")
         if not models:
             raise SettingsError("a worker serves at least one model")
+        problems = privacy.configuration_problems(
+            {m: settings.models[m].pii.values() for m in models},
+            dead_letter_original=settings.workers.dead_letter_original,
+            has_hash_key=settings.workers.pii_hash_key is not None,
+        )
+        if problems:
+            raise SettingsError("; ".join(problems))
         self.settings = settings
         self.models = list(dict.fromkeys(models))
         self.backends = dict(backends)
@@ -563,14 +571,19 @@ class InferenceWorker:
         except (DeliveryError, KafkaException):
             raise
         except Exception as error:
-            log.exception('model="%s" results could not be built', model)
+            log.error(
+                'model="%s" results could not be built error="%s" at="%s"',
+                model,
+                type(error).__name__,
+                privacy.code_trace(error),
+            )
             await sink.failed(
                 model,
                 [
                     RecordFailure(
                         record,
                         "unprocessable",
-                        f"{type(error).__name__}: {error}",
+                        privacy.withheld(error),
                         type(error).__name__,
                         1,
                     )

@@ -1,0 +1,274 @@
+"""A PII feature's value leaves the worker nowhere: real Kafka, MinIO and Triton.
+
+``invoice_risk`` is served with ``amount_eur`` marked ``pii: drop`` (and two other features
+hashed and masked). Requests carry a canary in ``amount_eur`` and in a free attribute; some
+are served, two are dead-lettered while holding it. A real worker runs as a process at DEBUG.
+Then every object in the test's bucket, every record (key, value, headers) of the results,
+reply and dead-letter topics, and the worker's log are searched for the canary, as text and
+as the float64/float32 bytes Avro and numpy write.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import schemas
+from pipeline.kafka import clients
+from pipeline.kafka.admin import (
+    TopicSpec,
+    control_topic_spec,
+    end_offsets,
+    ensure_topics,
+    model_topic_specs,
+)
+from pipeline.kafka.clients import ConsumerRole
+from pipeline.privacy import MASKED, ORIGINAL_HEADER, associated_data, open_original
+from pipeline.settings import INVOICE_RISK_FEATURES, Settings
+from pipeline.storage.client import ensure_bucket, make_client
+from pipeline.topics import ModelTopics
+from schemas.models import DeadLetter, InferenceRequest, Inputs, ResultStatus
+from tests.integration import traffic
+from tests.integration.waiting import wait_for, wait_until
+
+SERVED = 40
+DEAD_LETTERED = 2
+WORKER_COMMAND = (sys.executable, "-m", "pipeline.cli", "worker")
+DLQ_OPEN_COMMAND = (sys.executable, "-m", "pipeline.cli", "dlq", "open", "--model", "invoice_risk")
+
+
+def _bytes(value: str | bytes | None) -> bytes:
+    return value.encode() if isinstance(value, str) else value or b""
+
+
+def _record_contents(settings: Settings, topic: str) -> list[tuple[bytes, bytes, bytes]]:
+    """Every record of ``topic`` as (key, value, headers joined), read to its end."""
+    expected = sum(end_offsets(settings.kafka, topic).values())
+    consumer = clients.consumer(
+        settings.kafka, group_id=clients.throwaway_group("pii"), role=ConsumerRole.COMMITTED
+    )
+    consumer.subscribe([topic])
+    records: list[tuple[bytes, bytes, bytes]] = []
+
+    def read() -> bool:
+        for message in consumer.consume(500, 0.5):
+            if message.error() is None:
+                raw = message.headers() or []
+                pairs = raw.items() if isinstance(raw, dict) else raw
+                headers = b"".join(name.encode() + b"=" + _bytes(value) for name, value in pairs)
+                records.append((_bytes(message.key()), message.value() or b"", headers))
+        return len(records) >= expected
+
+    try:
+        wait_for(read, 60, f"{expected} records of {topic}")
+    finally:
+        consumer.close()
+    return records
+
+
+def _dlq_position(settings: Settings, topic: str, letter: DeadLetter) -> tuple[int, int]:
+    """Where ``letter`` sits in the DLQ: (partition, offset), what the CLI takes."""
+    consumer = clients.consumer(
+        settings.kafka, group_id=clients.throwaway_group("pii"), role=ConsumerRole.COMMITTED
+    )
+    consumer.subscribe([topic])
+    found: list[tuple[int, int]] = []
+    origin = (letter.original_topic, letter.original_partition, letter.original_offset)
+
+    def read() -> bool:
+        for message in consumer.consume(100, 0.5):
+            if message.error() is None:
+                seen = schemas.decode(message.value() or b"", DeadLetter)
+                if (seen.original_topic, seen.original_partition, seen.original_offset) == origin:
+                    found.append((int(message.partition() or 0), int(message.offset() or 0)))
+        return bool(found)
+
+    try:
+        wait_for(read, 30, "the letter in the DLQ")
+    finally:
+        consumer.close()
+    return found[0]
+
+
+def test_a_pii_feature_value_appears_nowhere_the_worker_writes(
+    settings: Settings, tmp_path: Path
+) -> None:
+    bucket = f"pii-{uuid.uuid4().hex[:12]}"
+    settings = settings.model_copy(
+        update={"object_store": settings.object_store.model_copy(update={"bucket": bucket})}
+    )
+    topics = ModelTopics(settings.namespace, "invoice_risk")
+    replies = f"{settings.namespace}.replies.pii"
+    ensure_topics(
+        settings.kafka,
+        [
+            control_topic_spec(settings.namespace),
+            *model_topic_specs(topics),
+            TopicSpec(replies, partitions=1),
+        ],
+    )
+    store = make_client(settings.object_store)
+    ensure_bucket(store, bucket)
+
+    # A unique amount, exact in float32 so every spelling of it is the same number.
+    canary = float(random.randint(100_000, 999_999)) + 0.8125
+    canary_text = repr(canary)
+    attribute_canary = f"canary-{uuid.uuid4().hex}@example.com"
+    spellings = [
+        canary_text.encode(),
+        struct.pack("<d", canary),
+        struct.pack("<f", canary),
+        attribute_canary.encode(),
+    ]
+    aes_key = os.urandom(32)
+    model = {
+        "backend": "triton",
+        "default_version": "1",
+        "feature_order": list(INVOICE_RISK_FEATURES),
+        "explains": True,
+        "echo_features": True,
+        "pii": {"amount_eur": "drop", "vendor_tenure_days": "hash", "new_bank_account": "mask"},
+    }
+
+    def invoice(**override: Any) -> InferenceRequest:
+        features: dict[str, Any] = {name: 1.0 for name in INVOICE_RISK_FEATURES}
+        features.update(amount_eur=canary, vendor_tenure_days=400.0, payment_terms_days=30.0)
+        features.update(override)
+        return InferenceRequest(
+            request_id=uuid.uuid4(),
+            model="invoice_risk",
+            inputs=Inputs(features=features),
+            explain=True,
+            reply_to=replies,
+            attributes={"customer_email": attribute_canary},
+        )
+
+    served = [invoice() for _ in range(SERVED)]
+    refused = [
+        invoice(payment_terms_days="thirty"),  # another feature invalid, the canary beside it
+        invoice(amount_eur=f"{canary_text} EUR"),  # the PII feature itself invalid
+    ]
+    traffic.publish_requests(settings, topics.requests, [*served, *refused])
+
+    log_path = tmp_path / "worker.log"
+    env = traffic.worker_env(
+        settings,
+        SLUICEWAY_MODELS=json.dumps({"invoice_risk": model}),
+        SLUICEWAY_WORKERS__PII_HASH_KEY="integration-hash-key",
+        SLUICEWAY_WORKERS__DEAD_LETTER_ORIGINAL="encrypt",
+        SLUICEWAY_WORKERS__DEAD_LETTER_KEY=base64.b64encode(aes_key).decode(),
+    )
+    with log_path.open("ab") as log:
+        worker = subprocess.Popen(
+            [*WORKER_COMMAND, "--model", "invoice_risk", "--log-level", "DEBUG"],
+            cwd=traffic.REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        got = traffic.collect(
+            settings, topics.results, topics.dlq, SERVED + DEAD_LETTERED, timeout_s=90
+        )
+        wait_until(
+            lambda: sum(end_offsets(settings.kafka, replies).values()) >= SERVED + DEAD_LETTERED,
+            30,
+            "every reply",
+        )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(60)
+    logged = log_path.read_bytes()
+    assert code == 0, logged[-3000:].decode(errors="replace")
+
+    # What may leave is there: every served request scored, the others dead-lettered.
+    assert len(got.results) == SERVED
+    assert {r.status for r in got.results} == {ResultStatus.OK}
+    for result in got.results:
+        assert result.outputs is not None
+        assert [t.name for t in result.outputs.tensors or []] == ["score"]
+        assert result.input_features is not None
+        assert "amount_eur" not in result.input_features
+        assert result.input_features["new_bank_account"] == MASKED
+        assert str(result.input_features["vendor_tenure_days"]).startswith("hmac-sha256:")
+        assert result.input_features["payment_terms_days"] == 30.0
+        assert result.explanation is not None
+        explained = {a.feature for a in result.explanation.attributions or []}
+        assert explained
+        assert not explained & {"amount_eur", "vendor_tenure_days", "new_bank_account"}
+    hashes = {str(r.input_features["vendor_tenure_days"]) for r in got.results if r.input_features}
+    assert len(hashes) == 1, "the hash is stable: equal values still join"
+    assert sorted(letter.reason_code for letter in got.dead_letters) == ["invalid_feature"] * 2
+
+    # The canary is nowhere: topics, objects, log.
+    outgoing = {
+        topic: _record_contents(settings, topic) for topic in (topics.results, replies, topics.dlq)
+    }
+    assert len(outgoing[topics.results]) == SERVED
+    assert len(outgoing[replies]) == SERVED + DEAD_LETTERED
+    assert len(outgoing[topics.dlq]) == DEAD_LETTERED
+    for topic, records in outgoing.items():
+        for key, value, headers in records:
+            for spelt in spellings:
+                assert spelt not in key + value + headers, f"canary {spelt!r} on {topic}"
+    objects = list(store.list_objects(bucket, recursive=True))
+    segment_keys = {r.payload_ref.key for r in got.results if r.payload_ref is not None}
+    assert segment_keys <= {o.object_name for o in objects}
+    for listed in objects:
+        assert listed.object_name is not None
+        response = store.get_object(bucket, listed.object_name)
+        try:
+            body = response.read()
+        finally:
+            response.close()
+            response.release_conn()
+        assert body
+        for spelt in spellings:
+            assert spelt not in listed.object_name.encode() + body, (
+                f"canary {spelt!r} in {listed.object_name}"
+            )
+    assert b'level="DEBUG"' in logged, "the log was written at DEBUG"
+    assert logged.count(b'reason="invalid_feature"') == DEAD_LETTERED, "refusals were logged"
+    for spelt in spellings:
+        assert spelt not in logged, f"canary {spelt!r} in the worker's log"
+
+    # The operator can still open the sealed originals, and they hold the canary.
+    for letter, (_, _, headers) in zip(
+        sorted(got.dead_letters, key=lambda x: x.original_offset),
+        sorted(
+            outgoing[topics.dlq],
+            key=lambda r: schemas.decode(r[1], DeadLetter).original_offset,
+        ),
+        strict=True,
+    ):
+        assert ORIGINAL_HEADER.encode() + b"=encrypted;key_id=" in headers
+        assert letter.original_value is not None
+        aad = associated_data(
+            letter.original_topic, letter.original_partition, letter.original_offset
+        )
+        original = open_original(letter.original_value, [aes_key], aad)
+        assert attribute_canary.encode() in original
+        request = schemas.decode(original, InferenceRequest)
+        assert request.attributes["customer_email"] == attribute_canary
+
+    # ... and so can `sluiceway dlq open`, with the key from the settings.
+    partition, offset = _dlq_position(settings, topics.dlq, got.dead_letters[0])
+    opened = subprocess.run(
+        [*DLQ_OPEN_COMMAND, "--partition", str(partition), "--offset", str(offset)],
+        cwd=traffic.REPO_ROOT,
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert opened.returncode == 0, opened.stderr.decode(errors="replace")
+    assert json.loads(opened.stdout)["attributes"]["customer_email"] == attribute_canary
