@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -50,18 +51,75 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_SASL_PROTOCOLS = frozenset({"SASL_PLAINTEXT", "SASL_SSL"})
+_TLS_PROTOCOLS = frozenset({"SSL", "SASL_SSL"})
+_PASSWORD_MECHANISMS = frozenset({"PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"})
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+# RFC 6749 section 3.3: scope tokens are printable ASCII without space, '"' or '\\'.
+_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+( [\x21\x23-\x5b\x5d-\x7e]+)*$")
+# RFC 6749 appendix A.1: a client id is printable ASCII (space included).
+_CLIENT_ID = re.compile(r"^[\x20-\x7e]+$")
+
+
 class KafkaSettings(_Section):
+    """How every Kafka client of the product connects and authenticates.
+
+    One process, one principal: SASL PLAIN/SCRAM (``sasl_username``/``sasl_password``), a
+    client certificate over TLS (mTLS: ``ssl_certificate_location``/``ssl_key_location``), or
+    OAUTHBEARER, with tokens either from an OIDC token endpoint (client credentials grant) or
+    from a file that something else keeps fresh (``oauth_token_file``, such as a projected
+    Kubernetes service-account token). An inconsistent combination is refused when the
+    settings load, with one line saying what is wrong, rather than by the broker much later.
+    """
+
     bootstrap_servers: str = "127.0.0.1:9092"
     """Comma-separated ``host:port`` list of brokers."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ssl_ca_location: Path | None = None
+    """CA (PEM) that signed the brokers' certificates; also trusted for an https token endpoint.
+    ``None``: the system's trust store."""
+    ssl_certificate_location: Path | None = None
+    """Client certificate (PEM) for mTLS; the broker maps its subject to the principal."""
+    ssl_key_location: Path | None = None
+    """Private key (PEM) of ``ssl_certificate_location``."""
+    ssl_key_password: SecretStr | None = None
+    """Password of ``ssl_key_location`` if the key is encrypted."""
+    oauth_token_endpoint_url: str | None = None
+    """OIDC token endpoint: OAUTHBEARER tokens come from the client credentials grant."""
+    oauth_client_id: str | None = None
+    oauth_client_secret: SecretStr | None = None
+    oauth_scope: str | None = None
+    """Space-separated scopes asked for with each token; ``None``: the endpoint's default."""
+    oauth_token_file: Path | None = None
+    """OAUTHBEARER without a token endpoint: a JWT read from this file whenever a token is
+    needed, so whoever writes the file (a token projector, a test) controls its rotation."""
     client_id: str = "sluiceway"
+    replication_factor: int | None = Field(default=None, ge=1)
+    """Replicas of each topic the product creates; ``None``: the cluster's default
+    replication factor, at least ``min(3, brokers)``."""
+    min_insync_replicas: int | None = Field(default=None, ge=1)
+    """``min.insync.replicas`` of each topic the product creates; ``None``: a majority of the
+    replicas where there are at least 3, else the broker's default."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSettings:
+        problem = security_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    def uses_tls(self) -> bool:
+        return self.security_protocol in _TLS_PROTOCOLS
 
     def client_config(self) -> dict[str, str | int | float | bool]:
-        """Return the librdkafka configuration shared by every producer, consumer and admin."""
+        """Return the librdkafka configuration shared by every producer, consumer and admin.
+
+        With ``oauth_token_file`` the token itself comes from a callback, which
+        ``pipeline.kafka.clients`` adds (librdkafka has no setting that reads a token file).
+        """
         config: dict[str, str | int | float | bool] = {
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
@@ -75,7 +133,142 @@ class KafkaSettings(_Section):
             config["sasl.password"] = self.sasl_password.get_secret_value()
         if self.ssl_ca_location is not None:
             config["ssl.ca.location"] = str(self.ssl_ca_location)
+        if self.ssl_certificate_location is not None:
+            config["ssl.certificate.location"] = str(self.ssl_certificate_location)
+        if self.ssl_key_location is not None:
+            config["ssl.key.location"] = str(self.ssl_key_location)
+        if self.ssl_key_password is not None:
+            config["ssl.key.password"] = self.ssl_key_password.get_secret_value()
+        if self.oauth_token_endpoint_url is not None:
+            config["sasl.oauthbearer.method"] = "oidc"
+            config["sasl.oauthbearer.token.endpoint.url"] = self.oauth_token_endpoint_url
+            if self.oauth_client_id is not None:
+                config["sasl.oauthbearer.client.id"] = self.oauth_client_id
+            if self.oauth_client_secret is not None:
+                secret = self.oauth_client_secret.get_secret_value()
+                config["sasl.oauthbearer.client.secret"] = secret
+            if self.oauth_scope is not None:
+                config["sasl.oauthbearer.scope"] = self.oauth_scope
+            if self.ssl_ca_location is not None:
+                # librdkafka verifies the token endpoint with its own trust setting.
+                config["https.ca.location"] = str(self.ssl_ca_location)
         return config
+
+
+def security_problem(kafka: KafkaSettings) -> str | None:
+    """What is inconsistent about the security settings, in one line; ``None`` if nothing.
+
+    Pure apart from checking that the named files exist (a typo surfaces at load, not as a
+    handshake failure minutes later in some other process).
+    """
+    protocol, mechanism = kafka.security_protocol, kafka.sasl_mechanism
+    sasl = protocol in _SASL_PROTOCOLS
+    if sasl and mechanism is None:
+        return f"security_protocol {protocol} needs a sasl_mechanism"
+    if not sasl and mechanism is not None:
+        return (
+            f"sasl_mechanism {mechanism} needs security_protocol SASL_SSL or SASL_PLAINTEXT,"
+            f" not {protocol}"
+        )
+    password_auth = mechanism in _PASSWORD_MECHANISMS
+    if password_auth and (kafka.sasl_username is None or kafka.sasl_password is None):
+        return f"sasl_mechanism {mechanism} needs sasl_username and sasl_password"
+    if not password_auth and (kafka.sasl_username is not None or kafka.sasl_password is not None):
+        return "sasl_username/sasl_password are used only by PLAIN and SCRAM sasl_mechanism"
+    problem = _oauth_problem(kafka)
+    if problem is not None:
+        return problem
+    return _tls_problem(kafka)
+
+
+def _oauth_problem(kafka: KafkaSettings) -> str | None:
+    oidc = {
+        "oauth_token_endpoint_url": kafka.oauth_token_endpoint_url,
+        "oauth_client_id": kafka.oauth_client_id,
+        "oauth_client_secret": kafka.oauth_client_secret,
+        "oauth_scope": kafka.oauth_scope,
+    }
+    given = [name for name, value in oidc.items() if value is not None]
+    if kafka.oauth_token_file is not None:
+        given.append("oauth_token_file")
+    if kafka.sasl_mechanism != "OAUTHBEARER":
+        if given:
+            return f"{given[0]} is used only with sasl_mechanism OAUTHBEARER"
+        return None
+    endpoint = kafka.oauth_token_endpoint_url
+    if endpoint is None and kafka.oauth_token_file is None:
+        return "sasl_mechanism OAUTHBEARER needs oauth_token_endpoint_url (or oauth_token_file)"
+    if endpoint is not None and kafka.oauth_token_file is not None:
+        return "oauth_token_endpoint_url and oauth_token_file are alternatives: set one"
+    if kafka.oauth_token_file is not None:
+        extra = [name for name in given if name != "oauth_token_file"]
+        if extra:
+            return f"{extra[0]} is used only with oauth_token_endpoint_url, not oauth_token_file"
+        return _file_problem("oauth_token_file", kafka.oauth_token_file)
+    assert endpoint is not None
+    problem = _endpoint_problem(endpoint)
+    if problem is not None:
+        return problem
+    if kafka.oauth_client_id is None or kafka.oauth_client_secret is None:
+        return "oauth_token_endpoint_url needs oauth_client_id and oauth_client_secret"
+    if not _CLIENT_ID.fullmatch(kafka.oauth_client_id):
+        return "oauth_client_id must be printable ASCII"
+    if kafka.oauth_scope is not None and not _SCOPE.fullmatch(kafka.oauth_scope):
+        return "oauth_scope must be space-separated scope tokens (printable ASCII, no quotes)"
+    return None
+
+
+def _endpoint_problem(url: str) -> str | None:
+    """A client secret goes to this URL: https, or http only to this machine."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018  (raises on a malformed port)
+    except ValueError:
+        return f"oauth_token_endpoint_url is not a URL: {url!r}"
+    if parts.scheme not in ("https", "http") or not host:
+        return f"oauth_token_endpoint_url must be an https:// URL, got {url!r}"
+    if parts.username is not None or parts.password is not None:
+        return "oauth_token_endpoint_url must not hold credentials (use oauth_client_secret)"
+    if any(ord(char) < 0x21 or ord(char) == 0x7F for char in url):
+        return "oauth_token_endpoint_url must not contain spaces or control characters"
+    if parts.scheme == "http" and host not in _LOOPBACK_HOSTS:
+        return (
+            "oauth_token_endpoint_url must be https:// (plain http only to localhost):"
+            f" the client secret would cross the network in clear, got {url!r}"
+        )
+    return None
+
+
+def _tls_problem(kafka: KafkaSettings) -> str | None:
+    files = {
+        "ssl_ca_location": kafka.ssl_ca_location,
+        "ssl_certificate_location": kafka.ssl_certificate_location,
+        "ssl_key_location": kafka.ssl_key_location,
+    }
+    given = [name for name, value in files.items() if value is not None]
+    if kafka.ssl_key_password is not None:
+        given.append("ssl_key_password")
+    # A CA alone still has a use without TLS to the brokers: verifying the token endpoint.
+    ca_for_endpoint = given == ["ssl_ca_location"] and kafka.oauth_token_endpoint_url is not None
+    if given and not kafka.uses_tls() and not ca_for_endpoint:
+        return f"{given[0]} needs security_protocol SSL or SASL_SSL, not {kafka.security_protocol}"
+    if (kafka.ssl_certificate_location is None) != (kafka.ssl_key_location is None):
+        return "ssl_certificate_location and ssl_key_location go together (mTLS): set both"
+    if kafka.ssl_key_password is not None and kafka.ssl_key_location is None:
+        return "ssl_key_password needs ssl_key_location"
+    for name, path in files.items():
+        if path is not None:
+            problem = _file_problem(name, path)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _file_problem(name: str, path: Path) -> str | None:
+    if not path.is_file():
+        return f"{name} {str(path)!r} is not a file"
+    return None
 
 
 DEVELOPMENT_SECRET = "sluiceway-dev-secret"  # noqa: S105 (public on purpose: refused off loopback)

@@ -63,7 +63,7 @@ from workers.demo_rollback import RollbackStory, render_story, run_rollback_stor
 from workers.inference.contracts import TOP_K_ATTRIBUTIONS as TOP_K
 from workers.inference.runner import prepare_topics_and_bucket
 from workers.inference.worker import worker_group_id
-from workers.processes import ServiceProcess
+from workers.processes import Principals, ServiceProcess, as_principal
 
 Progress = Callable[[str], None]
 MODEL = DEMO_MODEL
@@ -253,7 +253,8 @@ def _read_results(
 ) -> dict[str, tuple[InferenceResult, float]]:
     consumer = clients.consumer(
         settings.kafka,
-        group_id=clients.throwaway_group("sluiceway-demo-reader"),
+        # Within the SDK's group prefix: on a secured broker the feeds read as its principal.
+        group_id=clients.throwaway_group("sluiceway-client-demo-reader"),
         role=ConsumerRole.READER,
     )
     consumer.assign(start)
@@ -464,6 +465,7 @@ class WorkerRun:
     service: ServiceProcess
     group_ids: list[str]
     """One consumer group per model the worker serves."""
+    models: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
 
     def read_final_counts(self) -> None:
@@ -503,12 +505,36 @@ def _worker_process(settings: Settings, models: list[str], log: Path) -> Iterato
     for model in models:
         args += ["--model", model]
     with ServiceProcess(settings, args, log) as service:
-        run = WorkerRun(service, [worker_group_id(settings.namespace, m) for m in models])
+        run = WorkerRun(service, [worker_group_id(settings.namespace, m) for m in models], models)
         try:
             yield run
         finally:
             service.stop()
             run.read_final_counts()
+
+
+def worker_assignments(
+    settings: Settings, models: list[str], principals: Principals | None
+) -> list[tuple[Settings, list[str]]]:
+    """Which worker processes serve ``models``: one for all of them, or on a secured broker
+    one per model, each as its model's principal (pure)."""
+    if principals is None:
+        return [(settings, models)]
+    return [(as_principal(settings, principals.workers[model]), [model]) for model in models]
+
+
+@contextlib.contextmanager
+def _worker_processes(
+    settings: Settings, models: list[str], principals: Principals | None, logs: Path
+) -> Iterator[list[WorkerRun]]:
+    with contextlib.ExitStack() as stack:
+        runs = []
+        for worker_settings, served in worker_assignments(settings, models, principals):
+            name = "demo-worker" if principals is None else f"demo-worker-{served[0]}"
+            runs.append(
+                stack.enter_context(_worker_process(worker_settings, served, logs / f"{name}.log"))
+            )
+        yield runs
 
 
 def _dead_letters(settings: Settings, models: list[str]) -> int:
@@ -525,27 +551,33 @@ async def _run(
     rate: float,
     text_server: str,
     progress: Progress,
+    principals: Principals | None,
 ) -> DemoReport:
+    operator = settings if principals is None else as_principal(settings, principals.operator)
+    client = settings if principals is None else as_principal(settings, principals.client)
     topics = ModelTopics(settings.namespace, MODEL)
     case_topics = ModelTopics(settings.namespace, TEXT_MODEL)
     run_id = uuid.uuid4().hex[:12]
     report = DemoReport(run_id, topics.requests, topics.results, settings.object_store.bucket)
     report.rate, report.cases_topic, report.text_server = rate, case_topics.requests, text_server
     models = [MODEL, TEXT_MODEL]
-    prepare_topics_and_bucket(settings, models)
-    start = _end_offsets(settings, [topics.results, case_topics.results])
-    dead_letters_before = _dead_letters(settings, models)
+    prepare_topics_and_bucket(operator, models)
+    start = _end_offsets(operator, [topics.results, case_topics.results])
+    dead_letters_before = _dead_letters(operator, models)
     inferences_before, executions_before = _triton_counts(settings)
     invoices = _invoice_requests(count, run_id)
     case_requests = _case_requests(cases, run_id)
-    log = resolve(settings.stack.state_dir) / "logs" / "demo-worker.log"
+    logs = resolve(settings.stack.state_dir) / "logs"
     loop = asyncio.get_running_loop()
-    with _worker_process(settings, models, log) as worker:
-        progress(
-            f"started `sluiceway worker --model {MODEL} --model {TEXT_MODEL}` "
-            f"(pid {worker.service.pid}, groups {', '.join(worker.group_ids)}, log {log})"
-        )
-        await loop.run_in_executor(None, worker.wait_until_assigned, settings)
+    with _worker_processes(settings, models, principals, logs) as workers:
+        for worker in workers:
+            served = " ".join(f"--model {model}" for model in worker.models)
+            progress(
+                f"started `sluiceway worker {served}` (pid {worker.service.pid}, "
+                f"groups {', '.join(worker.group_ids)}, log {worker.service.log})"
+            )
+        for worker in workers:
+            await loop.run_in_executor(None, worker.wait_until_assigned, operator)
         pace = f"{rate:,.0f} requests/s" if rate > 0 else "full speed"
         progress(
             f"publishing {count} SAP invoices to {topics.requests} and {cases} Salesforce cases "
@@ -556,16 +588,17 @@ async def _run(
         started = time.monotonic()
         # The reader runs while the feed publishes, so each result is timed when it arrives.
         reading = loop.run_in_executor(
-            None, _read_results, settings, start, wanted, RESULTS_TIMEOUT_S
+            None, _read_results, client, start, wanted, RESULTS_TIMEOUT_S
         )
-        sent_at = await loop.run_in_executor(None, _publish, settings, feeds, rate)
+        sent_at = await loop.run_in_executor(None, _publish, client, feeds, rate)
         found = await reading
         report.seconds = time.monotonic() - started
         report.published, report.cases_published = count, cases
-        progress(f"stopping the worker (SIGTERM drains it; pid {worker.service.pid})")
-    report.batches = worker.counts.get("batches", 0)
-    report.commits = worker.counts.get("commits", 0)
-    report.dead_lettered = _dead_letters(settings, models) - dead_letters_before
+        pids = ", ".join(str(worker.service.pid) for worker in workers)
+        progress(f"stopping the worker (SIGTERM drains it; pid {pids})")
+    report.batches = sum(worker.counts.get("batches", 0) for worker in workers)
+    report.commits = sum(worker.counts.get("commits", 0) for worker in workers)
+    report.dead_lettered = _dead_letters(operator, models) - dead_letters_before
     _check_invoices(report, invoices, found, sent_at, settings)
     _check_cases(report, case_requests, found)
     inferences_after, executions_after = _triton_counts(settings)
@@ -588,17 +621,24 @@ def run_demo(
     rate: float = DEFAULT_RATE,
     vllm_url: str | None = None,
     rollback_window_s: float | None = 3.0,
+    principals: Principals | None = None,
 ) -> DemoReport:
     """Run one round trip of ``count`` invoices and ``cases`` support cases through the real
     worker, then (unless ``rollback_window_s`` is ``None``) the rollback story with monitor
-    windows of that length; return what happened."""
+    windows of that length; return what happened.
+
+    ``principals``: on a secured broker, each process connects as its own principal (one
+    worker process per model); ``None``: every process uses ``settings.kafka``.
+    """
     with _vllm_endpoint(settings, vllm_url) as (served, label):
         progress(f"case_summary is served by {label}")
-        report = asyncio.run(_run(served, count, cases, rate, label, progress))
+        report = asyncio.run(_run(served, count, cases, rate, label, progress, principals))
     if rollback_window_s is not None:
         progress("")
         progress("part 2: promote invoice_risk v2 and let the drift monitor judge it")
-        report.story = run_rollback_story(settings, progress, window_s=rollback_window_s)
+        report.story = run_rollback_story(
+            settings, progress, window_s=rollback_window_s, principals=principals
+        )
     return report
 
 

@@ -29,7 +29,7 @@ from pipeline.topics import ModelTopics, control_topic, drift_topic
 from schemas.models import ControlAction, ControlEvent, DriftDecision, DriftReport
 from workers.feeds import LabelledFeed
 from workers.inference.runner import prepare_topics_and_bucket
-from workers.processes import ServiceProcess
+from workers.processes import Principals, ServiceProcess, as_principal
 
 Progress = Callable[[str], None]
 POLL_S = 0.2
@@ -96,18 +96,24 @@ def _wait(
 
 
 @contextlib.contextmanager
-def _services(settings: Settings) -> Iterator[None]:
+def _services(settings: Settings, principals: Principals | None) -> Iterator[None]:
     logs = resolve(settings.stack.state_dir) / "logs"
-    with (
-        # The same models as the first part's worker, hence the same consumer group: a second
-        # group on the requests topic would serve every request twice.
-        ServiceProcess(
-            settings,
-            ["worker", "--model", DEMO_MODEL, "--model", CASE_MODEL],
-            logs / "demo-worker.log",
-        ),
-        ServiceProcess(settings, ["monitor", "--model", DEMO_MODEL], logs / "demo-monitor.log"),
-    ):
+    models = [DEMO_MODEL, CASE_MODEL]
+    with contextlib.ExitStack() as stack:
+        # The same models as the first part's workers, hence the same consumer groups: a
+        # second group on the requests topic would serve every request twice.
+        if principals is None:
+            args = ["worker", "--model", DEMO_MODEL, "--model", CASE_MODEL]
+            stack.enter_context(ServiceProcess(settings, args, logs / "demo-worker.log"))
+        else:
+            for model in models:
+                worker = as_principal(settings, principals.workers[model])
+                log = logs / f"demo-worker-{model}.log"
+                stack.enter_context(ServiceProcess(worker, ["worker", "--model", model], log))
+        monitor = settings if principals is None else as_principal(settings, principals.monitor)
+        stack.enter_context(
+            ServiceProcess(monitor, ["monitor", "--model", DEMO_MODEL], logs / "demo-monitor.log")
+        )
         yield
 
 
@@ -117,23 +123,29 @@ def run_rollback_story(
     *,
     window_s: float = 3.0,
     rate: float = 250.0,
+    principals: Principals | None = None,
 ) -> RollbackStory:
+    """``principals``: on a secured broker, the workers (one per model), the monitor, the
+    labelled feed (the SDK's principal) and the operator's own actions each connect as their
+    own principal; ``None``: all use ``settings.kafka``."""
     settings = _demo_settings(settings, window_s, rate)
+    operator = settings if principals is None else as_principal(settings, principals.operator)
+    client = settings if principals is None else as_principal(settings, principals.client)
     story = RollbackStory(window_s, rate)
     topics = ModelTopics(settings.namespace, DEMO_MODEL)
-    prepare_topics_and_bucket(settings, [DEMO_MODEL, CASE_MODEL])
+    prepare_topics_and_bucket(operator, [DEMO_MODEL, CASE_MODEL])
     ensure_topics(
-        settings.kafka,
+        operator.kafka,
         [control_topic_spec(settings.namespace), *monitor_topic_specs(settings.namespace, topics)],
     )
-    _promote(settings, "1", "demo: start the story from version 1")
+    _promote(operator, "1", "demo: start the story from version 1")
     drift = TopicTail(
-        settings.kafka, drift_topic(settings.namespace), DriftReport, from_beginning=False
+        operator.kafka, drift_topic(settings.namespace), DriftReport, from_beginning=False
     )
     control = TopicTail(
-        settings.kafka, control_topic(settings.namespace), ControlEvent, from_beginning=False
+        operator.kafka, control_topic(settings.namespace), ControlEvent, from_beginning=False
     )
-    feed = LabelledFeed(settings, DEMO_MODEL, rate)
+    feed = LabelledFeed(client, DEMO_MODEL, rate)
     deadline = time.monotonic() + STORY_TIMEOUT_S
     shown = 0
 
@@ -155,7 +167,7 @@ def run_rollback_story(
         shown = len(drift.events)
 
     try:
-        with _services(settings):
+        with _services(settings, principals):
             feed.start()
             progress(
                 f"feeding {rate:.0f} labelled invoices/s; the monitor judges {window_s:g}s windows"
@@ -167,7 +179,7 @@ def run_rollback_story(
                 show_windows,
             )
             promotion = _promote(
-                settings, "2", "demo: promote v2, retrained on the extract after the ERP upgrade"
+                operator, "2", "demo: promote v2, retrained on the extract after the ERP upgrade"
             )
             story.promoted_at = promotion.issued_at
             progress("promoted invoice_risk v2 (as an operator would: sluiceway control promote)")

@@ -94,7 +94,8 @@ class LabelledFeed:
     def _label(self) -> None:
         consumer = clients.consumer(
             self.settings.kafka,
-            group_id=clients.throwaway_group("sluiceway-feedback"),
+            # Within the SDK's group prefix: on a secured broker the feed runs as its principal.
+            group_id=clients.throwaway_group("sluiceway-subscriber-feedback"),
             role=ConsumerRole.SUBSCRIBER,
         )
         consumer.subscribe([self.topics.results])

@@ -12,12 +12,35 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from pipeline.settings import Settings
+from pipeline.settings import KafkaSettings, Settings
 
 STOP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Principals:
+    """On a secured broker, who each process of a run is: one principal per process kind.
+
+    Only the Kafka settings differ between them; everything else is the run's settings.
+    """
+
+    operator: KafkaSettings
+    """What an operator does: create topics, issue control events, watch drift, control and
+    consumer groups (the local stack's ``admin``)."""
+    client: KafkaSettings
+    """The feeds: publish requests and labels, read results, as the SDK would."""
+    monitor: KafkaSettings
+    workers: Mapping[str, KafkaSettings]
+    """By model: each model's worker runs as its own process under its own principal."""
+
+
+def as_principal(settings: Settings, kafka: KafkaSettings) -> Settings:
+    """``settings`` connecting to Kafka as the principal of ``kafka``."""
+    return settings.model_copy(update={"kafka": kafka})
 
 
 class ServiceProcess:

@@ -1,4 +1,10 @@
-"""Creating topics idempotently."""
+"""Creating topics idempotently, as durable as the cluster allows.
+
+A topic the product creates gets the cluster's replication factor (at least ``min(3, brokers)``,
+or ``kafka.replication_factor``) and, where it has 3 replicas or more, ``min.insync.replicas``
+of a majority of them: with ``acks=all`` (every producer profile) an acknowledged record is then
+on at least two brokers, and losing one broker stops no writer.
+"""
 
 from __future__ import annotations
 
@@ -36,8 +42,104 @@ _LEADER_SETTLING = frozenset(
 class TopicSpec:
     name: str
     partitions: int = 3
-    replication_factor: int = 1
+    replication_factor: int | None = None
+    """``None``: what :func:`plan_durability` decides for the cluster."""
     config: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Durability:
+    replication_factor: int
+    min_insync_replicas: int | None
+    """``None``: leave the broker's default (too few replicas for a majority to matter)."""
+
+
+def plan_durability(
+    brokers: int,
+    cluster_default_rf: int | None,
+    configured_rf: int | None = None,
+    configured_min_insync: int | None = None,
+) -> Durability:
+    """Replication of new topics on a cluster of ``brokers`` (pure).
+
+    The configured factor wins; otherwise three replicas where there are three brokers (fewer
+    on a smaller cluster), or the cluster's ``default.replication.factor`` if an operator set it
+    higher. ``min.insync.replicas`` is a majority of three or more replicas, so one broker may
+    be down without stopping writes; with one or two replicas it stays the broker's default.
+    """
+    if brokers < 1:
+        raise TopicAdminError("the cluster reports no brokers")
+    if configured_rf is not None:
+        factor = configured_rf
+    else:
+        factor = max(min(3, brokers), min(cluster_default_rf or 1, brokers))
+    if factor > brokers:
+        raise TopicAdminError(
+            f"replication factor {factor} needs at least {factor} brokers;"
+            f" the cluster has {brokers}"
+        )
+    return Durability(factor, min_insync_for(factor, configured_min_insync))
+
+
+def min_insync_for(replication_factor: int, configured: int | None = None) -> int | None:
+    """``min.insync.replicas`` for a topic of ``replication_factor`` replicas (pure)."""
+    if configured is not None:
+        if configured > replication_factor:
+            raise TopicAdminError(
+                f"min_insync_replicas {configured} exceeds the replication factor"
+                f" {replication_factor}: every acks=all write would fail"
+            )
+        return configured
+    if replication_factor < 3:
+        return None
+    return replication_factor // 2 + 1
+
+
+def new_topic(spec: TopicSpec, durability: Durability, kafka: KafkaSettings) -> NewTopic:
+    """The ``NewTopic`` for ``spec`` on a cluster planned as ``durability`` (pure).
+
+    A spec's own replication factor or ``min.insync.replicas`` wins over the plan.
+    """
+    factor = spec.replication_factor or durability.replication_factor
+    config = dict(spec.config)
+    if "min.insync.replicas" not in config:
+        if spec.replication_factor is None:
+            min_insync = durability.min_insync_replicas
+        else:
+            min_insync = min_insync_for(factor, kafka.min_insync_replicas)
+        if min_insync is not None:
+            config["min.insync.replicas"] = str(min_insync)
+    return NewTopic(spec.name, spec.partitions, factor, config=config)
+
+
+def cluster_durability(
+    admin: AdminClient, kafka: KafkaSettings, timeout_s: float = 15.0
+) -> Durability:
+    """:func:`plan_durability` for the cluster ``admin`` talks to (broker count and, where
+    this principal may read it, the brokers' ``default.replication.factor``)."""
+    brokers = admin.list_topics(timeout=timeout_s).brokers
+    return plan_durability(
+        len(brokers),
+        _default_replication_factor(admin, sorted(brokers), timeout_s),
+        kafka.replication_factor,
+        kafka.min_insync_replicas,
+    )
+
+
+def _default_replication_factor(
+    admin: AdminClient, broker_ids: list[int], timeout_s: float
+) -> int | None:
+    if not broker_ids:
+        return None
+    resource = ConfigResource(ConfigResource.Type.BROKER, str(broker_ids[0]))
+    try:
+        (future,) = admin.describe_configs([resource], request_timeout=timeout_s).values()
+        value = future.result(timeout=timeout_s)["default.replication.factor"].value
+        return int(value)
+    except (KafkaException, KeyError, ValueError, TypeError):
+        # A least-privilege principal may not describe the cluster's configuration: the
+        # broker count alone then decides.
+        return None
 
 
 def ensure_topics(
@@ -53,10 +155,8 @@ def ensure_topics(
     if not specs:
         return []
     admin = clients.admin(kafka)
-    new_topics = [
-        NewTopic(spec.name, spec.partitions, spec.replication_factor, config=spec.config)
-        for spec in specs
-    ]
+    durability = cluster_durability(admin, kafka, timeout_s)
+    new_topics = [new_topic(spec, durability, kafka) for spec in specs]
     created = []
     for name, future in admin.create_topics(new_topics, request_timeout=timeout_s).items():
         try:

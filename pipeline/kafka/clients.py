@@ -3,7 +3,8 @@
 A call site names a *role*; the role's profile is how that kind of client trades latency,
 durability and visibility. A configuration is assembled in this order, later keys winning:
 
-1. ``KafkaSettings.client_config()``: brokers, security (SASL/SSL) and client id, always;
+1. ``KafkaSettings.client_config()``: brokers, security (SASL/SSL) and client id, always,
+   with the token callback of an ``oauth_token_file``;
 2. the role's profile (:func:`producer_profile`, :func:`consumer_profile`);
 3. what belongs to one client: ``client_id_suffix``, ``group_id``, ``transactional_id``;
 4. ``overrides``, the caller's explicit exceptions to the profile.
@@ -16,20 +17,28 @@ Some profile values equal librdkafka's defaults (``acks=all``, ``linger.ms=5``,
 ``isolation.level=read_committed``, ``max.poll.interval.ms=300000``). They are written out
 anyway: the guarantee a role relies on is then visible here, and does not move with a
 library upgrade.
+
+aiokafka and faust (the monitor) take their security from :func:`aiokafka_security` and
+:func:`faust_credentials`, translated from the same settings, so no client of the product has
+its own idea of how to reach the brokers.
 """
 
 from __future__ import annotations
 
+import ssl
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import StrEnum
+from typing import Any
 
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
+from pipeline.kafka.oauth import FileTokenProvider, OidcTokenProvider, file_token_callback
 from pipeline.settings import KafkaSettings
 
-ConfigValue = str | int | float | bool
+OAuthCallback = Callable[[str], tuple[str, float, str]]
+ConfigValue = str | int | float | bool | OAuthCallback
 Config = dict[str, ConfigValue]
 
 DEFAULT_TRANSACTION_TIMEOUT_MS = 15_000
@@ -285,12 +294,98 @@ def admin(
     overrides: Mapping[str, ConfigValue] | None = None,
 ) -> AdminClient:
     """An admin client built from :func:`admin_config`."""
-    return AdminClient(admin_config(kafka, client_id_suffix=client_id_suffix, overrides=overrides))
+    config = admin_config(kafka, client_id_suffix=client_id_suffix, overrides=overrides)
+    # confluent-kafka's stubs leave out the callables it accepts (oauth_cb) for admin clients.
+    return AdminClient(config)  # type: ignore[arg-type]
 
 
 def _base(kafka: KafkaSettings, client_id_suffix: str | None) -> Config:
     config: Config = dict(kafka.client_config())
+    if kafka.oauth_token_file is not None:
+        # confluent-kafka calls it from its background thread, also for admin clients.
+        config["oauth_cb"] = file_token_callback(kafka.oauth_token_file)
     if client_id_suffix:
         # Broker logs, quotas and metrics tell the roles of one deployment apart by client id.
         config["client.id"] = f"{kafka.client_id}-{client_id_suffix}"
     return config
+
+
+# ---------------------------------------------------------------- aiokafka and faust
+
+
+def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext:
+    """The TLS context of ``kafka`` for Python clients: the CA (or the system's trust store),
+    hostname verification, and the client certificate when mTLS is configured."""
+    cafile = str(kafka.ssl_ca_location) if kafka.ssl_ca_location is not None else None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if kafka.ssl_certificate_location is not None and kafka.ssl_key_location is not None:
+        password = kafka.ssl_key_password
+        context.load_cert_chain(
+            str(kafka.ssl_certificate_location),
+            str(kafka.ssl_key_location),
+            password=password.get_secret_value() if password is not None else None,
+        )
+    return context
+
+
+def oauth_token_provider(kafka: KafkaSettings) -> OidcTokenProvider | FileTokenProvider | None:
+    """aiokafka's token provider for OAUTHBEARER settings; ``None`` for any other mechanism."""
+    if kafka.sasl_mechanism != "OAUTHBEARER":
+        return None
+    if kafka.oauth_token_file is not None:
+        return FileTokenProvider(kafka.oauth_token_file)
+    # The settings validator guarantees endpoint, client id and secret with OAUTHBEARER.
+    assert kafka.oauth_token_endpoint_url is not None
+    assert kafka.oauth_client_id is not None
+    assert kafka.oauth_client_secret is not None
+    endpoint_tls = None
+    if kafka.oauth_token_endpoint_url.startswith("https:") and kafka.ssl_ca_location is not None:
+        endpoint_tls = ssl.create_default_context(cafile=str(kafka.ssl_ca_location))
+    return OidcTokenProvider(
+        kafka.oauth_token_endpoint_url,
+        kafka.oauth_client_id,
+        kafka.oauth_client_secret.get_secret_value(),
+        kafka.oauth_scope,
+        endpoint_tls,
+    )
+
+
+def aiokafka_security(kafka: KafkaSettings) -> dict[str, Any]:
+    """Keyword arguments of ``AIOKafkaProducer``/``AIOKafkaConsumer``/``AIOKafkaAdminClient``
+    for the security in ``kafka`` (the connection itself is ``bootstrap_servers``)."""
+    security: dict[str, Any] = {"security_protocol": kafka.security_protocol}
+    if kafka.uses_tls():
+        security["ssl_context"] = ssl_context(kafka)
+    if kafka.sasl_mechanism is not None:
+        security["sasl_mechanism"] = kafka.sasl_mechanism
+    if kafka.sasl_username is not None and kafka.sasl_password is not None:
+        security["sasl_plain_username"] = kafka.sasl_username
+        security["sasl_plain_password"] = kafka.sasl_password.get_secret_value()
+    provider = oauth_token_provider(kafka)
+    if provider is not None:
+        security["sasl_oauth_token_provider"] = provider
+    return security
+
+
+def faust_credentials(kafka: KafkaSettings) -> Any:
+    """faust's ``broker_credentials`` for ``kafka``; ``None`` in plaintext.
+
+    faust hands them to aiokafka as exactly the arguments :func:`aiokafka_security` builds.
+    """
+    from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
+
+    security = aiokafka_security(kafka)
+    context = security.get("ssl_context")
+    if kafka.sasl_mechanism == "OAUTHBEARER":
+        return OAuthCredentials(oauth_cb=security["sasl_oauth_token_provider"], ssl_context=context)
+    if kafka.sasl_mechanism is not None:
+        return SASLCredentials(
+            username=security["sasl_plain_username"],
+            password=security["sasl_plain_password"],
+            ssl_context=context,
+            mechanism=kafka.sasl_mechanism,
+        )
+    if context is not None:
+        return SSLCredentials(context)
+    return None

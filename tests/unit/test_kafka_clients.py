@@ -19,22 +19,28 @@ CONNECTION = {
     "security.protocol": "PLAINTEXT",
     "client.id": "svc",
 }
-SECURE = KafkaSettings(
-    bootstrap_servers="broker-1:9093",
-    security_protocol="SASL_SSL",
-    sasl_mechanism="SCRAM-SHA-512",
-    sasl_username="sluiceway",
-    sasl_password=SecretStr("hunter2"),
-    ssl_ca_location=Path("/etc/kafka/ca.pem"),
-    client_id="svc",
-)
 SECURITY = {
     "security.protocol": "SASL_SSL",
     "sasl.mechanism": "SCRAM-SHA-512",
     "sasl.username": "sluiceway",
     "sasl.password": "hunter2",
-    "ssl.ca.location": "/etc/kafka/ca.pem",
 }
+
+
+@pytest.fixture
+def secure(tmp_path: Path) -> KafkaSettings:
+    """SASL_SSL with SCRAM; the CA file must exist, or the settings refuse to load."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("a CA certificate\n")
+    return KafkaSettings(
+        bootstrap_servers="broker-1:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="sluiceway",
+        sasl_password=SecretStr("hunter2"),
+        ssl_ca_location=ca,
+        client_id="svc",
+    )
 
 
 # ---------------------------------------------------------------- producers
@@ -210,19 +216,20 @@ def _every_config(kafka: KafkaSettings, **kwargs: Any) -> list[dict[str, Any]]:
     return configs
 
 
-def test_security_settings_reach_every_role_and_the_admin_client() -> None:
-    for config in _every_config(SECURE):
+def test_security_settings_reach_every_role_and_the_admin_client(secure: KafkaSettings) -> None:
+    for config in _every_config(secure):
         assert {k: config.get(k) for k in SECURITY} == SECURITY
+        assert config["ssl.ca.location"] == str(secure.ssl_ca_location)
         assert config["bootstrap.servers"] == "broker-1:9093"
         assert config["client.id"] == "svc"
 
 
-def test_the_admin_client_gets_connection_and_security_only() -> None:
+def test_the_admin_client_gets_connection_and_security_only(secure: KafkaSettings) -> None:
     assert clients.admin_config(PLAIN) == CONNECTION
-    assert clients.admin_config(SECURE) == SECURE.client_config()
+    assert clients.admin_config(secure) == secure.client_config()
 
 
-def test_overrides_win_over_profile_group_and_settings() -> None:
+def test_overrides_win_over_profile_group_and_settings(secure: KafkaSettings) -> None:
     overrides = {
         "linger.ms": 0,
         "enable.auto.commit": True,
@@ -231,7 +238,7 @@ def test_overrides_win_over_profile_group_and_settings() -> None:
         "security.protocol": "SSL",
         "socket.timeout.ms": 2000,
     }
-    for config in _every_config(SECURE, overrides=overrides):
+    for config in _every_config(secure, overrides=overrides):
         for key, value in overrides.items():
             assert config[key] == value
         assert config["sasl.password"] == "hunter2"
@@ -260,7 +267,7 @@ class _Recorded:
 
 
 def test_the_constructors_build_clients_from_exactly_the_pure_configs(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, secure: KafkaSettings
 ) -> None:
     monkeypatch.setattr(clients, "Producer", _Recorded)
     monkeypatch.setattr(clients, "Consumer", _Recorded)
@@ -268,16 +275,16 @@ def test_the_constructors_build_clients_from_exactly_the_pure_configs(
     overrides = {"socket.timeout.ms": 2000}
 
     built_producer: Any = clients.producer(
-        SECURE, role=ProducerRole.LOW_LATENCY, transactional_id="t", overrides=overrides
+        secure, role=ProducerRole.LOW_LATENCY, transactional_id="t", overrides=overrides
     )
     assert built_producer.config == clients.producer_config(
-        SECURE, role=ProducerRole.LOW_LATENCY, transactional_id="t", overrides=overrides
+        secure, role=ProducerRole.LOW_LATENCY, transactional_id="t", overrides=overrides
     )
     built_consumer: Any = clients.consumer(
-        SECURE, group_id="g", role=ConsumerRole.WORKER, overrides=overrides
+        secure, group_id="g", role=ConsumerRole.WORKER, overrides=overrides
     )
     assert built_consumer.config == clients.consumer_config(
-        SECURE, group_id="g", role=ConsumerRole.WORKER, overrides=overrides
+        secure, group_id="g", role=ConsumerRole.WORKER, overrides=overrides
     )
-    built_admin: Any = clients.admin(SECURE, overrides=overrides)
-    assert built_admin.config == clients.admin_config(SECURE, overrides=overrides)
+    built_admin: Any = clients.admin(secure, overrides=overrides)
+    assert built_admin.config == clients.admin_config(secure, overrides=overrides)

@@ -39,6 +39,9 @@ def test_config_file_named_by_environment(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_secrets_are_masked_unless_revealed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICEWAY_KAFKA__SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("SLUICEWAY_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("SLUICEWAY_KAFKA__SASL_USERNAME", "sluiceway")
     monkeypatch.setenv("SLUICEWAY_KAFKA__SASL_PASSWORD", "hunter2")
     monkeypatch.setenv("SLUICEWAY_OBJECT_STORE__SECRET_KEY", "s3-secret")
     settings = load_settings()

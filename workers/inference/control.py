@@ -7,10 +7,8 @@ restores the current routing; later events arrive within one poll of the worker 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 import schemas
 from pipeline.kafka import clients
@@ -59,20 +57,11 @@ def to_decision(event: ControlEvent) -> RouteDecision:
 class ControlFollower:
     """Reads the control topic without a consumer group (every worker reads all of it)."""
 
-    def __init__(
-        self, kafka: KafkaSettings | Mapping[str, Any], topic: str, routing: RoutingTable
-    ) -> None:
-        """``kafka`` is the settings; a ``client_config()`` mapping is still accepted (the
-        worker passes one until it builds its clients through :mod:`pipeline.kafka.clients`)."""
+    def __init__(self, kafka: KafkaSettings, topic: str, routing: RoutingTable) -> None:
         self.topic = topic
         self.routing = routing
         group_id = clients.throwaway_group("sluiceway-control")
-        if isinstance(kafka, KafkaSettings):
-            self._consumer = clients.consumer(kafka, group_id=group_id, role=ConsumerRole.READER)
-        else:
-            self._consumer = Consumer(
-                {**kafka, **clients.consumer_profile(ConsumerRole.READER), "group.id": group_id}
-            )
+        self._consumer = clients.consumer(kafka, group_id=group_id, role=ConsumerRole.READER)
         metadata = self._consumer.list_topics(topic, timeout=10)
         partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
         self._consumer.assign(

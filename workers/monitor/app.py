@@ -37,7 +37,13 @@ import faust
 import numpy as np
 
 import schemas
-from pipeline.kafka.admin import control_topic_spec, ensure_topics, monitor_topic_specs
+from pipeline.kafka import clients
+from pipeline.kafka.admin import (
+    cluster_durability,
+    control_topic_spec,
+    ensure_topics,
+    monitor_topic_specs,
+)
 from pipeline.kafka.events import send_events
 from pipeline.monitoring.closing import (
     CloserSettings,
@@ -168,6 +174,8 @@ class Monitor:
         self.app = faust.App(
             f"{settings.namespace}-monitor",
             broker=f"kafka://{settings.kafka.bootstrap_servers}",
+            # The same security as every other client: TLS, SASL or OAUTHBEARER, one principal.
+            broker_credentials=clients.faust_credentials(settings.kafka),
             store="memory://",
             # faust's own files go with the rest of the local state, not into the working
             # directory (its default, "<app id>-data", left one folder per run there).
@@ -179,11 +187,14 @@ class Monitor:
             # committed offsets (at least once: records after the last commit count twice).
             consumer_auto_offset_reset="latest",
         )
-        self.windows = self.app.Table("windows", partitions=1, use_partitioner=True)
-        self.pending = self.app.Table("pending-scores", partitions=1, use_partitioner=True)
-        self.states = self.app.Table("policy", partitions=1, use_partitioner=True)
-        self.history = self.app.Table("history", partitions=1, use_partitioner=True)
-        self.closed = self.app.Table("closed-until", partitions=1, use_partitioner=True)
+        # The changelog topics' extra configuration: prepare() adds min.insync.replicas once it
+        # knows the cluster; faust reads this mapping only when it declares the topics.
+        self.changelog_config: dict[str, str] = {}
+        self.windows = self._table("windows")
+        self.pending = self._table("pending-scores")
+        self.states = self._table("policy")
+        self.history = self._table("history")
+        self.closed = self._table("closed-until")
         self.late = 0
         self.closer = WindowCloser(
             CloserSettings(
@@ -214,6 +225,11 @@ class Monitor:
         self.app.timer(60.0)(self._forget_unlabelled)
         self.app.task(self._start)
 
+    def _table(self, name: str) -> Any:
+        return self.app.Table(
+            name, partitions=1, use_partitioner=True, extra_topic_configs=self.changelog_config
+        )
+
     # ------------------------------------------------------------------ start
 
     def prepare(self) -> None:
@@ -224,6 +240,11 @@ class Monitor:
                 self.settings.namespace, ModelTopics(self.settings.namespace, model)
             )
         ensure_topics(self.settings.kafka, specs)
+        # faust creates its changelog topics itself: as durable as the product's own.
+        durability = cluster_durability(clients.admin(self.settings.kafka), self.settings.kafka)
+        self.app.conf.topic_replication_factor = durability.replication_factor
+        if durability.min_insync_replicas is not None:
+            self.changelog_config["min.insync.replicas"] = str(durability.min_insync_replicas)
         ensure_bucket(self.store, self.settings.object_store.bucket)
         for model in self.models:
             self.references[model] = load_reference(self.settings, self.store, model)
@@ -233,7 +254,7 @@ class Monitor:
         follower = await loop.run_in_executor(
             None,
             ControlLog,
-            self.settings.kafka.client_config(),
+            self.settings.kafka,
             control_topic(self.settings.namespace),
             self.routing,
         )

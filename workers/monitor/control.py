@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import uuid
-from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 import schemas
+from pipeline.kafka import clients
+from pipeline.kafka.clients import ConsumerRole
 from pipeline.routing import RoutingTable
+from pipeline.settings import KafkaSettings
 from schemas.exceptions import DecodeError
 from schemas.models import ControlEvent
 from workers.inference.control import to_decision
@@ -28,16 +29,13 @@ log = logging.getLogger("sluiceway.monitor")
 
 
 class ControlLog:
-    def __init__(self, kafka_config: dict[str, Any], topic: str, routing: RoutingTable) -> None:
+    def __init__(self, kafka: KafkaSettings, topic: str, routing: RoutingTable) -> None:
         self.topic = topic
         self.routing = routing
-        self._consumer = Consumer(
-            {
-                **kafka_config,
-                "group.id": f"sluiceway-monitor-control-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            }
+        self._consumer = clients.consumer(
+            kafka,
+            group_id=clients.throwaway_group("sluiceway-monitor-control"),
+            role=ConsumerRole.READER,
         )
         metadata = self._consumer.list_topics(topic, timeout=10)
         partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
