@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test venv lint unit integration stack-up stack-down stack-status clean-state
+.PHONY: demo demo-secured test venv lint unit integration stack-up stack-down stack-status clean-state
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/sluiceway stack up
 	$(BIN)/sluiceway demo
+
+## The same on the secured stack (TLS, SCRAM/mTLS/OAUTHBEARER, ACLs, encrypted MinIO), each
+## process as its own principal; its own state folder (stop a plain stack first: same ports).
+SECURED_ENV := SLUICEWAY_STACK__SECURED=true SLUICEWAY_STACK__STATE_DIR=.sluiceway-secured
+demo-secured: venv
+	$(SECURED_ENV) $(BIN)/sluiceway stack up
+	$(SECURED_ENV) $(BIN)/sluiceway demo
 
 ## The whole suite: lint, types, unit tests, then integration tests against the real stack.
 test: venv lint

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from workers.processes import Principals as PrincipalsType
 
 
 def register(subparsers: Any) -> None:
@@ -47,6 +50,9 @@ def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
     # The demo lives with the workers; importing it lazily keeps `sluiceway --help` fast.
     from workers.demo import render_report, run_demo
 
+    principals = None
+    if settings.stack.secured:
+        settings, principals = _secured_local_stack(settings)
     report = run_demo(
         settings,
         count=args.requests,
@@ -54,7 +60,34 @@ def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
         rate=args.rate,
         vllm_url=args.vllm_url,
         rollback_window_s=None if args.no_rollback else args.monitor_window_s,
+        principals=principals,
     )
     print()
     print(render_report(report))
     return 0 if report.ok else 1
+
+
+def _secured_local_stack(settings: Settings) -> tuple[Settings, PrincipalsType]:
+    """On the secured local stack every process of the demo signs in as its own principal
+    (SCRAM over TLS; the stack's ``admin`` for the operator's actions) and reaches MinIO over
+    https trusting the stack's CA."""
+    from pipeline.principals import CLIENT, MONITOR, worker_principal
+    from pipeline.stack.kafka_security import admin_kafka_settings, principal_kafka_settings
+    from pipeline.stack.services import MinioService
+    from workers.demo import MODEL, TEXT_MODEL
+    from workers.processes import Principals
+
+    admin = admin_kafka_settings(settings)
+    settings = settings.model_copy(
+        update={"kafka": admin, "object_store": MinioService(settings).client_settings()}
+    )
+    principals = Principals(
+        operator=admin,
+        client=principal_kafka_settings(settings, CLIENT),
+        monitor=principal_kafka_settings(settings, MONITOR),
+        workers={
+            model: principal_kafka_settings(settings, worker_principal(model))
+            for model in (MODEL, TEXT_MODEL)
+        },
+    )
+    return settings, principals

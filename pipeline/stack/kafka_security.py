@@ -173,6 +173,21 @@ def credential_environment(
     )
 
 
+def principal_kafka_settings(
+    settings: Settings, principal: str, mechanism: Mechanism = "scram"
+) -> KafkaSettings:
+    """The Kafka settings that connect a process of the secured local stack as ``principal``
+    (what ``credential_environment`` prints, as settings)."""
+    environment = credential_environment(settings, principal, mechanism)
+    return KafkaSettings(
+        **{
+            name.removeprefix("SLUICEWAY_KAFKA__").lower(): value
+            for name, value in environment.items()
+        },
+        client_id=principal,
+    )
+
+
 def apply_stack_acls(
     settings: Settings,
     connectors: Mapping[str, Sequence[str]] | None = None,
