@@ -71,6 +71,8 @@ V4_ENTITY_SET = "SupplierInvoice"
 EVENT_TYPE_CREATED = "sap.s4.beh.supplierinvoice.v1.SupplierInvoice.Created.v1"
 EVENT_SOURCE = "/default/sap.s4.beh/S4HCLNT100"
 SESSION_COOKIE = "SAP_SESSIONID_S4H_100"
+RELEASE_PARAMETERS = {"Note": "Edm.String", "Approved": "Edm.Boolean", "RiskScore": "Edm.Decimal"}
+"""The v2 function import ``Release``'s parameters and their types (as its $metadata says)."""
 
 # Property types as in the service's metadata; what decides each one's JSON form.
 _DATE_TIME = {"DocumentDate", "PostingDate", "DueCalculationBaseDate"}  # Edm.DateTime / Edm.Date
@@ -414,7 +416,12 @@ class SapProtocolServer:
                 _literal(params.get("SupplierInvoice", "")),
                 _literal(params.get("FiscalYear", "")),
             )
-            return self._action(key, "Release", {}, version)
+            arguments = {
+                name: _typed_literal(name, params[name], kind)
+                for name, kind in RELEASE_PARAMETERS.items()
+                if name in params
+            }
+            return self._action(key, "Release", arguments, version)
         raise _ODataFailure(404, "/IWBEP/CM_MGW_RT/020", f"Resource not found for segment '{rest}'")
 
     def _record_call(self, request: web.Request, method: str, version: int) -> None:
@@ -650,6 +657,31 @@ def _literal(text: str) -> str:
     if text.startswith("'") and text.endswith("'"):
         return text[1:-1].replace("''", "'")
     return text
+
+
+def _typed_literal(name: str, literal: str, kind: str) -> Any:
+    """A function-import parameter per the OData V2 URI literal rules, as SAP Gateway parses
+    it for the parameter's declared type: a mistyped literal (a quoted boolean, a number in
+    quotes) is a 400, not a value."""
+    patterns = {
+        "Edm.String": r"'(?:[^']|'')*'",
+        "Edm.Boolean": r"true|false",
+        "Edm.Decimal": r"-?\d+(?:\.\d+)?[mM]?",
+        "Edm.Int32": r"-?\d+",
+    }
+    if not re.fullmatch(patterns[kind], literal):
+        raise _ODataFailure(
+            400,
+            "/IWBEP/CM_MGW_RT/004",
+            f"Invalid parameter value {literal!r} for '{name}' of type {kind}",
+        )
+    if kind == "Edm.String":
+        return _literal(literal)
+    if kind == "Edm.Boolean":
+        return literal == "true"
+    if kind == "Edm.Int32":
+        return int(literal)
+    return Decimal(literal.rstrip("mM"))
 
 
 def _parse_key(text: str) -> InvoiceKey:
