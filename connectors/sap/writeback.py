@@ -48,6 +48,7 @@ from connectors.common.correlation import CorrelationSigner, Rejected, Verified
 from connectors.common.dates import parse_datetime, to_iso_utc
 from connectors.sap.exceptions import SapConfigError
 from connectors.sap.odata import EntitySource, entity_path
+from connectors.sap.routing import split_subject
 from pipeline.client import readable
 from schemas.models import InferenceResult, ResultStatus
 
@@ -153,17 +154,25 @@ def correlation_id(signer: CorrelationSigner, predicate: str, request_id: UUID |
     return signer.sign(predicate, request_id)
 
 
-def predicate_of(signer: CorrelationSigner, result: InferenceResult) -> str | Rejected:
-    """The key predicate of a result this connector asked for, or why it is not written:
-    ``not_ours`` (another connector's or a plain request's) or a forgery's reason."""
+def entity_of(signer: CorrelationSigner, result: InferenceResult) -> tuple[str, str] | Rejected:
+    """``(route name, key predicate)`` of a result this connector asked for, or why it is not
+    written: ``not_ours`` (another connector's or a plain request's) or a forgery's reason.
+    The route name is empty for a one-mapping connector (``--mapping``)."""
     checked = signer.verify(result.correlation_id, result.request_id)
     if isinstance(checked, Rejected):
         return checked
     assert isinstance(checked, Verified)
-    predicate = checked.subject
-    if predicate.startswith("(") and predicate.endswith(")"):
-        return predicate
-    return Rejected("not_a_predicate")
+    named = split_subject(checked.subject)
+    return Rejected("not_a_predicate") if named is None else named
+
+
+def predicate_of(signer: CorrelationSigner, result: InferenceResult) -> str | Rejected:
+    """The key predicate of a result of a one-mapping connector (route name empty)."""
+    named = entity_of(signer, result)
+    if isinstance(named, Rejected):
+        return named
+    route_name, predicate = named
+    return Rejected("not_a_predicate") if route_name else predicate
 
 
 def output_value(result: InferenceResult, output: str) -> float | None:
