@@ -64,6 +64,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 import httpx2
 from aiohttp import web
 
+from pipeline.client import request_id_for
+
 V2_SERVICE = "/sap/opu/odata/sap/API_SUPPLIERINVOICE_PROCESS_SRV"
 V2_ENTITY_SET = "A_SupplierInvoice"
 V4_SERVICE = "/sap/opu/odata4/sap/api_supplierinvoice/srvd_a2x/sap/supplierinvoice/0001"
@@ -818,6 +820,11 @@ def supplier_invoice_event(
         "datacontenttype": "application/json",
         "data": {"SupplierInvoice": key[0], "FiscalYear": key[1]},
     }
+
+
+def event_request_id(system: str, event_id: str, source: str = EVENT_SOURCE) -> uuid.UUID:
+    """The request id the connector gives an event: CloudEvents identity is source + id."""
+    return request_id_for(system, f"{source}#{event_id}")
 
 
 def encode_event(
