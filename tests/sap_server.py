@@ -71,6 +71,10 @@ V2_ENTITY_SET = "A_SupplierInvoice"
 V4_SERVICE = "/sap/opu/odata4/sap/api_supplierinvoice/srvd_a2x/sap/supplierinvoice/0001"
 V4_ENTITY_SET = "SupplierInvoice"
 EVENT_TYPE_CREATED = "sap.s4.beh.supplierinvoice.v1.SupplierInvoice.Created.v1"
+EVENT_TYPE_CHANGED = "sap.s4.beh.supplierinvoice.v1.SupplierInvoice.Changed.v1"
+EVENT_TYPE_CANCELED = "sap.s4.beh.supplierinvoice.v1.SupplierInvoice.Canceled.v1"
+"""SAP's business event when a supplier invoice is cancelled (reversed); the document stays
+readable, flagged as reversed."""
 EVENT_SOURCE = "/default/sap.s4.beh/S4HCLNT100"
 SESSION_COOKIE = "SAP_SESSIONID_S4H_100"
 RELEASE_PARAMETERS = {"Note": "Edm.String", "Approved": "Edm.Boolean", "RiskScore": "Edm.Decimal"}
@@ -808,13 +812,18 @@ def free_port() -> int:
 
 
 def supplier_invoice_event(
-    key: InvoiceKey, *, event_id: str | None = None, event_type: str = EVENT_TYPE_CREATED
+    key: InvoiceKey,
+    *,
+    event_id: str | None = None,
+    event_type: str = EVENT_TYPE_CREATED,
+    source: str = EVENT_SOURCE,
 ) -> dict[str, Any]:
-    """A structured CloudEvent as S/4HANA raises it: the keys, not the entity."""
+    """A structured CloudEvent as S/4HANA raises it: the keys, not the entity. ``source``
+    names the system (``/default/sap.s4.beh/<SID>CLNT<client>``)."""
     return {
         "specversion": "1.0",
         "type": event_type,
-        "source": EVENT_SOURCE,
+        "source": source,
         "id": event_id or str(uuid.uuid4()),
         "time": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "datacontenttype": "application/json",
