@@ -1,6 +1,6 @@
 """The connector config file: the SAP systems one connector serves and the mappings it runs.
 
-``sluiceway connect-sap --config connector.yaml``::
+``sluiceway connect-sap --connector-config connector.yaml``::
 
     systems:
       - name: S4H                         # the system's name (routes, logs)

@@ -1,8 +1,8 @@
 """``sluiceway connect-sap --mapping FILE --base-url URL``: the SAP connector.
 
-Or ``--config FILE``: one connector for several SAP systems and mappings (each system with its
-base URL, credentials from its own environment variables, and the CloudEvents sources of its
-events; see :mod:`connectors.sap.systems`). Events are routed to the mapping of their
+Or ``--connector-config FILE``: one connector for several SAP systems and mappings (each
+system with its base URL, credentials from its own environment variables, and the CloudEvents
+sources of its events; see :mod:`connectors.sap.systems`). Events are routed to the mapping of their
 ``source`` and ``type``; the summary at the end is a table of input events by route and
 outcome (request, invalidation, duplicate, skipped, dead letter).
 
@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--mapping", type=Path, help="mapping file (YAML), with --base-url")
     parser.add_argument("--base-url", help="SAP system, e.g. https://host:443")
     parser.add_argument(
-        "--config",
+        "--connector-config",
         type=Path,
         help="connector config (YAML): several systems and mappings, instead of "
         "--mapping/--base-url/--auth",
@@ -172,15 +172,19 @@ def _route_plans(args: argparse.Namespace, settings: Settings) -> list[_RoutePla
     from connectors.sap.odata import EntitySource
     from connectors.sap.systems import load_connector_config, single_system
 
-    if args.config is not None:
+    if args.connector_config is not None:
         if args.mapping is not None or args.base_url is not None:
-            raise SluicewayError("--config names the systems and mappings: no --mapping/--base-url")
-        config = load_connector_config(args.config)
+            raise SluicewayError(
+                "--connector-config names the systems and mappings: no --mapping/--base-url"
+            )
+        config = load_connector_config(args.connector_config)
         pairs = [(config.system(ref.system), ref.file) for ref in config.mappings]
         named = True
     else:
         if args.mapping is None or args.base_url is None:
-            raise SluicewayError("either --config FILE, or --mapping FILE with --base-url URL")
+            raise SluicewayError(
+                "either --connector-config FILE, or --mapping FILE with --base-url URL"
+            )
         pairs = [(single_system(args.base_url, args.auth, args.token_url), args.mapping)]
         named = False
     plans = []

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import httpx2
 import numpy as np
 import pytest
 import yaml
@@ -26,6 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from pydantic import BaseModel, SecretStr
 
 import schemas
+from connectors.common.correlation import ENV_VARIABLE
 from connectors.common.mapping import parse_mapping
 from connectors.sap.client import BasicCredentials, ODataClient
 from connectors.sap.connector import OUTCOMES, ConnectorStats, SapConnector, build_route, serve
@@ -46,6 +48,7 @@ from schemas.models import (
     TensorDatatype,
 )
 from tests.integration.traffic import publish
+from tests.integration.waiting import wait_for
 from tests.sap_server import (
     EVENT_TYPE_CANCELED,
     EVENT_TYPE_CHANGED,
@@ -54,9 +57,12 @@ from tests.sap_server import (
     SapProtocolServer,
     encode_event,
     event_request_id,
+    free_port,
     invoices_from_features,
+    push_events,
     supplier_invoice_event,
 )
+from workers.processes import ServiceProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAPPING = REPO_ROOT / "connectors" / "sap" / "mappings" / "supplier_invoice.yaml"
@@ -417,3 +423,86 @@ def test_release_is_called_with_typed_parameters_only_below_the_risk_threshold(
             {"Note": "risk 0.12", "Approved": True, "RiskScore": Decimal("0.1250")},
             {"Note": "risk 0.25", "Approved": True, "RiskScore": Decimal("0.2500")},
         ]
+
+
+def test_connect_sap_with_a_config_file_prints_the_outcome_table(
+    settings: Settings,
+    systems: tuple[SapProtocolServer, SapProtocolServer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s4h, s4p = systems
+    h = invoices_from_features(s4h, generate(2, seed=59).x)
+    p = invoices_from_features(s4p, generate(1, seed=61).x)
+    for system in ("S4H", "S4P"):
+        data = yaml.safe_load(MAPPING.read_text())
+        data["source_system"] = system
+        data["source"]["event_types"] = [EVENT_TYPE_CREATED, EVENT_TYPE_CANCELED]
+        (tmp_path / f"{system}.yaml").write_text(yaml.safe_dump(data))
+    config = {
+        "systems": [
+            {
+                "name": "S4H",
+                "base_url": s4h.base_url,
+                "credentials_env": "SAP_S4H",
+                "event_sources": [S4H_SOURCE],
+            },
+            {
+                "name": "S4P",
+                "base_url": s4p.base_url,
+                "credentials_env": "SAP_S4P",
+                "event_sources": [S4P_SOURCE],
+            },
+        ],
+        "mappings": [{"file": "S4H.yaml", "system": "S4H"}, {"file": "S4P.yaml", "system": "S4P"}],
+    }
+    (tmp_path / "connector.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    process = ServiceProcess(
+        settings,
+        [
+            "connect-sap",
+            "--connector-config",
+            str(tmp_path / "connector.yaml"),
+            "--name",
+            CONNECTOR,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--webhook-auth",
+            "none",
+            "--no-writeback",
+        ],
+        tmp_path / "connector.log",
+        extra_environment={
+            ENV_VARIABLE: SECRET.decode(),
+            "SAP_S4H_USERNAME": s4h.username,
+            "SAP_S4H_PASSWORD": s4h.password,
+            "SAP_S4P_USERNAME": s4p.username,
+            "SAP_S4P_PASSWORD": s4p.password,
+        },
+    )
+    url = f"http://127.0.0.1:{port}/events"
+    events = [
+        _event(h[0], "x-1", S4H_SOURCE),
+        _event(p[0], "x-1", S4P_SOURCE),
+        _event(h[1], "x-2", S4H_SOURCE, EVENT_TYPE_CANCELED),
+        _event(h[0], "x-3", S4H_SOURCE, EVENT_TYPE_CHANGED),  # not listed: skipped
+        _event(h[0], "x-1", S4H_SOURCE),  # duplicate
+    ]
+    with process:
+
+        def answers() -> bool:
+            assert not process.exited(), process.tail()
+            try:
+                return httpx2.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+            except httpx2.TransportError:
+                return False
+
+        wait_for(answers, 60, f"the connector's receiver\n{process.tail()}")
+        report = push_events(url, events, concurrency=1)
+        assert process.stop() == 0
+    assert report.attempts == len(events)
+    output = (tmp_path / "connector.log").read_text()
+    total = next(line for line in output.splitlines() if line.startswith("total "))
+    assert total.split() == ["total", "2", "1", "1", "1", "0", "5"]
+    assert "S4P/A_SupplierInvoice" in output
