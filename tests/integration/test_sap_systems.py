@@ -12,6 +12,7 @@ exactly one outcome of the connector's table.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from decimal import Decimal
@@ -32,6 +33,7 @@ from connectors.common.mapping import parse_mapping
 from connectors.sap.client import BasicCredentials, ODataClient
 from connectors.sap.connector import OUTCOMES, ConnectorStats, SapConnector, build_route, serve
 from connectors.sap.odata import EntitySource
+from connectors.sap.webhook import SECRET_VAR, WebhookSecurity, security_from_options
 from pipeline.kafka.admin import end_offsets
 from pipeline.modeling.invoices import generate
 from pipeline.settings import Settings
@@ -126,6 +128,7 @@ def _run(
     scenario: Callable[[str, SapConnector], Awaitable[T]],
     *,
     writeback: bool = False,
+    security: WebhookSecurity | None = None,
 ) -> tuple[T, ConnectorStats]:
     """``serve`` the connector on a free loopback port while ``scenario(url, connector)``
     runs; its result and the counters once the connector stopped."""
@@ -142,6 +145,7 @@ def _run(
                 writeback=writeback,
                 stop=stop,
                 ready=lambda port: bound.set_result(int(port or 0)),
+                security=security,
             )
         )
         await asyncio.wait({bound, serving}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
@@ -348,6 +352,34 @@ def test_one_connector_serves_two_systems_and_accounts_for_every_event(
     }
     assert len(_on_topic(settings, topics.requests, InferenceRequest)) == 8
     assert len(_on_topic(settings, topics.invalidations, Invalidation)) == 3
+
+
+def test_the_handshake_needs_the_same_credentials_as_a_delivery(
+    settings: Settings, systems: tuple[SapProtocolServer, SapProtocolServer]
+) -> None:
+    s4h, s4p = systems
+    secret = "event-mesh-webhook-secret"
+    security = security_from_options(
+        auth="basic", environment={SECRET_VAR: secret}, username="event-mesh"
+    )
+    origin = {"WebHook-Request-Origin": "eventmesh.example.com"}
+
+    def basic(password: str) -> dict[str, str]:
+        pair = base64.b64encode(f"event-mesh:{password}".encode()).decode()
+        return {**origin, "Authorization": f"Basic {pair}"}
+
+    async def scenario(url: str, _connector: SapConnector) -> list[tuple[int, str | None]]:
+        answers = []
+        async with aiohttp.ClientSession() as session:
+            for headers in (origin, basic("wrong-secret"), basic(secret)):
+                async with session.options(url, headers=headers) as answer:
+                    answers.append((answer.status, answer.headers.get("WebHook-Allowed-Origin")))
+        return answers
+
+    answers, stats = _run(settings, _routes(settings, s4h, s4p), scenario, security=security)
+    assert answers == [(401, None), (401, None), (200, "eventmesh.example.com")]
+    assert stats.auth_failures == 2
+    assert stats.events == 0, "a handshake is no event"
 
 
 def _result(request: InferenceRequest, score: float) -> InferenceResult:
