@@ -64,13 +64,21 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 import httpx2
 from aiohttp import web
 
+from pipeline.client import request_id_for
+
 V2_SERVICE = "/sap/opu/odata/sap/API_SUPPLIERINVOICE_PROCESS_SRV"
 V2_ENTITY_SET = "A_SupplierInvoice"
 V4_SERVICE = "/sap/opu/odata4/sap/api_supplierinvoice/srvd_a2x/sap/supplierinvoice/0001"
 V4_ENTITY_SET = "SupplierInvoice"
 EVENT_TYPE_CREATED = "sap.s4.beh.supplierinvoice.v1.SupplierInvoice.Created.v1"
+EVENT_TYPE_CHANGED = "sap.s4.beh.supplierinvoice.v1.SupplierInvoice.Changed.v1"
+EVENT_TYPE_CANCELED = "sap.s4.beh.supplierinvoice.v1.SupplierInvoice.Canceled.v1"
+"""SAP's business event when a supplier invoice is cancelled (reversed); the document stays
+readable, flagged as reversed."""
 EVENT_SOURCE = "/default/sap.s4.beh/S4HCLNT100"
 SESSION_COOKIE = "SAP_SESSIONID_S4H_100"
+RELEASE_PARAMETERS = {"Note": "Edm.String", "Approved": "Edm.Boolean", "RiskScore": "Edm.Decimal"}
+"""The v2 function import ``Release``'s parameters and their types (as its $metadata says)."""
 
 # Property types as in the service's metadata; what decides each one's JSON form.
 _DATE_TIME = {"DocumentDate", "PostingDate", "DueCalculationBaseDate"}  # Edm.DateTime / Edm.Date
@@ -414,7 +422,12 @@ class SapProtocolServer:
                 _literal(params.get("SupplierInvoice", "")),
                 _literal(params.get("FiscalYear", "")),
             )
-            return self._action(key, "Release", {}, version)
+            arguments = {
+                name: _typed_literal(name, params[name], kind)
+                for name, kind in RELEASE_PARAMETERS.items()
+                if name in params
+            }
+            return self._action(key, "Release", arguments, version)
         raise _ODataFailure(404, "/IWBEP/CM_MGW_RT/020", f"Resource not found for segment '{rest}'")
 
     def _record_call(self, request: web.Request, method: str, version: int) -> None:
@@ -652,6 +665,31 @@ def _literal(text: str) -> str:
     return text
 
 
+def _typed_literal(name: str, literal: str, kind: str) -> Any:
+    """A function-import parameter per the OData V2 URI literal rules, as SAP Gateway parses
+    it for the parameter's declared type: a mistyped literal (a quoted boolean, a number in
+    quotes) is a 400, not a value."""
+    patterns = {
+        "Edm.String": r"'(?:[^']|'')*'",
+        "Edm.Boolean": r"true|false",
+        "Edm.Decimal": r"-?\d+(?:\.\d+)?[mM]?",
+        "Edm.Int32": r"-?\d+",
+    }
+    if not re.fullmatch(patterns[kind], literal):
+        raise _ODataFailure(
+            400,
+            "/IWBEP/CM_MGW_RT/004",
+            f"Invalid parameter value {literal!r} for '{name}' of type {kind}",
+        )
+    if kind == "Edm.String":
+        return _literal(literal)
+    if kind == "Edm.Boolean":
+        return literal == "true"
+    if kind == "Edm.Int32":
+        return int(literal)
+    return Decimal(literal.rstrip("mM"))
+
+
 def _parse_key(text: str) -> InvoiceKey:
     inner = text.strip().removeprefix("(").removesuffix(")")
     values = {name: _literal(value) for name, value in _PREDICATE_PART.findall(inner)}
@@ -774,18 +812,28 @@ def free_port() -> int:
 
 
 def supplier_invoice_event(
-    key: InvoiceKey, *, event_id: str | None = None, event_type: str = EVENT_TYPE_CREATED
+    key: InvoiceKey,
+    *,
+    event_id: str | None = None,
+    event_type: str = EVENT_TYPE_CREATED,
+    source: str = EVENT_SOURCE,
 ) -> dict[str, Any]:
-    """A structured CloudEvent as S/4HANA raises it: the keys, not the entity."""
+    """A structured CloudEvent as S/4HANA raises it: the keys, not the entity. ``source``
+    names the system (``/default/sap.s4.beh/<SID>CLNT<client>``)."""
     return {
         "specversion": "1.0",
         "type": event_type,
-        "source": EVENT_SOURCE,
+        "source": source,
         "id": event_id or str(uuid.uuid4()),
         "time": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "datacontenttype": "application/json",
         "data": {"SupplierInvoice": key[0], "FiscalYear": key[1]},
     }
+
+
+def event_request_id(system: str, event_id: str, source: str = EVENT_SOURCE) -> uuid.UUID:
+    """The request id the connector gives an event: CloudEvents identity is source + id."""
+    return request_id_for(system, f"{source}#{event_id}")
 
 
 def encode_event(

@@ -6,6 +6,8 @@ Three content modes (CloudEvents HTTP protocol binding):
   (``data`` as JSON, or ``data_base64``);
 - **binary**: attributes in ``ce-*`` headers, the body is ``data`` with the event's
   ``Content-Type``;
+- **structured as plain JSON**: ``Content-Type: application/json`` without ``ce-*`` headers
+  and a body that is an object with ``specversion`` (SAP Event Mesh sends this);
 - **batched**: ``application/cloudevents-batch+json``, a JSON array of structured events.
 
 An SAP business event (type like ``sap.s4.beh.supplierinvoice.v1.SupplierInvoice.Created.v1``)
@@ -180,6 +182,17 @@ def parse_http(headers: Mapping[str, str], body: bytes) -> list[CloudEvent]:
         return [from_structured(document)]
     if "ce-id" in lowered or "ce-specversion" in lowered:
         return [from_binary(lowered, body)]
+    if media_type == "application/json":
+        # SAP Event Mesh delivers structured events as plain application/json (no ce-*
+        # headers): an object that carries specversion is a structured CloudEvent.
+        try:
+            document = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidCloudEvent(
+                "invalid_cloudevent", f"the body is not valid JSON: {exc}"
+            ) from None
+        if isinstance(document, dict) and "specversion" in document:
+            return [from_structured(document)]
     raise InvalidCloudEvent(
         "invalid_cloudevent",
         f"neither a structured CloudEvent ({STRUCTURED}) nor binary mode (ce-* headers); "

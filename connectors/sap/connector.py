@@ -2,13 +2,22 @@
 
 Intake, per business event (CloudEvent pushed to ``POST <path>``):
 
-1. parse the event (structured, binary or batched mode); an invalid one is dead-lettered;
-2. derive the request id from the event id: an event already published (seen in the requests
-   topic, at start-up, or by this process since) is answered 2xx at once, and one still in
-   flight is waited for, so a redelivery never becomes a second request;
-3. read the entity named by the event's keys over OData, map it, publish the request and wait
-   for the broker's acknowledgement;
-4. only then answer 2xx; any transient failure answers 503, so SAP delivers the event again.
+1. parse the event (structured, binary or batched mode); an invalid one is dead-lettered
+   (once: the same malformed body delivered again is a duplicate);
+2. route it by CloudEvents ``source`` and ``type`` to one of the connector's mappings
+   (:mod:`connectors.sap.routing`); an event no mapping takes is skipped and counted;
+3. derive the event's key from its ``source`` and ``id`` (the CloudEvents identity): an event
+   already handled (seen in the requests topic at start-up, or by this process since) is
+   answered 2xx at once, and one still in flight is waited for, so a redelivery never becomes
+   a second request;
+4. a cancellation (``...Canceled``) publishes an invalidation for the entity and remembers it,
+   so a create or change of it that arrives later is skipped; anything else reads the entity
+   named by the event's keys over OData (from the system the event came from), maps it,
+   publishes the request and waits for the broker's acknowledgement;
+5. only then answer 2xx; any transient failure answers 503, so SAP delivers the event again.
+
+Every input event ends in exactly one outcome (:data:`OUTCOMES`), counted in
+``ConnectorStats.outcomes`` (``/healthz`` and the connector's summary).
 
 Polling mode reads ``$filter=<delta_field> ge <position>`` pages in change order, publishes
 each page's requests, and checkpoints the page's newest change time once they are acked.
@@ -29,14 +38,17 @@ import contextlib
 import json
 import logging
 import signal
+import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from hashlib import sha256
 from typing import Any
 
 from aiohttp import web
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from pydantic import ValidationError
 
 import schemas
 from connectors.common.checkpoint import CheckpointStore
@@ -44,6 +56,7 @@ from connectors.common.correlation import Rejected
 from connectors.common.dates import parse_datetime, to_iso_utc
 from connectors.common.dead_letters import send_unmappable
 from connectors.common.exceptions import UnmappableRecord
+from connectors.common.invalidation import invalidation_message
 from connectors.common.mapping import Mapping
 from connectors.sap.client import ODataClient
 from connectors.sap.cloudevents import CloudEvent, parse_http
@@ -53,7 +66,9 @@ from connectors.sap.exceptions import (
     ODataError,
     PreconditionFailed,
 )
+from connectors.sap.memory import BoundedKeys
 from connectors.sap.odata import EntityRecord, EntitySource, delta_value, key_predicate
+from connectors.sap.routing import EventKind, RouteRule, event_kind, route_for, route_subject
 from connectors.sap.webhook import WebhookGuard, WebhookSecurity, check_listen
 from connectors.sap.webhook_auth import AuthFailure
 from connectors.sap.webhook_limits import retry_after
@@ -62,19 +77,19 @@ from connectors.sap.writeback import (
     WritebackCall,
     WritebackSpec,
     correlation_id,
+    entity_of,
     plan_writeback,
-    predicate_of,
     signer,
 )
 from pipeline.client import request_id_for
 from pipeline.kafka import clients
-from pipeline.kafka.admin import ensure_topics, model_topic_specs
+from pipeline.kafka.admin import ensure_topics, invalidation_topic_spec, model_topic_specs
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.kafka.producer import AsyncProducer, DeliveryError, OutgoingMessage
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.exceptions import DecodeError
-from schemas.models import InferenceRequest, InferenceResult
+from schemas.models import InferenceRequest, InferenceResult, Invalidation, InvalidationKind
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +103,57 @@ WRITE_CONFLICT_ATTEMPTS = 3
 """A 412 means the entity changed between our read and our write: read again, this often."""
 
 
-def delta_stream(source: EntitySource) -> str:
-    return f"delta:{source.entity_set}"
+OUTCOMES = ("request", "invalidation", "duplicate", "skipped", "dead_letter")
+"""What became of an input event; each event has exactly one."""
+MALFORMED_ROUTE = "(malformed)"
+"""Where a delivery that is no CloudEvent is counted: it names no route."""
+
+
+def delta_stream(source: EntitySource, route_name: str = "") -> str:
+    """The polling position's checkpoint stream; per route once there are several systems
+    (two systems have the same entity sets)."""
+    return f"delta:{route_name or source.entity_set}"
+
+
+def cancelled_key(source_system: str, model: str, entity_id: str) -> str:
+    """How a cancelled entity is remembered: by the entity id its requests are keyed by."""
+    return f"{source_system}|{model}|{entity_id}"
+
+
+def event_key(event: CloudEvent) -> str:
+    """The source event id of a CloudEvent: ``source`` and ``id`` together are its identity
+    (``id`` is unique only per source; two systems may reuse one)."""
+    return f"{event.source}#{event.id}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route(RouteRule):
+    """A route with what it needs at run time: its system's OData client, its topics."""
+
+    odata: ODataClient
+    topics: ModelTopics
+    writeback_spec: WritebackSpec | None
+
+
+def build_route(
+    namespace: str,
+    mapping: Mapping,
+    odata: ODataClient,
+    *,
+    name: str = "",
+    system: str = "default",
+    event_sources: tuple[str, ...] = (),
+) -> Route:
+    return Route(
+        name=name,
+        system=system,
+        mapping=mapping,
+        source=odata.source,
+        event_sources=event_sources,
+        odata=odata,
+        topics=ModelTopics(namespace, mapping.model),
+        writeback_spec=WritebackSpec.from_mapping(mapping.writeback) if mapping.writeback else None,
+    )
 
 
 @dataclass
@@ -112,45 +176,114 @@ class ConnectorStats:
     """Deliveries refused 413 for carrying more events than allowed."""
     forged: int = 0
     """Results claiming to be this connector's without its valid signature for their request."""
+    invalidations: int = 0
+    """Invalidations published (cancelled or deleted entities)."""
+    malformed: int = 0
+    """Deliveries that were no CloudEvent (each dead-lettered once)."""
+    remembered_events: int = 0
+    """Keys in the memory of handled events (bounded)."""
+    forgotten_events: int = 0
+    """Keys that memory dropped for its bound (a redelivery after that is looked up again)."""
+    remembered_writes: int = 0
+    forgotten_writes: int = 0
+    cancelled_entities: int = 0
+    """Entities remembered as cancelled (bounded): a later create/change of them is skipped."""
     skips: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """Results not written back, by reason."""
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    """Input events by outcome; they sum to the events received."""
+    skipped_events: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """Skipped input events by reason (``unmapped_type``, ``cancelled``, ``own_change``)."""
+    outcomes_by_route: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count_outcome(self, route: str, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        by_route = self.outcomes_by_route.setdefault(route, dict.fromkeys(OUTCOMES, 0))
+        by_route[outcome] += 1
+
+    def counters(self) -> dict[str, Any]:
+        """Everything as plain JSON: the counters, outcomes and reasons."""
+        flat: dict[str, Any] = {k: v for k, v in vars(self).items() if isinstance(v, int)}
+        flat["outcomes"] = dict(self.outcomes)
+        flat["outcomes_by_route"] = {k: dict(v) for k, v in self.outcomes_by_route.items()}
+        flat["skipped_events"] = dict(self.skipped_events)
+        flat["skips"] = dict(self.skips)
+        return flat
+
+    def outcome_table(self) -> str:
+        """Input events by route and outcome, with a total row that sums to ``events``."""
+        width = max([len("route"), len("total"), *map(len, self.outcomes_by_route)])
+        head = f"{'route':<{width}} " + " ".join(f"{o:>12}" for o in OUTCOMES) + f" {'events':>8}"
+        lines = [head]
+        rows = [*sorted(self.outcomes_by_route.items()), ("total", self.outcomes)]
+        for route, counts in rows:
+            cells = " ".join(f"{counts.get(o, 0):>12}" for o in OUTCOMES)
+            lines.append(f"{route:<{width}} {cells} {sum(counts.values()):>8}")
+        return "\n".join(lines)
 
 
 class SapConnector:
-    """One mapping's connector; build it, ``await start()``, then serve and/or poll."""
+    """One connector: its routes (mappings over systems); build it, ``await start()``, then
+    serve and/or poll. ``SapConnector(settings, mapping, odata)`` is the one-route form."""
 
     def __init__(
         self,
         settings: Settings,
-        mapping: Mapping,
-        odata: ODataClient,
+        mapping: Mapping | None = None,
+        odata: ODataClient | None = None,
         *,
+        routes: list[Route] | None = None,
         secrets: tuple[bytes, ...],
         name: str = "sap",
         dedupe_window: timedelta = timedelta(days=1),
         writeback_concurrency: int = 8,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        memory_keys: int = 200_000,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
+        if routes is None:
+            if mapping is None or odata is None:
+                raise ValueError("a mapping and its OData client, or routes")
+            routes = [build_route(settings.namespace, mapping, odata)]
+        if not routes:
+            raise ValueError("a connector needs at least one route")
+        names = [route.name for route in routes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"route names repeat: {names}")
         self.settings = settings
-        self.mapping = mapping
-        self.odata = odata
+        self.routes = routes
+        self._routes_by_name = {route.name: route for route in routes}
+        first = routes[0]
+        # The first route stands for the connector where one is needed: malformed deliveries
+        # (which name no route) are dead-lettered to its model.
+        self.mapping = first.mapping
+        self.odata = first.odata
+        self.source = first.source
+        self.writeback_spec = first.writeback_spec
+        self.topics = first.topics
         self.name = name
         self.signer = signer(name, secrets)
-        self.source = odata.source
-        self.writeback_spec = (
-            WritebackSpec.from_mapping(mapping.writeback) if mapping.writeback else None
-        )
-        self.topics = ModelTopics(settings.namespace, mapping.model)
         self.stats = ConnectorStats()
         self.checkpoints = CheckpointStore(settings, name)
         self.positions: dict[str, str] = {}
         self._dedupe_window = dedupe_window
         self._clock = clock
+        window_s = dedupe_window.total_seconds()
+        memory: dict[str, Any] = {"max_keys": memory_keys, "max_age_s": max(window_s, 1.0)}
+        if monotonic is not None:
+            memory["clock"] = monotonic
         self._producer: AsyncProducer | None = None
-        self._published: set[str] = set()
+        self._published = BoundedKeys(**memory)
+        """Request ids (the event keys) of events handled: published, invalidated,
+        dead-lettered or skipped as cancelled."""
+        self._malformed = BoundedKeys(**memory)
+        """Digests of malformed bodies already dead-lettered."""
+        self._cancelled = BoundedKeys(**memory)
+        """``<route><predicate>`` of entities cancelled: a later create/change is skipped."""
+        self._written = BoundedKeys(**memory)
         self._in_flight: dict[str, asyncio.Future[str]] = {}
         self._newest_event: str | None = None
         self._saved_event: str | None = None
-        self._written: set[str] = set()
         self._write_slots = asyncio.Semaphore(writeback_concurrency)
         self._batch_done = False
         self._own_etags: dict[str, str] = {}
@@ -161,29 +294,44 @@ class SapConnector:
         """The writeback's consumer group (group ids are cluster-wide: namespaced)."""
         return f"{self.settings.namespace}.connector.{self.name}.writeback"
 
+    def _models(self) -> dict[str, ModelTopics]:
+        return {route.mapping.model: route.topics for route in self.routes}
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Create topics, load checkpoints, and learn which requests are already published."""
-        await asyncio.to_thread(ensure_topics, self.settings.kafka, model_topic_specs(self.topics))
+        """Create topics, load checkpoints, and learn which events are already handled."""
+        for topics in self._models().values():
+            await asyncio.to_thread(ensure_topics, self.settings.kafka, model_topic_specs(topics))
+            await asyncio.to_thread(
+                ensure_topics, self.settings.kafka, [invalidation_topic_spec(topics)]
+            )
         self.positions = await asyncio.to_thread(self.checkpoints.load)
         self._saved_event = self.positions.get(EVENTS_STREAM)
         since = self._clock() - self._dedupe_window
-        self._published = await asyncio.to_thread(
-            published_request_ids,
-            self.settings,
-            self.topics.requests,
-            self.mapping.source_system,
-            since,
-        )
+        known = 0
+        for model, topics in self._models().items():
+            systems = {r.mapping.source_system for r in self.routes if r.mapping.model == model}
+            handled = await asyncio.to_thread(
+                published_request_ids, self.settings, topics.requests, systems, since
+            )
+            invalidated, cancelled = await asyncio.to_thread(
+                invalidated_events, self.settings, topics.invalidations, self.name, since
+            )
+            for request_id in sorted(handled | invalidated):
+                self._published.add(request_id)
+            for entity in sorted(cancelled):
+                self._cancelled.add(entity)
+            known += len(handled) + len(invalidated)
         self._producer = AsyncProducer(
             clients.producer(self.settings.kafka, role=ProducerRole.REQUESTS)
         )
+        self._update_memory_stats()
         log.info(
-            'sap connector started name="%s" model="%s" known_requests="%d" positions="%s"',
+            'sap connector started name="%s" routes="%s" known_events="%d" positions="%s"',
             self.name,
-            self.mapping.model,
-            len(self._published),
+            ",".join(f"{r.name or r.mapping.model}" for r in self.routes),
+            known,
             self.positions,
         )
 
@@ -192,23 +340,28 @@ class SapConnector:
         if self._producer is not None:
             await asyncio.to_thread(self._producer.close, 10.0)
         await asyncio.to_thread(self.checkpoints.close)
-        await self.odata.close()
+        for route in self.routes:
+            await route.odata.close()
+
+    def _update_memory_stats(self) -> None:
+        self.stats.remembered_events = len(self._published)
+        self.stats.forgotten_events = self._published.forgotten + self._malformed.forgotten
+        self.stats.remembered_writes = len(self._written)
+        self.stats.forgotten_writes = self._written.forgotten
+        self.stats.cancelled_entities = len(self._cancelled)
 
     # ------------------------------------------------------------------ intake: events
 
     async def handle_http(
         self, headers: dict[str, str], body: bytes, *, max_events: int | None = None
     ) -> tuple[int, dict[str, Any]]:
-        """The HTTP answer to one push: 200 once every event is published (or dead-lettered),
-        503 when something transient failed (the sender delivers again), 413 (nothing
-        published) when a batch holds more than ``max_events`` events."""
+        """The HTTP answer to one push: 200 once every event is published (or dead-lettered,
+        invalidated, skipped), 503 when something transient failed (the sender delivers
+        again), 413 (nothing published) when a batch holds more than ``max_events`` events."""
         try:
             events = parse_http(headers, body)
         except InvalidCloudEvent as invalid:
-            await self._dead_letter(
-                body, invalid.reason_code, invalid.message, key=None, headers=_ce_headers(headers)
-            )
-            return 200, {"outcome": "dead_lettered", "reason": invalid.reason_code}
+            return 200, await self._malformed_delivery(headers, body, invalid)
         if max_events is not None and len(events) > max_events:
             self.stats.too_many_events += 1
             return 413, {
@@ -223,25 +376,59 @@ class SapConnector:
         except (ODataError, DeliveryError) as failure:
             log.warning('event intake failed, sender will retry error="%s"', failure)
             return 503, {"error": str(failure)}
+        finally:
+            self._update_memory_stats()
         return 200, {"outcomes": outcomes}
 
-    async def ingest_event(self, event: CloudEvent) -> str:
-        """Publish the request for one event; returns ``published``, ``duplicate`` or
-        ``dead_lettered``. Transient failures raise (:class:`ODataError`, ``DeliveryError``)."""
+    async def _malformed_delivery(
+        self, headers: dict[str, str], body: bytes, invalid: InvalidCloudEvent
+    ) -> dict[str, Any]:
+        """Dead-letter a body that is no CloudEvent, once: a broker redelivers what it sent,
+        and a second dead letter would be a second task for a person, about nothing new."""
         self.stats.events += 1
-        request_id = str(request_id_for(self.mapping.source_system, event.id))
-        if request_id in self._published:
+        self.stats.malformed += 1
+        digest = sha256(body).hexdigest()
+        if digest in self._malformed:
             self.stats.duplicates += 1
-            return "duplicate"
+            self.stats.count_outcome(MALFORMED_ROUTE, "duplicate")
+            return {"outcome": "duplicate", "reason": invalid.reason_code}
+        await self._dead_letter(
+            self.routes[0],
+            body,
+            invalid.reason_code,
+            invalid.message,
+            key=None,
+            headers=_ce_headers(headers),
+        )
+        self._malformed.add(digest)
+        self.stats.count_outcome(MALFORMED_ROUTE, "dead_letter")
+        return {"outcome": "dead_letter", "reason": invalid.reason_code}
+
+    async def ingest_event(self, event: CloudEvent) -> str:
+        """Handle one event; returns its outcome (:data:`OUTCOMES`). Transient failures raise
+        (:class:`ODataError`, ``DeliveryError``) and count no outcome: the sender retries."""
+        route = route_for(self.routes, event)
+        if route is None:
+            self.stats.events += 1
+            self.stats.skipped_events["unmapped_type"] += 1
+            self.stats.count_outcome("(unmapped)", "skipped")
+            log.info(
+                'event skipped: no mapping takes it type="%s" source="%s"', event.type, event.source
+            )
+            return "skipped"
+        request_id = str(request_id_for(route.mapping.source_system, event_key(event)))
+        if request_id in self._published:
+            return self._duplicate(route)
         running = self._in_flight.get(request_id)
         if running is not None:
             await asyncio.shield(running)
-            self.stats.duplicates += 1
-            return "duplicate"
+            return self._duplicate(route)
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._in_flight[request_id] = future
         try:
-            outcome = await self._ingest(event, request_id)
+            outcome = await self._ingest(route, event, request_id)
+            self.stats.events += 1
+            self.stats.count_outcome(route.name or route.mapping.model, outcome)
             future.set_result(outcome)
             return outcome
         except BaseException as failure:
@@ -251,52 +438,134 @@ class SapConnector:
         finally:
             del self._in_flight[request_id]
 
-    async def _ingest(self, event: CloudEvent, request_id: str) -> str:
+    def _duplicate(self, route: Route) -> str:
+        self.stats.events += 1
+        self.stats.duplicates += 1
+        self.stats.count_outcome(route.name or route.mapping.model, "duplicate")
+        return "duplicate"
+
+    async def _ingest(self, route: Route, event: CloudEvent, request_id: str) -> str:
         payload = json.dumps(event.structured()).encode()
-        if self.source.event_types and event.type not in self.source.event_types:
-            await self._dead_letter(
-                payload,
-                "unexpected_event_type",
-                f"event type {event.type!r} is not one this mapping handles",
-                key=event.id,
-                request_id=request_id,
-            )
-            return "dead_lettered"
+        kind = event_kind(event.type)
         try:
             if not isinstance(event.data, dict):
                 raise UnmappableRecord("missing_key", "the event's data carries no entity keys")
             try:
-                predicate = key_predicate(self.source, event.data)
+                predicate = key_predicate(route.source, event.data)
             except KeyError as missing:
                 raise UnmappableRecord(
                     "missing_key", f"the event's data lacks key field {missing.args[0]!r}"
                 ) from None
             except ValueError as invalid:
                 raise UnmappableRecord("invalid_key", str(invalid)) from None
+            entity = route_subject(route.name, predicate)
+            if kind is not EventKind.SCORE:
+                await self._invalidate(route, event, predicate, kind, request_id)
+                self._published.add(request_id)
+                self._newest_event = event.id
+                return "invalidation"
             try:
-                record = await self.odata.read_entity(predicate)
+                record = await route.odata.read_entity(predicate)
             except EntityNotFound as gone:
                 raise UnmappableRecord("entity_not_found", str(gone)) from None
-            if await self._is_own_change(predicate, record):
+            if await self._is_own_change(entity, record):
                 self.stats.own_changes += 1
-                return "own_change"
-            request = self.mapping.to_request(
+                self.stats.skipped_events["own_change"] += 1
+                return "skipped"
+            request = route.mapping.to_request(
                 record.properties,
-                source_event_id=event.id,
-                correlation_id=correlation_id(self.signer, predicate, request_id),
+                source_event_id=event_key(event),
+                correlation_id=correlation_id(self.signer, entity, request_id),
             )
+            if self._is_cancelled(request):
+                # Out of order: the cancellation came first. The document is void; a score
+                # of it would be a prediction about nothing.
+                self.stats.skipped_events["cancelled"] += 1
+                self._published.add(request_id)
+                return "skipped"
         except UnmappableRecord as unmappable:
             await self._dead_letter(
+                route,
                 payload,
                 unmappable.reason_code,
                 unmappable.message,
                 key=event.id,
                 request_id=request_id,
             )
-            return "dead_lettered"
-        await self._publish([request])
+            self._published.add(request_id)
+            return "dead_letter"
+        await self._publish(route, [request])
         self._newest_event = event.id
-        return "published"
+        return "request"
+
+    async def _invalidate(
+        self,
+        route: Route,
+        event: CloudEvent,
+        predicate: str,
+        kind: EventKind,
+        request_id: str,
+    ) -> None:
+        """Publish the invalidation of a cancelled (or deleted) entity, keyed by the entity
+        like its requests, and wait for the broker's acknowledgement."""
+        assert self._producer is not None, "start() first"
+        entity_key = await self._entity_id(route, event.data, predicate)
+        try:
+            invalidation = _invalidation(
+                route,
+                event,
+                entity_key,
+                kind,
+                request_id,
+                _event_time(event, self._clock),
+                self.name,
+            )
+        except ValidationError as invalid:
+            # Hostile or oversized attributes (an id longer than the contract allows):
+            # the event is unusable as sent, like a missing key.
+            raise UnmappableRecord(
+                "invalid_event", f"the cancellation does not fit the contract: {invalid}"
+            ) from None
+        self._cancelled.add(
+            cancelled_key(route.mapping.source_system, route.mapping.model, entity_key)
+        )
+        key, value, headers = invalidation_message(invalidation)
+        await self._producer.submit_all(
+            [OutgoingMessage(route.topics.invalidations, value, key, list(headers))]
+        )
+        self.stats.invalidations += 1
+        log.info(
+            'invalidation published entity="%s" model="%s" kind="%s"',
+            entity_key,
+            route.mapping.model,
+            invalidation.kind.value,
+        )
+
+    def _is_cancelled(self, request: InferenceRequest) -> bool:
+        if request.source is None:
+            return False
+        return (
+            cancelled_key(request.source.system, request.model, request.source.entity_id)
+            in self._cancelled
+        )
+
+    async def _entity_id(self, route: Route, keys: dict[str, Any], predicate: str) -> str:
+        """The entity id (the Kafka key of its requests) of a cancelled entity: from the
+        event's keys when the template needs no more, else from the entity as SAP still
+        serves it (a cancelled document stays readable). ``UnmappableRecord`` when neither
+        names it: an invalidation that no consumer could match is no invalidation."""
+        try:
+            return route.mapping.entity_id(keys)
+        except UnmappableRecord:
+            pass
+        try:
+            record = await route.odata.read_entity(predicate)
+        except EntityNotFound:
+            raise UnmappableRecord(
+                "missing_key",
+                "the cancelled entity is gone and the event's keys do not fill the entity id",
+            ) from None
+        return route.mapping.entity_id(record.properties)
 
     # ------------------------------------------------------------------ intake: polling
 
@@ -311,29 +580,31 @@ class SapConnector:
         is followed only while a page moves nothing on (a run of equal change times).
         """
         published = 0
-        while True:
-            advanced, count = await self._poll_from_position()
-            published += count
-            if not advanced:
-                return published
+        for route in self.routes:
+            while True:
+                advanced, count = await self._poll_from_position(route)
+                published += count
+                if not advanced:
+                    break
+        return published
 
-    async def _poll_from_position(self) -> tuple[bool, int]:
-        stream = delta_stream(self.source)
+    async def _poll_from_position(self, route: Route) -> tuple[bool, int]:
+        stream = delta_stream(route.source, route.name)
         stored = self.positions.get(stream)
         since = parse_datetime(stored) if stored else None
         published = 0
-        async with contextlib.aclosing(self.odata.read_changes(since)) as pages:
+        async with contextlib.aclosing(route.odata.read_changes(since)) as pages:
             async for page in pages:
                 requests: list[InferenceRequest] = []
                 newest = since
                 for record in page.records:
-                    request, changed = await self._polled_request(record)
+                    request, changed = await self._polled_request(route, record)
                     if changed is not None and (newest is None or changed > newest):
                         newest = changed
                     if request is not None and str(request.request_id) not in self._published:
                         requests.append(request)
                 # Step 1: publish the page's requests and wait for the broker's acks.
-                await self._publish(requests)
+                await self._publish(route, requests)
                 published += len(requests)
                 self.stats.polled += len(page.records)
                 if newest is not None and newest != since:
@@ -345,35 +616,40 @@ class SapConnector:
         return False, published
 
     async def _polled_request(
-        self, record: EntityRecord
+        self, route: Route, record: EntityRecord
     ) -> tuple[InferenceRequest | None, datetime | None]:
         payload = json.dumps(record.properties, default=str).encode()
         changed: datetime | None = None
         try:
             try:
-                changed = delta_value(record, self.source)
-                predicate = key_predicate(self.source, record.properties)
+                changed = delta_value(record, route.source)
+                predicate = key_predicate(route.source, record.properties)
             except KeyError as missing:
                 raise UnmappableRecord(
                     "missing_key", f"key field {missing.args[0]!r} is missing"
                 ) from None
             except ValueError as invalid:
                 raise UnmappableRecord("invalid_field", str(invalid)) from None
-            if await self._is_own_change(predicate, record):
+            entity = route_subject(route.name, predicate)
+            if await self._is_own_change(entity, record):
                 self.stats.own_changes += 1
                 return None, changed
-            event_id = f"{self.source.entity_set}{predicate}@{to_iso_utc(changed)}"
-            request = self.mapping.to_request(
+            event_id = f"{route.source.entity_set}{predicate}@{to_iso_utc(changed)}"
+            request = route.mapping.to_request(
                 record.properties,
                 source_event_id=event_id,
                 correlation_id=correlation_id(
                     self.signer,
-                    predicate,
-                    request_id_for(self.mapping.source_system, event_id),
+                    entity,
+                    request_id_for(route.mapping.source_system, event_id),
                 ),
             )
+            if self._is_cancelled(request):
+                return None, changed
         except UnmappableRecord as unmappable:
-            await self._dead_letter(payload, unmappable.reason_code, unmappable.message, key=None)
+            await self._dead_letter(
+                route, payload, unmappable.reason_code, unmappable.message, key=None
+            )
             return None, changed
         return request, changed
 
@@ -385,21 +661,21 @@ class SapConnector:
                 log.warning('poll failed, next poll retries error="%s"', failure)
             await pause(stop, interval_s)
 
-    async def _is_own_change(self, predicate: str, record: EntityRecord) -> bool:
+    async def _is_own_change(self, entity: str, record: EntityRecord) -> bool:
         """Whether the entity is as our own writeback left it: its change is our score,
         not news to score again (else every writeback would come back as a change).
 
         A read that raced a write of ours waits for the write's answer: the entity may
         already show the write's ETag before the connector has learnt it.
         """
-        writing = self._writing.get(predicate)
+        writing = self._writing.get(entity)
         if writing is not None:
             await writing.wait()
-        return record.etag is not None and self._own_etags.get(predicate) == record.etag
+        return record.etag is not None and self._own_etags.get(entity) == record.etag
 
     # ------------------------------------------------------------------ publishing
 
-    async def _publish(self, requests: Iterable[InferenceRequest]) -> None:
+    async def _publish(self, route: Route, requests: Iterable[InferenceRequest]) -> None:
         batch = list(requests)
         if not batch:
             return
@@ -408,7 +684,7 @@ class SapConnector:
         await self._producer.submit_all(
             [
                 OutgoingMessage(
-                    self.topics.requests,
+                    route.topics.requests,
                     schemas.encode(request),
                     request.source.entity_id if request.source else str(request.request_id),
                     list(schemas.message_headers(request.AVRO_NAME)),
@@ -422,6 +698,7 @@ class SapConnector:
 
     async def _dead_letter(
         self,
+        route: Route,
         payload: bytes,
         reason: str,
         message: str,
@@ -435,11 +712,11 @@ class SapConnector:
         await asyncio.to_thread(
             lambda: send_unmappable(
                 self.settings,
-                model=self.mapping.model,
+                model=route.mapping.model,
                 source_payload=payload,
                 reason_code=reason,
                 message=message,
-                source_system=self.mapping.source_system,
+                source_system=route.mapping.source_system,
                 producer=producer,
                 source_key=key,
                 source_headers=headers,
@@ -466,7 +743,10 @@ class SapConnector:
 
     async def run_writeback(self, stop: asyncio.Event, poll_s: float = 0.5) -> None:
         """Write results back until ``stop``; commit offsets only after their writes."""
-        if self.writeback_spec is None:
+        results_topics = sorted(
+            {route.topics.results for route in self.routes if route.writeback_spec is not None}
+        )
+        if not results_topics:
             return
         consumer = clients.consumer(
             self.settings.kafka,
@@ -479,7 +759,7 @@ class SapConnector:
                 "session.timeout.ms": 10_000,
             },
         )
-        consumer.subscribe([self.topics.results])
+        consumer.subscribe(results_topics)
         try:
             while not stop.is_set():
                 messages = await asyncio.to_thread(consumer.consume, 200, poll_s)
@@ -496,25 +776,33 @@ class SapConnector:
     async def _write_batch(self, messages: list[Message], stop: asyncio.Event) -> None:
         # One entity's results in offset order (an older score never overwrites a newer one);
         # different entities in parallel.
-        by_entity: dict[str, list[InferenceResult]] = defaultdict(list)
+        by_entity: dict[tuple[str, str], list[InferenceResult]] = defaultdict(list)
         for message in messages:
             try:
                 result = schemas.decode(message.value() or b"", InferenceResult)
             except DecodeError:
                 continue
-            predicate = predicate_of(self.signer, result)
-            if isinstance(predicate, Rejected):
-                if predicate.reason != "not_ours":
-                    self._count_forged(result, predicate.reason)
+            named = entity_of(self.signer, result)
+            if isinstance(named, Rejected):
+                if named.reason != "not_ours":
+                    self._count_forged(result, named.reason)
                 continue
-            by_entity[predicate].append(result)
+            by_entity[named].append(result)
         self._batch_done = False
 
-        async def write_entity(predicate: str, results: list[InferenceResult]) -> None:
+        async def write_entity(named: tuple[str, str], results: list[InferenceResult]) -> None:
+            route = self._routes_by_name.get(named[0])
+            if route is None or route.writeback_spec is None:
+                # Signed by us for a route this configuration no longer has: nowhere to write.
+                self.stats.skipped += len(results)
+                self.stats.skips["unknown_route"] += len(results)
+                log.warning('writeback skipped: no route "%s" any more', named[0])
+                return
             for result in results:
-                await self._write_until_done(predicate, result, stop)
+                await self._write_until_done(route, named[1], result, stop)
 
-        await asyncio.gather(*(write_entity(p, rs) for p, rs in by_entity.items()))
+        await asyncio.gather(*(write_entity(n, rs) for n, rs in by_entity.items()))
+        self._update_memory_stats()
         self._batch_done = not stop.is_set()
 
     def _count_forged(self, result: InferenceResult, reason: str) -> None:
@@ -530,7 +818,7 @@ class SapConnector:
         )
 
     async def _write_until_done(
-        self, predicate: str, result: InferenceResult, stop: asyncio.Event
+        self, route: Route, predicate: str, result: InferenceResult, stop: asyncio.Event
     ) -> None:
         """Write one result; failures are retried (the partition waits) until it is written,
         dead-lettered as permanently unwritable, or the connector stops."""
@@ -538,12 +826,13 @@ class SapConnector:
         while not stop.is_set():
             try:
                 async with self._write_slots:
-                    await self.write_result(predicate, result)
+                    await self.write_result(predicate, result, route)
                 return
             except ODataError as failure:
                 if failure.status in PERMANENT_WRITE_STATUSES:
                     self.stats.write_failures += 1
                     await self._dead_letter(
+                        route,
                         schemas.encode(result),
                         f"writeback_failed_{failure.status}",
                         str(failure),
@@ -555,47 +844,51 @@ class SapConnector:
             await pause(stop, delay)
             delay = min(delay * 2, 30.0)
 
-    async def write_result(self, predicate: str, result: InferenceResult) -> None:
+    async def write_result(
+        self, predicate: str, result: InferenceResult, route: Route | None = None
+    ) -> None:
         """Write one result back once: duplicates (same request id) are skipped."""
-        assert self.writeback_spec is not None
+        route = route or self.routes[0]
+        assert route.writeback_spec is not None
         request_id = str(result.request_id)
         if request_id in self._written:
             self.stats.already_written += 1
             return
         plan = plan_writeback(
-            result, predicate=predicate, source=self.source, spec=self.writeback_spec
+            result, predicate=predicate, source=route.source, spec=route.writeback_spec
         )
         if isinstance(plan, Skip):
             self.stats.skipped += 1
             self.stats.skips[plan.reason] += 1
             return
         if plan.method == "POST":
-            await self.odata.write(plan, None)
-        elif not await self._update_entity(predicate, plan):
+            await route.odata.write(plan, None)
+        elif not await self._update_entity(route, predicate, plan):
             self._written.add(request_id)
             self.stats.already_written += 1
             return
         self._written.add(request_id)
         self.stats.written += 1
 
-    async def _update_entity(self, predicate: str, plan: WritebackCall) -> bool:
+    async def _update_entity(self, route: Route, predicate: str, plan: WritebackCall) -> bool:
         """PATCH/MERGE with the entity's current ETag; ``False`` when the marker shows it was
         already written (by a run that stopped before committing its offset)."""
         for attempt in range(1, WRITE_CONFLICT_ATTEMPTS + 1):
             try:
-                record = await self.odata.read_entity(predicate)
+                record = await route.odata.read_entity(predicate)
             except EntityNotFound as gone:
                 raise ODataError(str(gone), status=404) from None
             if plan.marker is not None:
                 name, value = plan.marker
                 if str(record.properties.get(name) or "") == value:
                     return False
-            writing = self._writing[predicate] = asyncio.Event()
+            entity = route_subject(route.name, predicate)
+            writing = self._writing[entity] = asyncio.Event()
             try:
-                response = await self.odata.write(plan, record.etag)
+                response = await route.odata.write(plan, record.etag)
                 etag = response.headers.get("etag")
                 if etag:
-                    self._own_etags[predicate] = etag
+                    self._own_etags[entity] = etag
             except PreconditionFailed:
                 if attempt == WRITE_CONFLICT_ATTEMPTS:
                     raise ODataError(
@@ -606,7 +899,7 @@ class SapConnector:
                 continue
             finally:
                 writing.set()
-                del self._writing[predicate]
+                del self._writing[entity]
             return True
         return True  # unreachable: the last attempt returns or raises
 
@@ -659,12 +952,42 @@ class SapConnector:
                 )
             return None
 
+        async def handshake(request: web.Request) -> web.Response:
+            # The CloudEvents webhook validation handshake (CloudEvents "HTTP 1.1 Web Hooks
+            # for Event Delivery", section 4): the sender asks whether it may deliver here.
+            # Guarded like a delivery: Event Mesh sends it with the subscription's
+            # credentials, and an unauthenticated answer would tell a prober the path is live.
+            client = request.remote or "unknown"
+            if guard is not None:
+                wait = guard.admit(client)
+                if wait > 0:
+                    self.stats.rate_limited += 1
+                    return web.json_response(
+                        {"error": "rate_limited"},
+                        status=429,
+                        headers={"Retry-After": retry_after(wait)},
+                    )
+                refused = await _authenticate(guard, request, await request.read(), client)
+                if refused is not None:
+                    return refused
+            answer = handshake_headers(
+                request.headers.get("WebHook-Request-Origin"),
+                guard.security.limits.per_client_rate if guard is not None else None,
+            )
+            if answer is None:
+                return web.json_response(
+                    {"error": "a validation request names its origin in WebHook-Request-Origin"},
+                    status=400,
+                    headers={"Allow": "OPTIONS, POST"},
+                )
+            return web.Response(status=200, headers=answer)
+
         async def health(_request: web.Request) -> web.Response:
-            counts = {k: v for k, v in vars(self.stats).items() if isinstance(v, int)}
-            return web.json_response({"status": "ok", **counts})
+            return web.json_response({"status": "ok", **self.stats.counters()})
 
         app = web.Application(client_max_size=self.settings.workers.max_message_bytes)
         app.router.add_post(path, receive)
+        app.router.add_route("OPTIONS", path, handshake)
         app.router.add_get("/healthz", health)
         return app
 
@@ -673,6 +996,61 @@ async def pause(stop: asyncio.Event, seconds: float) -> None:
     """Wait ``seconds``, or less when ``stop`` is set meanwhile."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+_ORIGIN_MAX = 255
+
+
+def handshake_headers(origin: str | None, rate: float | None) -> dict[str, str] | None:
+    """The answer headers to a webhook validation request from ``origin``, or ``None`` when
+    it names none (or something that is no host name: it is echoed back, so it must be
+    plain). ``rate``: deliveries per second allowed to one sender, announced so that a
+    well-behaved sender never meets a 429."""
+    if origin is None:
+        return None
+    origin = origin.strip()
+    if not origin or len(origin) > _ORIGIN_MAX or not origin.isascii():
+        return None
+    if any(not (c.isalnum() or c in ".-_:*[]") for c in origin):
+        return None
+    headers = {"WebHook-Allowed-Origin": origin, "Allow": "OPTIONS, POST"}
+    if rate is not None:
+        # Requests per minute, a whole number (the spec's unit); at least 1.
+        headers["WebHook-Allowed-Rate"] = str(max(1, int(rate * 60)))
+    return headers
+
+
+def _invalidation(
+    route: Route,
+    event: CloudEvent,
+    entity_key: str,
+    kind: EventKind,
+    request_id: str,
+    occurred_at: datetime,
+    connector: str,
+) -> Invalidation:
+    return Invalidation(
+        event_id=uuid.UUID(request_id),
+        model=route.mapping.model,
+        entity_key=entity_key,
+        kind=InvalidationKind.CANCELLED if kind is EventKind.CANCEL else InvalidationKind.DELETED,
+        source_system=route.mapping.source_system,
+        source_event_id=event_key(event),
+        occurred_at=occurred_at,
+        connector=connector,
+        reason=event.type,
+    )
+
+
+def _event_time(event: CloudEvent, clock: Callable[[], datetime]) -> datetime:
+    """When the event happened (its ``time``), else now; a ``time`` that is no timestamp
+    is not worth refusing a cancellation for."""
+    if event.time:
+        try:
+            return parse_datetime(event.time)
+        except ValueError:
+            pass
+    return clock()
 
 
 def _ce_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -694,20 +1072,39 @@ def _commit(consumer: Consumer, messages: list[Message]) -> None:
 
 
 def published_request_ids(
-    settings: Settings, topic: str, source_system: str, since: datetime, timeout_s: float = 30.0
+    settings: Settings,
+    topic: str,
+    source_systems: str | Collection[str],
+    since: datetime,
+    timeout_s: float = 30.0,
 ) -> set[str]:
-    """Ids of the requests of ``source_system`` published to ``topic`` since ``since``.
+    """Ids of the requests of ``source_systems`` published to ``topic`` since ``since``.
 
     The requests topic is the truth of what was published: a connector killed after the
     broker acked a request but before it answered the sender finds the request here, and the
     redelivered event is recognised as a duplicate.
     """
+    systems = {source_systems} if isinstance(source_systems, str) else set(source_systems)
+    found: set[str] = set()
+    for value in _read_since(settings, topic, since, timeout_s):
+        try:
+            request = schemas.decode(value, InferenceRequest)
+        except DecodeError:
+            continue
+        if request.source is not None and request.source.system in systems:
+            found.add(str(request.request_id))
+    return found
+
+
+def _read_since(
+    settings: Settings, topic: str, since: datetime, timeout_s: float
+) -> Iterator[bytes]:
+    """The values of ``topic`` written since ``since``, to the topic's end as of now."""
     consumer = clients.consumer(
         settings.kafka,
         group_id=clients.throwaway_group("sluiceway-dedupe"),
         role=ConsumerRole.SNAPSHOT,
     )
-    found: set[str] = set()
     try:
         metadata = consumer.list_topics(topic, timeout=timeout_s)
         partitions = sorted(metadata.topics[topic].partitions)
@@ -717,28 +1114,48 @@ def published_request_ids(
         )
         assigned = [tp for tp in starts if tp.offset >= 0]
         if not assigned:
-            return found
+            return
         consumer.assign(assigned)
         open_partitions = {tp.partition for tp in assigned}
         while open_partitions:
             message = consumer.poll(timeout_s)
             if message is None:
-                raise TimeoutError(f"reading {topic} for published requests timed out")
+                raise TimeoutError(f"reading {topic} for handled events timed out")
             error = message.error()
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
                     open_partitions.discard(int(message.partition() or 0))
                     continue
                 raise KafkaException(error)
-            try:
-                request = schemas.decode(message.value() or b"", InferenceRequest)
-            except DecodeError:
-                continue
-            if request.source is not None and request.source.system == source_system:
-                found.add(str(request.request_id))
+            value = message.value()
+            if value:  # a tombstone carries nothing to learn
+                yield value
     finally:
         consumer.close()
-    return found
+
+
+def invalidated_events(
+    settings: Settings, topic: str, connector: str, since: datetime, timeout_s: float = 30.0
+) -> tuple[set[str], set[str]]:
+    """The event ids (request-id form) and entities (:func:`cancelled_key`) of the
+    invalidations ``connector`` published to ``topic`` since ``since``: a restarted connector
+    neither publishes a redelivered cancellation again nor scores a cancelled entity."""
+    events: set[str] = set()
+    entities: set[str] = set()
+    for value in _read_since(settings, topic, since, timeout_s):
+        try:
+            invalidation = schemas.decode(value, Invalidation)
+        except DecodeError:
+            continue
+        if invalidation.connector != connector:
+            continue
+        events.add(str(invalidation.event_id))
+        entities.add(
+            cancelled_key(
+                invalidation.source_system or "", invalidation.model, invalidation.entity_key
+            )
+        )
+    return events, entities
 
 
 async def serve(

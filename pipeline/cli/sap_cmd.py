@@ -1,5 +1,11 @@
 """``sluiceway connect-sap --mapping FILE --base-url URL``: the SAP connector.
 
+Or ``--connector-config FILE``: one connector for several SAP systems and mappings (each
+system with its base URL, credentials from its own environment variables, and the CloudEvents
+sources of its events; see :mod:`connectors.sap.systems`). Events are routed to the mapping of their
+``source`` and ``type``; the summary at the end is a table of input events by route and
+outcome (request, invalidation, duplicate, skipped, dead letter).
+
 Receives SAP business events (CloudEvents) on ``--listen``, and/or polls OData for changes
 every ``--poll-interval`` seconds, publishes mapped requests, and writes results back.
 Credentials come from environment variables only (``--auth basic``: ``SAP_USERNAME`` and
@@ -21,6 +27,7 @@ import argparse
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +36,10 @@ from pipeline.errors import SluicewayError
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
+    from connectors.common.mapping import Mapping
+    from connectors.sap.client import Credentials
+    from connectors.sap.odata import EntitySource
+    from connectors.sap.systems import SystemConfig
     from connectors.sap.webhook import WebhookSecurity
 
 
@@ -37,8 +48,14 @@ def register(subparsers: Any) -> None:
         "connect-sap",
         help="run the SAP connector: business events / OData polling in, scores written back",
     )
-    parser.add_argument("--mapping", type=Path, required=True, help="mapping file (YAML)")
-    parser.add_argument("--base-url", required=True, help="SAP system, e.g. https://host:443")
+    parser.add_argument("--mapping", type=Path, help="mapping file (YAML), with --base-url")
+    parser.add_argument("--base-url", help="SAP system, e.g. https://host:443")
+    parser.add_argument(
+        "--connector-config",
+        type=Path,
+        help="connector config (YAML): several systems and mappings, instead of "
+        "--mapping/--base-url/--auth",
+    )
     parser.add_argument("--name", default="sap", help="connector name (checkpoints, group)")
     parser.add_argument(
         "--listen",
@@ -138,26 +155,74 @@ def _listen(text: str) -> tuple[str, int | None]:
     return host.removeprefix("[").removesuffix("]") or "127.0.0.1", int(port)
 
 
+@dataclass(frozen=True)
+class _RoutePlan:
+    """One mapping bound to its system, checked, before anything connects."""
+
+    name: str
+    system: SystemConfig
+    mapping: Mapping
+    source: EntitySource
+    credentials: Credentials
+
+
+def _route_plans(args: argparse.Namespace, settings: Settings) -> list[_RoutePlan]:
+    from connectors.common.mapping import load_mapping
+    from connectors.sap.client import credentials_from_environment
+    from connectors.sap.odata import EntitySource
+    from connectors.sap.systems import load_connector_config, single_system
+
+    if args.connector_config is not None:
+        if args.mapping is not None or args.base_url is not None:
+            raise SluicewayError(
+                "--connector-config names the systems and mappings: no --mapping/--base-url"
+            )
+        config = load_connector_config(args.connector_config)
+        pairs = [(config.system(ref.system), ref.file) for ref in config.mappings]
+        named = True
+    else:
+        if args.mapping is None or args.base_url is None:
+            raise SluicewayError(
+                "either --connector-config FILE, or --mapping FILE with --base-url URL"
+            )
+        pairs = [(single_system(args.base_url, args.auth, args.token_url), args.mapping)]
+        named = False
+    plans = []
+    for system, file in pairs:
+        mapping = load_mapping(file)
+        model = settings.models.get(mapping.model)
+        if model is None:
+            raise SluicewayError(
+                f"mapping {file} names model {mapping.model!r}, which settings lack"
+            )
+        missing = mapping.missing_features(model.feature_order)
+        if missing:
+            raise SluicewayError(f"mapping {file} does not fill features {missing}")
+        source = EntitySource.from_mapping(mapping.source)
+        credentials = credentials_from_environment(
+            system.auth,
+            os.environ,
+            token_url=system.token_url,
+            **system.credential_variables(),
+        )
+        name = f"{system.name}/{source.entity_set}" if named else ""
+        plans.append(_RoutePlan(name, system, mapping, source, credentials))
+    names = [plan.name for plan in plans]
+    if len(set(names)) != len(names):
+        raise SluicewayError(f"two mappings read the same entity set of one system: {names}")
+    return plans
+
+
 def connect_sap_command(args: argparse.Namespace, settings: Settings) -> int:
     from connectors.common.correlation import MissingSecretError, secrets_from_env
-    from connectors.common.mapping import load_mapping
-    from connectors.sap.client import ODataClient, credentials_from_environment
-    from connectors.sap.connector import SapConnector, serve
-    from connectors.sap.odata import EntitySource
+    from connectors.sap.client import ODataClient
+    from connectors.sap.connector import SapConnector, build_route, serve
     from workers.inference.runner import configure_logging
 
     configure_logging(args.log_level)
     # One line per HTTP call drowns the connector's own lines; failures are logged by it.
     logging.getLogger("httpx2").setLevel(logging.WARNING)
-    mapping = load_mapping(args.mapping)
-    model = settings.models.get(mapping.model)
-    if model is None:
-        raise SluicewayError(f"mapping names model {mapping.model!r}, which settings lack")
-    missing = mapping.missing_features(model.feature_order)
-    if missing:
-        raise SluicewayError(f"mapping {args.mapping} does not fill features {missing}")
-    source = EntitySource.from_mapping(mapping.source)
-    credentials = credentials_from_environment(args.auth, os.environ, token_url=args.token_url)
+    plans = _route_plans(args, settings)
     host, port = _listen(args.listen)
     if port is None and args.poll_interval is None:
         raise SluicewayError("nothing to do: --listen off and no --poll-interval")
@@ -173,11 +238,20 @@ def connect_sap_command(args: argparse.Namespace, settings: Settings) -> int:
         raise SluicewayError(str(no_secret)) from None
 
     async def run() -> None:
-        odata = ODataClient(args.base_url, source, credentials)
+        routes = [
+            build_route(
+                settings.namespace,
+                plan.mapping,
+                ODataClient(plan.system.base_url, plan.source, plan.credentials),
+                name=plan.name,
+                system=plan.system.name,
+                event_sources=plan.system.event_sources,
+            )
+            for plan in plans
+        ]
         connector = SapConnector(
             settings,
-            mapping,
-            odata,
+            routes=routes,
             secrets=secrets,
             name=args.name,
             dedupe_window=timedelta(hours=args.dedupe_window_hours),
@@ -204,9 +278,10 @@ def connect_sap_command(args: argparse.Namespace, settings: Settings) -> int:
             f"written={stats.written} already_written={stats.already_written} "
             f"skipped={stats.skipped} auth_failures={stats.auth_failures} "
             f"rate_limited={stats.rate_limited} too_many_events={stats.too_many_events} "
-            f"forged={stats.forged}",
+            f"forged={stats.forged} invalidations={stats.invalidations}",
             flush=True,
         )
+        print(stats.outcome_table(), flush=True)
 
     asyncio.run(run())
     return 0

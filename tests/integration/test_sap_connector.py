@@ -44,7 +44,6 @@ from connectors.sap.connector import EVENTS_STREAM
 from connectors.sap.exceptions import EntityNotFound, ODataError, PreconditionFailed
 from connectors.sap.odata import EntitySource
 from connectors.sap.writeback import WritebackCall, correlation_id, signer
-from pipeline.client import request_id_for
 from pipeline.kafka.admin import describe_topics, end_offsets
 from pipeline.modeling.invoices import generate
 from pipeline.settings import Settings
@@ -59,6 +58,7 @@ from tests.sap_server import (
     V4_SERVICE,
     PushReport,
     SapProtocolServer,
+    event_request_id,
     free_port,
     invoices_from_features,
     push_events,
@@ -237,7 +237,7 @@ def test_a_thousand_events_are_scored_and_written_back_exactly_once(
 
     requests = _requests_published(settings)
     assert len(requests) == 1000
-    expected_ids = {request_id_for(SYSTEM, event["id"]) for event in events}
+    expected_ids = {event_request_id(SYSTEM, event["id"]) for event in events}
     assert {r.request_id for r in requests} == expected_ids
     assert all(r.source is not None and r.source.system == SYSTEM for r in requests)
     assert {r.source.entity_id for r in requests if r.source} == {f"1010/{n}/{y}" for n, y in keys}
@@ -305,7 +305,7 @@ def test_a_killed_connector_restarts_without_duplicates_or_gaps(
     requests = _requests_published(settings)
     ids = [r.request_id for r in requests]
     assert len(ids) == len(set(ids)) == 400, "no event twice, none missed"
-    assert set(ids) == {request_id_for(SYSTEM, e["id"]) for e in events}
+    assert set(ids) == {event_request_id(SYSTEM, e["id"]) for e in events}
     writes = sap.writes_by_key()
     assert set(writes) == set(keys)
     assert all(len(w) == 1 for w in writes.values())
@@ -417,7 +417,7 @@ def test_requests_published_by_an_outsider_are_served_but_never_written_back(
     writes = sap.writes_by_key()
     assert set(writes) == set(keys)
     assert all(len(w) == 1 for w in writes.values()), "a forged result was written"
-    own = {str(request_id_for(SYSTEM, event["id"])) for event in events}
+    own = {str(event_request_id(SYSTEM, event["id"])) for event in events}
     assert {w.body["YY1_RiskRequestId"] for (w,) in writes.values()} <= own
     outsider_ids = {str(r.request_id) for r in outsiders}
     assert not {w.body["YY1_RiskRequestId"] for (w,) in writes.values()} & outsider_ids
@@ -524,11 +524,11 @@ def test_unmappable_and_invalid_events_are_dead_lettered_with_their_payload(
     missing = reasons["missing_field"]
     assert "InvoiceGrossAmount" in missing.reason_message
     assert json.loads(missing.original_value or b"")["id"] == "bad-amount"
-    assert missing.request_id == str(request_id_for(SYSTEM, "bad-amount"))
+    assert missing.request_id == str(event_request_id(SYSTEM, "bad-amount"))
     assert reasons["invalid_cloudevent"].original_value == b'{"specversion": "1.0", "type": "x"}'
     assert all(letter.model == MODEL and letter.worker_id == CONNECTOR for letter in letters)
     (request,) = _requests_published(settings)
-    assert request.request_id == request_id_for(SYSTEM, "fine")
+    assert request.request_id == event_request_id(SYSTEM, "fine")
 
 
 # ---------------------------------------------------------------------- the OData client alone

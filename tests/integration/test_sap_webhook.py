@@ -29,14 +29,18 @@ from connectors.sap.connector import ConnectorStats, SapConnector, serve
 from connectors.sap.odata import EntitySource
 from connectors.sap.webhook import SECRET_VAR, WebhookLimits, WebhookSecurity, security_from_options
 from connectors.sap.webhook_auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, hmac_signature
-from pipeline.client import request_id_for
 from pipeline.kafka.admin import end_offsets
 from pipeline.modeling.invoices import generate
 from pipeline.settings import Settings
 from pipeline.stack.tls import ensure_authority
 from pipeline.topics import ModelTopics
 from schemas.models import InferenceRequest
-from tests.sap_server import SapProtocolServer, invoices_from_features, supplier_invoice_event
+from tests.sap_server import (
+    SapProtocolServer,
+    event_request_id,
+    invoices_from_features,
+    supplier_invoice_event,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAPPING = REPO_ROOT / "connectors" / "sap" / "mappings" / "supplier_invoice.yaml"
@@ -202,7 +206,7 @@ def test_only_authenticated_deliveries_are_published(
     assert "at most 2 events" in body["reason"]
     requests = _requests_on_topic(settings)
     assert sorted(str(r.request_id) for r in requests) == sorted(
-        str(request_id_for(SYSTEM, event["id"])) for event in events[:3]
+        str(event_request_id(SYSTEM, event["id"])) for event in events[:3]
     )
     assert (stats.auth_failures, stats.too_many_events, stats.published) == (4, 1, 3)
 
@@ -237,7 +241,7 @@ def test_a_flood_beyond_the_rate_limit_is_refused_and_what_was_accepted_is_publi
     requests = _requests_on_topic(settings)
     assert len(requests) == 2 * len(accepted), "every event of an accepted delivery, no other"
     assert {str(r.request_id) for r in requests} == {
-        str(request_id_for(SYSTEM, event["id"])) for batch in accepted for event in batch
+        str(event_request_id(SYSTEM, event["id"])) for batch in accepted for event in batch
     }
     assert stats.rate_limited == deliveries - 3
 
@@ -287,7 +291,7 @@ def test_tls_and_hmac_signatures(
         assert headers["WWW-Authenticate"].startswith("HMAC-SHA256")
     assert seen["signed"][0] == 200
     (request,) = _requests_on_topic(settings)
-    assert request.request_id == request_id_for(SYSTEM, "tls-000")
+    assert request.request_id == event_request_id(SYSTEM, "tls-000")
     assert stats.auth_failures == 2
 
 
@@ -333,5 +337,5 @@ def test_bearer_tokens_checked_against_a_key_set_file(
         assert headers["WWW-Authenticate"] == 'Bearer realm="sluiceway", error="invalid_token"'
     assert seen["valid"][0] == 200
     (request,) = _requests_on_topic(settings)
-    assert request.request_id == request_id_for(SYSTEM, "jwt-000")
+    assert request.request_id == event_request_id(SYSTEM, "jwt-000")
     assert stats.auth_failures == 2

@@ -115,3 +115,25 @@ def test_invalid_requests_say_why(headers: dict[str, str], body: bytes, message:
     with pytest.raises(InvalidCloudEvent, match=message) as failure:
         parse_http(headers, body)
     assert failure.value.reason_code == "invalid_cloudevent"
+
+
+def test_a_structured_event_sent_as_plain_json_is_accepted() -> None:
+    # SAP Event Mesh delivers structured events with Content-Type application/json.
+    (event,) = parse_http(
+        {"Content-Type": "application/json; charset=utf-8"}, json.dumps(_event()).encode()
+    )
+    assert (event.type, event.data) == (CREATED, _event()["data"])
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{broken", "not valid JSON"),
+        (b'{"SupplierInvoice": "1"}', "neither a structured CloudEvent"),
+        (b"[1, 2]", "neither a structured CloudEvent"),
+        (json.dumps(_event(id="")).encode(), "'id' is missing"),
+    ],
+)
+def test_plain_json_that_is_no_cloudevent_is_refused(body: bytes, message: str) -> None:
+    with pytest.raises(InvalidCloudEvent, match=message):
+        parse_http({"Content-Type": "application/json"}, body)

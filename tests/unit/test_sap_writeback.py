@@ -154,3 +154,91 @@ def test_key_predicates_split_outside_quotes() -> None:
 def test_invalid_writeback_sections_say_why(section: dict[str, Any], message: str) -> None:
     with pytest.raises(SapConfigError, match=message):
         WritebackSpec.from_mapping(section)
+
+
+def test_function_import_parameters_follow_the_v2_uri_literal_rules() -> None:
+    spec = WritebackSpec.from_mapping(
+        {
+            "method": "action",
+            "action": "Release",
+            "parameters": {
+                "Note": "it's {score:.2f}",
+                "Approved": {"value": "true", "type": "Edm.Boolean"},
+                "Blocked": {"value": "", "type": "Edm.Boolean"},
+                "RiskScore": {"value": "{score:.4f}", "type": "Edm.Decimal"},
+                "Level": {"value": "3", "type": "Edm.Int32"},
+                "Big": {"value": "3", "type": "Edm.Int64"},
+                "Ratio": {"value": "{score}", "type": "Edm.Double"},
+            },
+        }
+    )
+    call = plan_writeback(_result(0.25), predicate=PREDICATE, source=V2, spec=spec)
+    assert isinstance(call, WritebackCall)
+    assert call.path.split("?", 1)[1].split("&")[2:] == [
+        "Note='it''s%200.25'",
+        "Approved=true",
+        "Blocked=false",
+        "RiskScore=0.2500M",
+        "Level=3",
+        "Big=3L",
+        "Ratio=0.25d",
+    ]
+
+
+def test_v4_action_parameters_are_json_typed() -> None:
+    spec = WritebackSpec.from_mapping(
+        {
+            "method": "action",
+            "action": "SAP__self.Release",
+            "parameters": {
+                "Note": "n",
+                "Approved": {"value": "X", "type": "Edm.Boolean"},
+                "Score": {"value": "{score}", "type": "Edm.Decimal"},
+                "Level": {"value": "7", "type": "Edm.Int32"},
+            },
+        }
+    )
+    call = plan_writeback(_result(0.5), predicate=PREDICATE, source=V4, spec=spec)
+    assert isinstance(call, WritebackCall)
+    assert call.body == {"Note": "n", "Approved": True, "Score": 0.5, "Level": 7}
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [("yes", "Edm.Boolean"), ("0.5", "Edm.Int32"), ("nan", "Edm.Decimal"), ("x", "Edm.Guid")],
+)
+def test_a_parameter_that_is_no_value_of_its_type_is_never_sent(value: str, kind: str) -> None:
+    spec = WritebackSpec.from_mapping(
+        {
+            "method": "action",
+            "action": "Release",
+            "parameters": {"P": {"value": value, "type": kind}},
+        }
+    )
+    for source in (V2, V4):
+        assert plan_writeback(_result(), predicate=PREDICATE, source=source, spec=spec) == Skip(
+            "invalid_parameter"
+        )
+
+
+def test_a_conditional_writeback_writes_only_when_the_output_meets_it() -> None:
+    spec = WritebackSpec.from_mapping(
+        {"method": "action", "action": "Release", "only_if": {"below": 0.3}}
+    )
+    assert isinstance(
+        plan_writeback(_result(0.29), predicate=PREDICATE, source=V2, spec=spec), WritebackCall
+    )
+    for score in (0.3, 0.9):
+        assert plan_writeback(_result(score), predicate=PREDICATE, source=V2, spec=spec) == Skip(
+            "condition_not_met"
+        )
+    band = WritebackSpec.from_mapping(
+        {"fields": {"A": "{score}"}, "only_if": {"at_least": 0.5, "below": 0.8}}
+    )
+    outcomes = [
+        isinstance(plan_writeback(_result(s), predicate=PREDICATE, source=V2, spec=band), Skip)
+        for s in (0.49, 0.5, 0.79, 0.8)
+    ]
+    assert outcomes == [True, False, False, True]
+    with pytest.raises(SapConfigError, match="only_if"):
+        WritebackSpec.from_mapping({"fields": {"A": "x"}, "only_if": {}})
