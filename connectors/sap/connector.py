@@ -55,6 +55,7 @@ from connectors.common.checkpoint import CheckpointStore
 from connectors.common.correlation import Rejected
 from connectors.common.dates import parse_datetime, to_iso_utc
 from connectors.common.dead_letters import send_unmappable
+from connectors.common.dedupe import RecentKeys
 from connectors.common.exceptions import UnmappableRecord
 from connectors.common.invalidation import invalidation_message
 from connectors.common.mapping import Mapping
@@ -66,7 +67,6 @@ from connectors.sap.exceptions import (
     ODataError,
     PreconditionFailed,
 )
-from connectors.sap.memory import BoundedKeys
 from connectors.sap.odata import EntityRecord, EntitySource, delta_value, key_predicate
 from connectors.sap.routing import EventKind, RouteRule, event_kind, route_for, route_subject
 from connectors.sap.webhook import WebhookGuard, WebhookSecurity, check_listen
@@ -273,14 +273,14 @@ class SapConnector:
         if monotonic is not None:
             memory["clock"] = monotonic
         self._producer: AsyncProducer | None = None
-        self._published = BoundedKeys(**memory)
+        self._published = RecentKeys(**memory, name="published")
         """Request ids (the event keys) of events handled: published, invalidated,
         dead-lettered or skipped as cancelled."""
-        self._malformed = BoundedKeys(**memory)
+        self._malformed = RecentKeys(**memory, name="malformed")
         """Digests of malformed bodies already dead-lettered."""
-        self._cancelled = BoundedKeys(**memory)
+        self._cancelled = RecentKeys(**memory, name="cancelled")
         """``<route><predicate>`` of entities cancelled: a later create/change is skipped."""
-        self._written = BoundedKeys(**memory)
+        self._written = RecentKeys(**memory, name="written")
         self._in_flight: dict[str, asyncio.Future[str]] = {}
         self._newest_event: str | None = None
         self._saved_event: str | None = None
@@ -345,9 +345,9 @@ class SapConnector:
 
     def _update_memory_stats(self) -> None:
         self.stats.remembered_events = len(self._published)
-        self.stats.forgotten_events = self._published.forgotten + self._malformed.forgotten
+        self.stats.forgotten_events = self._published.evicted + self._malformed.evicted
         self.stats.remembered_writes = len(self._written)
-        self.stats.forgotten_writes = self._written.forgotten
+        self.stats.forgotten_writes = self._written.evicted
         self.stats.cancelled_entities = len(self._cancelled)
 
     # ------------------------------------------------------------------ intake: events

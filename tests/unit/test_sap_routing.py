@@ -13,7 +13,6 @@ from connectors.common.mapping import load_mapping
 from connectors.sap.cloudevents import CloudEvent
 from connectors.sap.connector import ConnectorStats, handshake_headers
 from connectors.sap.exceptions import SapConfigError
-from connectors.sap.memory import BoundedKeys
 from connectors.sap.odata import EntitySource
 from connectors.sap.routing import (
     EventKind,
@@ -164,19 +163,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def test_bounded_keys_forget_the_oldest_by_count_and_by_age() -> None:
-    clock = FakeClock()
-    keys = BoundedKeys(max_keys=3, max_age_s=10.0, clock=clock)
-    assert [keys.add(k) for k in ("a", "b", "a", "c", "d")] == [True, True, False, True, True]
-    # "b" was the oldest after "a" was seen again: the fourth key pushed it out.
-    assert ("b" in keys, "a" in keys, len(keys), keys.forgotten) == (False, True, 3, 1)
-    clock.now = 10.5
-    assert "a" not in keys
-    assert (len(keys), keys.forgotten) == (0, 4)
-    with pytest.raises(ValueError, match="room"):
-        BoundedKeys(max_keys=0)
 
 
 def test_the_handshake_echoes_a_plain_origin_only() -> None:
