@@ -179,6 +179,13 @@ class BatchJobStatus(StrEnum):
     EXPIRED = "expired"
 
 
+class InvalidationKind(StrEnum):
+    """What happened to a source record whose predictions no longer count."""
+
+    DELETED = "deleted"
+    CANCELLED = "cancelled"
+
+
 class BatchInputFormat(StrEnum):
     JSONL = "jsonl"
     CSV = "csv"
@@ -572,6 +579,31 @@ class BatchJob(Event):
     attributes: Attributes = Field(default_factory=dict)
 
 
+EntityKey = Name
+"""An entity's Kafka message key: what a connector gives the requests of the entity
+(``Source.entity_id``), so an invalidation lands on the same key of a compacted topic."""
+
+
+class Invalidation(Event):
+    """A source record was deleted or cancelled: earlier predictions for its entity are stale.
+
+    Topic ``<ns>.<model>.invalidations`` (compacted, key = ``entity_key``): the latest word
+    on each entity is kept, so a reader that starts late still sees every entity withdrawn.
+    """
+
+    AVRO_NAME: ClassVar[str] = f"{NAMESPACE}.Invalidation"
+
+    event_id: UUID
+    model: Name
+    entity_key: EntityKey
+    kind: InvalidationKind
+    source_system: Name | None = None
+    source_event_id: Name | None = None
+    occurred_at: Timestamp
+    connector: Name
+    reason: Text | None = None
+
+
 EVENT_MODELS: dict[str, type[Event]] = {
     model.AVRO_NAME: model
     for model in (
@@ -582,6 +614,7 @@ EVENT_MODELS: dict[str, type[Event]] = {
         ControlEvent,
         Feedback,
         BatchJob,
+        Invalidation,
     )
 }
 """Every event model by full Avro name."""

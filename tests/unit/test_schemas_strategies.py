@@ -278,6 +278,18 @@ batch_jobs = st.builds(
     tenant=opt(names),
     attributes=attributes,
 )
+invalidations = st.builds(
+    m.Invalidation,
+    event_id=st.uuids(),
+    model=names,
+    entity_key=names,
+    kind=st.sampled_from(list(m.InvalidationKind)),
+    source_system=opt(names),
+    source_event_id=opt(names),
+    occurred_at=timestamps,
+    connector=names,
+    reason=opt(texts),
+)
 
 EVENT_STRATEGIES: dict[type[m.Event], st.SearchStrategy[Any]] = {
     m.InferenceRequest: requests,
@@ -287,6 +299,7 @@ EVENT_STRATEGIES: dict[type[m.Event], st.SearchStrategy[Any]] = {
     m.ControlEvent: control_events(),
     m.Feedback: feedback,
     m.BatchJob: batch_jobs,
+    m.Invalidation: invalidations,
 }
 events: st.SearchStrategy[m.Event] = st.one_of(*EVENT_STRATEGIES.values())
 
