@@ -35,6 +35,12 @@ class ModelTopics:
         """Ground-truth labels for earlier requests (``Feedback`` events)."""
         return f"{self.namespace}.{self.model}.feedback"
 
+    @property
+    def invalidations(self) -> str:
+        """Compacted, key = entity key: source records deleted or cancelled since their
+        request (``Invalidation`` events, written by connectors)."""
+        return f"{self.namespace}.{self.model}.invalidations"
+
 
 def control_topic(namespace: str) -> str:
     return f"{namespace}.control"

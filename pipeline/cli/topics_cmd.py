@@ -14,7 +14,9 @@ def register(subparsers: Any) -> None:
     )
     actions = parser.add_subparsers(dest="topics_action", required=True, metavar="ACTION")
     create = actions.add_parser(
-        "create", help="requests, batch, results, DLQ and feedback of a model, plus control/drift"
+        "create",
+        help="requests, batch, results, DLQ, feedback and invalidations of a model, "
+        "plus control/drift",
     )
     create.add_argument("--model", action="append", required=True, help="repeat for more")
     create.add_argument("--partitions", type=int, default=3)
@@ -28,6 +30,7 @@ def create_command(args: argparse.Namespace, settings: Settings) -> int:
         batch_progress_topic_spec,
         control_topic_spec,
         ensure_topics,
+        invalidation_topic_spec,
         model_topic_specs,
         monitor_topic_specs,
     )
@@ -38,6 +41,7 @@ def create_command(args: argparse.Namespace, settings: Settings) -> int:
         topics = ModelTopics(settings.namespace, model)
         specs += model_topic_specs(topics, args.partitions)
         specs += monitor_topic_specs(settings.namespace, topics)
+        specs.append(invalidation_topic_spec(topics))
     unique = {spec.name: spec for spec in specs}
     created = set(ensure_topics(settings.kafka, unique.values()))
     for name in sorted(unique):

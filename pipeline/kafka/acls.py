@@ -10,15 +10,16 @@ cluster. One principal per process kind:
     transactional ids ``<ns>.worker.<model>-*``.
 ``connector-<name>``
     writes the requests of the models it serves (and reads them back to skip duplicates),
-    reads their results for writeback, writes their dead letters and the shared checkpoints.
+    reads their results for writeback, writes their dead letters, their invalidations and the
+    shared checkpoints.
 ``monitor``
     reads results and feedback of every model, writes drift reports and control events, and
     owns its faust topics and group (``<ns>-monitor*``).
 ``batch``
     writes every model's batch topic and the batch progress log in transactions
-    (``<ns>.batch-runner.*``), reads results and dead letters.
+    (``<ns>.batch-runner.*``), reads results, dead letters and invalidations.
 ``client``
-    the SDK: writes requests and feedback, reads results and its reply topics.
+    the SDK: writes requests and feedback, reads results, invalidations and its reply topics.
 
 Each principal may also CREATE exactly the topics its process ensures at start-up, with the
 same names (creating an existing topic changes nothing), and every producer gets the
@@ -264,6 +265,8 @@ def _connector(namespace: str, name: str, served: Sequence[str]) -> set[Grant]:
             | _topic(principal, topics.requests, _W, _R)
             | _topic(principal, topics.results, _R)
             | _topic(principal, topics.dlq, _W)
+            # Created by the connector that first reports a deleted or cancelled record.
+            | _topic(principal, topics.invalidations, _W, _C)
         )
     return grants
 
@@ -300,6 +303,7 @@ def _batch(namespace: str, models: Sequence[str]) -> set[Grant]:
             | _topic(BATCH, topics.batch, _W)
             | _topic(BATCH, topics.results, _R)
             | _topic(BATCH, topics.dlq, _R)
+            | _topic(BATCH, topics.invalidations, _R)
         )
     return grants
 
@@ -317,6 +321,7 @@ def _client(namespace: str, models: Sequence[str]) -> set[Grant]:
             _topic(CLIENT, topics.requests, _W)
             | _topic(CLIENT, topics.results, _R)
             | _topic(CLIENT, topics.feedback, _W)
+            | _topic(CLIENT, topics.invalidations, _R)
         )
     return grants
 

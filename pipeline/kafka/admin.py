@@ -154,6 +154,17 @@ def control_topic_spec(namespace: str) -> TopicSpec:
     )
 
 
+def invalidation_topic_spec(topics: ModelTopics) -> TopicSpec:
+    """Compacted, keyed by entity like the requests: the latest word on each entity stays,
+    so a reader starting late still learns of every withdrawn entity; three partitions
+    spread the entities as the requests topic does."""
+    return TopicSpec(
+        topics.invalidations,
+        3,
+        config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
+    )
+
+
 def batch_progress_topic_spec(namespace: str) -> TopicSpec:
     """Compacted, one partition: a runner reads its job's last checkpoint from one log."""
     return TopicSpec(

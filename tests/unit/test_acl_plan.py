@@ -123,6 +123,24 @@ def test_a_connector_touches_only_the_models_it_serves() -> None:
     assert ("READ", "GROUP", "LITERAL", f"{NS}.connector.sap.writeback") in sap
 
 
+def test_only_the_serving_connectors_write_invalidations_and_the_sdk_and_batch_read_them() -> None:
+    connectors = {**DEMO_CONNECTORS, "sap-eu": ("invoice_risk",)}
+    grants = plan(_settings(), connectors)
+    for model in ("scaler", "invoice_risk", "case_summary"):
+        topic = ModelTopics(NS, model).invalidations
+        serving = {f"connector-{n}" for n, served in connectors.items() if model in served}
+        assert _who(grants, Operation.WRITE, topic) == serving
+        assert _who(grants, Operation.CREATE, topic) == serving
+        assert _who(grants, Operation.READ, topic) == {"client", "batch"}
+        assert _who(grants, Operation.DESCRIBE, topic) == serving | {"client", "batch"}
+    sap = _rights(grants, "connector-sap")
+    invalidation_rights = {right for right in sap if right[3].endswith(".invalidations")}
+    assert invalidation_rights == {
+        (op, "TOPIC", "LITERAL", f"{NS}.invoice_risk.invalidations")
+        for op in ("WRITE", "CREATE", "DESCRIBE")
+    }
+
+
 def test_a_connector_serving_an_unknown_model_is_refused() -> None:
     with pytest.raises(AclPlanError, match="'ghost'"):
         plan(_settings(), {"sap": ("invoice_risk", "ghost")})
@@ -134,7 +152,14 @@ def test_a_connector_serving_an_unknown_model_is_refused() -> None:
 def test_a_models_grants_never_reach_a_model_whose_name_extends_it(first: str, second: str) -> None:
     grants = plan(_settings(first, second), {"c": (first,)})
     theirs = ModelTopics(NS, second)
-    for topic in (theirs.requests, theirs.batch, theirs.results, theirs.dlq, theirs.feedback):
+    for topic in (
+        theirs.requests,
+        theirs.batch,
+        theirs.results,
+        theirs.dlq,
+        theirs.feedback,
+        theirs.invalidations,
+    ):
         for operation in Operation:
             allowed = _who(grants, operation, topic)
             assert f"worker-{first}" not in allowed, (operation, topic)
