@@ -43,6 +43,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 import schemas
 from connectors.common.checkpoint import CheckpointStore, position_bytes
 from connectors.common.correlation import CorrelationSigner, Rejected
+from connectors.common.dedupe import RecentKeys
 from connectors.common.exceptions import UnmappableRecord
 from connectors.common.mapping import Mapping
 from connectors.salesforce import cdc
@@ -64,7 +65,6 @@ from connectors.salesforce.exceptions import (
     TransientPubSubError,
     TransientRestError,
 )
-from connectors.salesforce.memory import RecentKeys
 from connectors.salesforce.pubsub import (
     CreditWindow,
     FetchBatch,
@@ -226,7 +226,7 @@ class IngestLoop:
         self.invalidations = invalidations
         self.checkpoints = checkpoints
         self.dead_letter = dead_letter
-        self.memory = memory or RecentKeys()
+        self.memory = memory or RecentKeys(max_keys=100_000, max_age_s=7 * 24 * 3600.0)
         self.retry = retry or RetryPolicy(
             max_attempts=10, base_delay_s=0.5, max_delay_s=30.0, max_elapsed_s=600.0
         )

@@ -25,7 +25,9 @@ import schemas
 from connectors.common.checkpoint import CheckpointStore
 from connectors.common.correlation import MissingSecretError, secrets_from_env
 from connectors.common.dead_letters import send_unmappable
+from connectors.common.dedupe import DedupeMetrics, RecentKeys
 from connectors.common.exceptions import UnmappableRecord
+from connectors.common.invalidation import invalidation_message
 from connectors.common.mapping import load_mapping
 from connectors.salesforce import cdc
 from connectors.salesforce.auth import Authenticator, flow_from_env
@@ -47,12 +49,16 @@ from connectors.salesforce.connector import (
 )
 from connectors.salesforce.exceptions import ConfigurationError
 from connectors.salesforce.limits import OrgLimitBreaker
-from connectors.salesforce.memory import RecentKeys
 from connectors.salesforce.pubsub import PubSubClient
 from connectors.salesforce.rest import DEFAULT_API_VERSION, SalesforceRest
 from pipeline.client import BrokerUnavailableError, SluicewayClient, request_id_for
 from pipeline.kafka import clients
-from pipeline.kafka.admin import TopicSpec, end_offsets, ensure_topics, model_topic_specs
+from pipeline.kafka.admin import (
+    end_offsets,
+    ensure_topics,
+    invalidation_topic_spec,
+    model_topic_specs,
+)
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
@@ -89,6 +95,10 @@ class ConnectorOptions:
     """Seconds the org's breaker stays open after ``REQUEST_LIMIT_EXCEEDED``, at least."""
     dedupe_keys: int = 100_000
     """How many published keys the dedupe memory holds (seeded from the topics' tails)."""
+    dedupe_max_age_s: float = 3 * 24 * 3600.0
+    """How long a key is kept: Pub/Sub API keeps events 72 hours, so no redelivery is older."""
+    dedupe_metrics: DedupeMetrics | None = None
+    """Where the memory's size and evictions are reported (Prometheus), if anywhere."""
 
     @property
     def mapping_paths(self) -> tuple[Path, ...]:
@@ -103,19 +113,6 @@ class ConnectorOptions:
 class ConnectorStats:
     ingest: IngestStats | None
     writeback: WritebackStats | None
-
-
-def invalidations_topic(namespace: str, model: str) -> str:
-    """``<ns>.<model>.invalidations``: compacted, keyed by entity."""
-    return f"{namespace}.{model}.invalidations"
-
-
-def invalidations_topic_spec(namespace: str, model: str) -> TopicSpec:
-    return TopicSpec(
-        invalidations_topic(namespace, model),
-        3,
-        config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
-    )
 
 
 def _routes(
@@ -254,7 +251,7 @@ class SalesforceConnector:
                 settings.kafka,
                 [
                     *model_topic_specs(ModelTopics(settings.namespace, model)),
-                    invalidations_topic_spec(settings.namespace, model),
+                    invalidation_topic_spec(ModelTopics(settings.namespace, model)),
                 ],
             )
         self.client = SluicewayClient(settings, client_id=f"salesforce-{options.name}")
@@ -293,7 +290,12 @@ class SalesforceConnector:
                 else grpc.secure_channel(options.pubsub_endpoint, grpc.ssl_channel_credentials())
             )
             pubsub = PubSubClient(channel_, lambda: self.auth.session().pubsub())
-            memory = RecentKeys(max_keys=options.dedupe_keys)
+            memory = RecentKeys(
+                max_keys=options.dedupe_keys,
+                max_age_s=options.dedupe_max_age_s,
+                name=f"salesforce-{options.name}",
+                metrics=options.dedupe_metrics,
+            )
             seeded = seed_memory(
                 settings,
                 [
@@ -301,7 +303,7 @@ class SalesforceConnector:
                     for model in models
                     for topic in (
                         ModelTopics(settings.namespace, model).requests,
-                        invalidations_topic(settings.namespace, model),
+                        ModelTopics(settings.namespace, model).invalidations,
                     )
                 ],
                 memory,
@@ -361,10 +363,13 @@ class SalesforceConnector:
                 connector=f"salesforce-{self.options.name}",
                 reason=notice.reason,
             )
+            key, value, headers = invalidation_message(invalidation)
+            kafka_headers: list[tuple[str, str | bytes | None]] = list(headers)
             self._producer.produce(
-                invalidations_topic(self.settings.namespace, notice.model),
-                schemas.encode(invalidation),
-                key=notice.entity_key.encode("utf-8"),
+                ModelTopics(self.settings.namespace, notice.model).invalidations,
+                value,
+                key=key,
+                headers=kafka_headers,
                 on_delivery=lambda error, _message: (
                     failures.append(error.str()) if error is not None else None
                 ),
