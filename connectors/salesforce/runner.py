@@ -90,7 +90,8 @@ class ConnectorOptions:
     answer to a rejected replay id (the connector never makes that choice itself)."""
     client_tag: str | None = None
     """The ``Sforce-Call-Options: client=<tag>`` of every write, by which the connector knows
-    its own writeback in the change stream; default ``sluiceway-<name>``."""
+    its own writeback in the change stream; default the connector's name. Two connectors
+    writing to one org with different tags each skip only their own changes."""
     rate_limit_floor_s: float = 60.0
     """Seconds the org's breaker stays open after ``REQUEST_LIMIT_EXCEEDED``, at least."""
     dedupe_keys: int = 100_000
@@ -106,7 +107,7 @@ class ConnectorOptions:
 
     @property
     def tag(self) -> str:
-        return self.client_tag or f"sluiceway-{self.name}"
+        return self.client_tag or self.name
 
 
 @dataclass

@@ -42,7 +42,7 @@ def register(subparsers: Any) -> None:
         "--client-tag",
         default=None,
         help="Sforce-Call-Options client tag of the writes, by which the connector knows its "
-        "own changes (default: sluiceway-<name>)",
+        "own changes (default: the connector name)",
     )
     parser.add_argument(
         "--rate-limit-floor-s",
