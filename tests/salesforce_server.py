@@ -318,6 +318,13 @@ class SalesforceOrg:
         with self._lock:
             now_ms = int(time.time() * 1000)
             store = self.records.setdefault(entity, {})
+            if change_type == "UNDELETE" and not values and len(record_ids) == 1:
+                # Like a create, an undelete carries the restored record's fields.
+                values = {
+                    name: value
+                    for name, value in store.get(record_ids[0], {}).items()
+                    if name not in ("LastModifiedDate", "SystemModstamp") and value is not None
+                }
             for record_id in record_ids:
                 key = (entity, record_id)
                 if change_type in ("DELETE", "GAP_DELETE"):
