@@ -727,7 +727,9 @@ class WritebackLoop:
             "fields": list(outcome.fields),
             "message": outcome.message,
             "values": dict(outcome.update.fields),
-            "result": json.loads(result.model_dump_json()),
+            # The result's fields (tensors are bytes: they travel in the encoded result).
+            "result": json.loads(result.model_dump_json(exclude={"outputs"})),
+            "result_base64": base64.b64encode(schemas.encode(result)).decode("ascii"),
         }
         why = UnmappableRecord(
             "writeback_refused", f"Salesforce refused the write: {code} {list(outcome.fields)}"
