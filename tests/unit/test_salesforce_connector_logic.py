@@ -1,5 +1,5 @@
-"""The Salesforce connector's pure pieces: the org's limit breaker, the bounded dedupe
-memory, and how a record's values reach a mapping (nulls, flags, compound fields)."""
+"""The Salesforce connector's pure pieces: the org's limit breaker and how a record's values
+reach a mapping (nulls, flags, compound fields)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from connectors.common.exceptions import UnmappableRecord
 from connectors.common.mapping import parse_mapping
 from connectors.salesforce.config import entity_values, input_fields
 from connectors.salesforce.limits import OrgLimitBreaker
-from connectors.salesforce.memory import RecentKeys
 
 
 class _Clock:
@@ -41,22 +40,6 @@ def test_a_refusal_opens_the_org_breaker_for_the_floor_doubling_until_a_call_suc
 def test_the_floor_is_whole_seconds_never_milliseconds(floor: float) -> None:
     with pytest.raises(ValueError, match="seconds"):
         OrgLimitBreaker(floor_s=floor)
-
-
-def test_the_dedupe_memory_is_bounded_by_count_and_age_and_counts_what_it_forgets() -> None:
-    clock = _Clock()
-    memory = RecentKeys(max_keys=3, max_age_s=60.0, clock=clock)
-    assert memory.add("a")
-    assert not memory.add("a")
-    for key in ("b", "c", "d"):
-        assert memory.add(key)
-    assert "a" not in memory  # the oldest went first
-    assert len(memory) == 3
-    assert memory.evicted == 1
-    clock.now += 61.0
-    assert "d" not in memory
-    assert len(memory) == 0
-    assert memory.evicted == 4
 
 
 MAPPING = parse_mapping(
