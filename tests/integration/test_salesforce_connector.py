@@ -272,9 +272,13 @@ def test_a_cdc_stream_is_scored_and_every_record_written_back_exactly_once(
     assert by_record[_record_id(7)].inputs.features == pytest.approx(
         {f: float(invoices[7][FIELD_OF_FEATURE[f]]) for f in FIELD_OF_FEATURE}
     )
-    log = connector.tail(5)
-    assert f"events={2 * count} requests={count}" in log
+    log = connector.tail(12)
+    assert f"events={2 * count} requests={count} invalidations=0 duplicates=0" in log
     assert f"'own_writeback': {count}" in log
+    # The summary's per-event outcome table: every event has one outcome.
+    table = [line.split() for line in log.splitlines()]
+    for outcome, events in (("request", count), ("skipped", count), ("events", 2 * count)):
+        assert [outcome, str(events)] in table
     # Every kind of refusal happened on the way, and none lost or doubled a write.
     assert {403, 503, 401} <= {status for _, _, status in salesforce.rest_requests}
     # The session expired mid-writeback: a call was refused with 401, the connector
