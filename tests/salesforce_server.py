@@ -70,6 +70,9 @@ from connectors.salesforce.cdc import encode_bitmap
 from connectors.salesforce.proto import pubsub_api_pb2 as pb
 
 ORG_ID = "00D5g00000SLUICE"
+ALL_CHANGES = "/data/ChangeEvents"
+"""The standard channel: change events of every entity selected for it, each event with its
+own entity's schema (Change Data Capture Developer Guide, "Subscription Channels")."""
 INTEGRATION_USER_ID = "005INTEGRATION01"
 HUMAN_USER_ID = "005HUMANUSER0001"
 REPLAY_CORRUPTED = "sfdc.platform.eventbus.grpc.subscription.fetch.replayid.corrupted"
@@ -183,8 +186,9 @@ class _Topic:
     schema: dict[str, Any]
     schema_id: str
     parsed: Any
-    events: list[tuple[bytes, str, bytes]] = field(default_factory=list)
-    """(replay id, event id, Avro payload), in stream order."""
+    events: list[tuple[bytes, str, bytes, str]] = field(default_factory=list)
+    """(replay id, event id, Avro payload, schema id), in stream order. A single-entity
+    channel's events all have its schema; ``/data/ChangeEvents`` carries every entity's."""
     retention_start: int = 0
     """Index of the oldest event still stored: older replay ids are rejected."""
 
@@ -258,11 +262,18 @@ class SalesforceOrg:
         self._expire_tokens_after: int | None = None
         self.tokens_expired_at_write: int | None = None
         """The number of record writes when :meth:`expire_tokens_after_writes` fired."""
+        self.standard_channel_entities: set[str] = set()
+        self.rest_request_times: list[float] = []
+        """``time.monotonic()`` of every REST answer, in the order of ``rest_requests``."""
+        self._refusals: dict[str, tuple[str, tuple[str, ...]]] = {}
 
     # ------------------------------------------------------------------ setup
 
-    def enable_cdc(self, entity: str, fields: dict[str, Any]) -> str:
-        """Select ``entity`` for Change Data Capture; returns its channel name."""
+    def enable_cdc(
+        self, entity: str, fields: dict[str, Any], *, standard_channel: bool = False
+    ) -> str:
+        """Select ``entity`` for Change Data Capture; returns its channel name. With
+        ``standard_channel`` its changes also go to ``/data/ChangeEvents``."""
         schema = change_event_schema(entity, fields)
         name = f"/data/{schema['name']}"
         topic = _Topic(
@@ -272,6 +283,12 @@ class SalesforceOrg:
             self.topics[name] = topic
             self._schemas[topic.schema_id] = topic
             self.records.setdefault(entity, {})
+            if standard_channel:
+                self.standard_channel_entities.add(entity)
+                if ALL_CHANGES not in self.topics:
+                    self.topics[ALL_CHANGES] = _Topic(
+                        ALL_CHANGES, "", {}, schema, topic.schema_id, topic.parsed
+                    )
         return name
 
     def _topic_of(self, entity: str) -> _Topic | None:
@@ -301,6 +318,13 @@ class SalesforceOrg:
         with self._lock:
             now_ms = int(time.time() * 1000)
             store = self.records.setdefault(entity, {})
+            if change_type == "UNDELETE" and not values and len(record_ids) == 1:
+                # Like a create, an undelete carries the restored record's fields.
+                values = {
+                    name: value
+                    for name, value in store.get(record_ids[0], {}).items()
+                    if name not in ("LastModifiedDate", "SystemModstamp") and value is not None
+                }
             for record_id in record_ids:
                 key = (entity, record_id)
                 if change_type in ("DELETE", "GAP_DELETE"):
@@ -376,7 +400,14 @@ class SalesforceOrg:
         fastavro.schemaless_writer(buffer, topic.parsed, record)
         replay = _replay_id(self._replay_base + self._next_position)
         self._next_position += 1
-        topic.events.append((replay, str(uuid.uuid4()), buffer.getvalue()))
+        event_id = str(uuid.uuid4())
+        topic.events.append((replay, event_id, buffer.getvalue(), topic.schema_id))
+        shared = self.topics.get(ALL_CHANGES)
+        if shared is not None and topic.entity in self.standard_channel_entities:
+            # The standard channel has its own replay ids; the event keeps its schema.
+            shared_replay = _replay_id(self._replay_base + self._next_position)
+            self._next_position += 1
+            shared.events.append((shared_replay, event_id, buffer.getvalue(), topic.schema_id))
         self._lock.notify_all()
         return replay
 
@@ -384,11 +415,50 @@ class SalesforceOrg:
         """Purge events older than ``replay_id`` (the 72-hour retention, compressed)."""
         with self._lock:
             topic = self.topics[topic_name]
-            for index, (replay, _, _) in enumerate(topic.events):
+            for index, (replay, _, _, _) in enumerate(topic.events):
                 if replay == replay_id:
                     topic.retention_start = index
                     return
             raise KeyError(replay_id.hex())
+
+    def redeliver(self, topic_name: str, replay_id: bytes) -> None:
+        """Send a stored event again, same replay id and event uuid (Pub/Sub API delivers
+        at least once: after a broken stream or a retry an event may come twice)."""
+        with self._lock:
+            topic = self.topics[topic_name]
+            stored = next(e for e in topic.events if e[0] == replay_id)
+            topic.events.append(stored)
+            self._lock.notify_all()
+
+    def merge(
+        self, entity: str, master_id: str, merged_ids: Sequence[str], values: dict[str, Any]
+    ) -> list[bytes]:
+        """A merge as Change Data Capture reports it: an UPDATE of the surviving record and
+        a DELETE of each merged-away record, in one transaction."""
+        transaction = uuid.uuid4().hex
+        replays = [
+            self.change(
+                entity,
+                "UPDATE",
+                [master_id],
+                values,
+                transaction_key=transaction,
+                sequence_number=1,
+            )
+        ]
+        replays.extend(
+            self.change(
+                entity, "DELETE", [merged], transaction_key=transaction, sequence_number=index
+            )
+            for index, merged in enumerate(merged_ids, start=2)
+        )
+        return replays
+
+    def refuse_writes(self, record_id: str, error_code: str, fields: Sequence[str]) -> None:
+        """Every write of ``record_id`` fails for good with this SaveResult error (e.g. a
+        validation rule: ``FIELD_CUSTOM_VALIDATION_EXCEPTION`` naming its fields)."""
+        with self._lock:
+            self._refusals[record_id] = (error_code, tuple(fields))
 
     def latest_replay_id(self, topic_name: str) -> bytes:
         with self._lock:
@@ -458,6 +528,8 @@ class SalesforceOrg:
     ) -> str | None:
         """Apply one REST update; returns an error code, or ``None`` on success."""
         with self._lock:
+            if record_id in self._refusals:
+                return self._refusals[record_id][0]
             if (sobject, record_id) in self.deleted:
                 return "ENTITY_IS_DELETED"
             store = self.records.get(sobject)
@@ -497,18 +569,28 @@ class SalesforceOrg:
             record = self.records.get(sobject, {}).get(record_id)
             if record is None:
                 return None
-            return _rest_record(sobject, record_id, record, fields)
+            return _rest_record(sobject, record_id, record, fields, self._compounds(sobject))
 
     def changed_since(
         self, sobject: str, since_ms: int, fields: Sequence[str]
     ) -> list[dict[str, Any]]:
         with self._lock:
             return [
-                _rest_record(sobject, record_id, record, fields)
+                _rest_record(sobject, record_id, record, fields, self._compounds(sobject))
                 for record_id, record in sorted(self.records.get(sobject, {}).items())
                 if (sobject, record_id) not in self.deleted
                 and int(record.get("SystemModstamp") or 0) >= since_ms
             ]
+
+    def _compounds(self, sobject: str) -> dict[str, list[str]]:  # with self._lock held
+        topic = self._topic_of(sobject)
+        if topic is None:
+            return {}
+        return {name: list(kind) for name, kind in topic.fields.items() if isinstance(kind, dict)}
+
+    def refused_fields(self, record_id: str) -> tuple[str, ...]:
+        with self._lock:
+            return self._refusals.get(record_id, ("", ()))[1]
 
     def writes_of(self, record_id: str) -> list[Write]:
         with self._lock:
@@ -522,9 +604,15 @@ def _iso(epoch_ms: Any) -> Any:
 
 
 def _rest_record(
-    sobject: str, record_id: str, record: dict[str, Any], fields: Sequence[str]
+    sobject: str,
+    record_id: str,
+    record: dict[str, Any],
+    fields: Sequence[str],
+    compounds: dict[str, list[str]],
 ) -> dict[str, Any]:
-    """A record as REST returns it: ``attributes``, then the asked fields (dates as ISO)."""
+    """A record as REST returns it: ``attributes``, then the asked fields (dates as ISO). A
+    compound field (``BillingAddress``) is one value whose members are lower camel case
+    (``city``, ``postalCode``), unlike CDC's ``BillingAddress.City``."""
     answer: dict[str, Any] = {
         "attributes": {
             "type": sobject,
@@ -536,6 +624,12 @@ def _rest_record(
             answer["Id"] = record_id
         elif name in ("LastModifiedDate", "SystemModstamp"):
             answer[name] = _iso(record.get(name))
+        elif name in compounds:
+            members = {
+                child[0].lower() + child[1:]: record.get(f"{name}.{child}")
+                for child in compounds[name]
+            }
+            answer[name] = members if any(v is not None for v in members.values()) else None
         else:
             answer[name] = record.get(name)
     return answer
@@ -630,7 +724,7 @@ class _PubSubService:
             elif preset == "LATEST":
                 position = len(topic.events)
             else:
-                known = [r for r, _, _ in topic.events]
+                known = [r for r, _, _, _ in topic.events]
                 replay = bytes(first.replay_id)
                 if replay not in known or known.index(replay) < topic.retention_start:
                     position = -1
@@ -683,11 +777,11 @@ class _PubSubService:
                         events=[
                             pb.ConsumerEvent(
                                 event=pb.ProducerEvent(
-                                    id=event_id, schema_id=topic.schema_id, payload=payload
+                                    id=event_id, schema_id=schema_id, payload=payload
                                 ),
                                 replay_id=replay,
                             )
-                            for replay, event_id, payload in batch
+                            for replay, event_id, payload, schema_id in batch
                         ],
                         latest_replay_id=batch[-1][0],
                         rpc_id=str(uuid.uuid4()),
@@ -732,6 +826,7 @@ class _Handler(BaseHTTPRequestHandler):
         # which the client saw its answers (a retry is always recorded after its refusal).
         path = urlsplit(self.path).path
         self.server.org.rest_requests.append((self.command, path, status))
+        self.server.org.rest_request_times.append(time.monotonic())
         self.send_response(status)
         if data:
             self.send_header("Content-Type", "application/json;charset=UTF-8")
@@ -899,7 +994,7 @@ class _Handler(BaseHTTPRequestHandler):
                                 {
                                     "statusCode": error,
                                     "message": _record_message(error),
-                                    "fields": [],
+                                    "fields": list(org.refused_fields(str(item.get("id")))),
                                 }
                             ],
                         }

@@ -10,6 +10,12 @@ the Pub/Sub API guide):
 - ``GAP_CREATE``/``GAP_UPDATE``/``GAP_UNDELETE`` carry no field values: the record is read
   through REST before it is scored, never dropped. ``GAP_OVERFLOW`` says too many changes
   happened to describe them: the whole entity is resynchronised, no per-record request.
+- ``DELETE``/``GAP_DELETE`` invalidate the record's score (an :class:`Invalidate` per record).
+  A merge in Salesforce arrives as an ``UPDATE`` of the surviving record and a ``DELETE`` of
+  each merged-away record, so merged-away records are invalidated like deleted ones.
+  ``UNDELETE``/``GAP_UNDELETE`` bring a record back: it is scored again.
+- ``nulledFields`` name fields whose value is now null; a field absent from an update is
+  unchanged (its current value is read through REST when the mapping needs it).
 - Pub/Sub API delivers every schema field; unchanged fields are null. ``changedFields``,
   ``nulledFields`` and ``diffFields`` are bitmaps: the first element is a hex bitmap over the
   top-level schema fields (bit *i* is field *i*), later elements ``"<parent pos>-<hex>"`` are
@@ -157,6 +163,36 @@ def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def canonical_compound(name: str) -> str:
+    """``BillingAddress.city`` (REST's compound value) as ``BillingAddress.City`` (CDC's):
+    REST names compound members in lower camel case, CDC in upper camel case."""
+    parent, separator, child = name.partition(".")
+    if not separator or not child:
+        return name
+    return f"{parent}.{child[0].upper()}{child[1:]}"
+
+
+def rest_values(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A REST record as flat field values keyed like CDC's: ``attributes`` dropped,
+    compound members dotted and upper camel case, nulls kept as ``None``."""
+    values: dict[str, Any] = {}
+    for name, value in record.items():
+        if name == "attributes":
+            continue
+        if isinstance(value, Mapping):
+            for child, child_value in value.items():
+                values[canonical_compound(f"{name}.{child}")] = child_value
+        else:
+            values[name] = value
+    return values
+
+
+def rest_field_names(input_fields: Iterable[str]) -> tuple[str, ...]:
+    """The REST field names that read ``input_fields``: a compound member
+    (``BillingAddress.City``) is read through its compound field (``BillingAddress``)."""
+    return tuple(dict.fromkeys(name.split(".", 1)[0] for name in input_fields))
+
+
 def parse_change_event(
     record: Mapping[str, Any], schema: Mapping[str, Any], replay_id: bytes
 ) -> ChangeEvent:
@@ -200,6 +236,17 @@ class ScoreRecord:
 
 
 @dataclass(frozen=True)
+class Invalidate:
+    """The record was deleted (or merged away): its score no longer stands."""
+
+    entity: str
+    record_id: str
+    source_event_id: str
+    occurred_at_ms: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class ResyncEntity:
     """Re-read every record of ``entity`` changed since ``since_ms`` (epoch ms) and score it."""
 
@@ -221,7 +268,7 @@ class Skip:
     reason: str
 
 
-Work = ScoreRecord | ResyncEntity | Skip
+Work = ScoreRecord | ResyncEntity | Invalidate | Skip
 
 
 @dataclass(frozen=True)
@@ -278,7 +325,16 @@ def plan(event: ChangeEvent, input_fields: Collection[str], own: OwnChanges) -> 
     if kind is ChangeType.GAP_OVERFLOW or wildcard:
         return [ResyncEntity(entity, header.commit_timestamp, change_key(header, event.replay_id))]
     if kind in (ChangeType.DELETE, ChangeType.GAP_DELETE):
-        return [Skip(entity, header.record_ids, "deleted")]
+        return [
+            Invalidate(
+                entity=entity,
+                record_id=record_id,
+                source_event_id=source_event_id(header, event.replay_id, record_id),
+                occurred_at_ms=header.commit_timestamp,
+                reason=kind.value.lower(),
+            )
+            for record_id in header.record_ids
+        ]
     if kind is ChangeType.UPDATE:
         touched = set(header.changed_fields) | set(header.nulled_fields)
         if not touched & set(input_fields):

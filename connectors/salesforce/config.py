@@ -8,6 +8,7 @@ Example (``connectors/salesforce/mappings/supplier_invoice_risk.yaml``)::
       replay_preset: EARLIEST        # where to start when no checkpoint exists
       batch_size: 100                # num_requested credits per window
       integration_users: [005...]    # commitUser ids whose changes are the connector's own
+      null_values: {Payment_Terms_Days__c: -1}   # what a null field means to the model
     writeback:
       fields:
         Risk_Score__c: tensor:score            # first value of the output tensor "score"
@@ -43,6 +44,11 @@ class SourceConfig(_Section):
     replay_preset: Literal["LATEST", "EARLIEST"] = "LATEST"
     batch_size: int = Field(default=100, ge=1, le=1000)
     integration_users: tuple[str, ...] = ()
+    null_values: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    """Field -> the value the model receives when the field is null (named in
+    ``nulledFields``, absent from a create, null in REST). A null field without an entry
+    reaches the mapping as missing: its feature's ``default`` applies, and a feature without
+    one dead-letters the record. A mapping can also read ``<Field>__IsNull`` (true/false)."""
 
 
 class WritebackConfig(_Section):
@@ -77,14 +83,43 @@ def salesforce_sections(mapping: Mapping) -> tuple[SourceConfig, WritebackConfig
     return source, writeback
 
 
+NULL_FLAG_SUFFIX = "__IsNull"
+"""``<Field>__IsNull``: a virtual field a mapping may read, true when ``<Field>`` is null."""
+
+
 def input_fields(mapping: Mapping) -> tuple[str, ...]:
-    """The Salesforce fields the mapping reads (dotted compound paths as CDC flattens them)."""
+    """The Salesforce fields the mapping reads (dotted compound paths as CDC flattens them;
+    a ``__IsNull`` flag reads the field it flags)."""
     names: list[str] = []
     for spec in mapping.spec.features.values():
-        names.append(spec.path.replace("/", "."))
+        names.append(spec.path.replace("/", ".").removesuffix(NULL_FLAG_SUFFIX))
         if spec.transform is not None and spec.transform.plus_days_path:
             names.append(spec.transform.plus_days_path.replace("/", "."))
     return tuple(dict.fromkeys(names))
+
+
+def entity_values(
+    values: dict[str, Any], fields: tuple[str, ...], null_values: dict[str, Any]
+) -> dict[str, Any]:
+    """The record as the mapping reads it: every input field's null flag added, null fields
+    given their configured ``null_values``, and ``Parent.Child`` keys nested so a mapping
+    path ``BillingAddress.City`` finds the value from CDC and from REST alike."""
+    flat = dict(values)
+    for name in fields:
+        is_null = flat.get(name) is None
+        flat[f"{name}{NULL_FLAG_SUFFIX}"] = is_null
+        if is_null and name in null_values:
+            flat[name] = null_values[name]
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        parent, separator, child = name.partition(".")
+        if separator:
+            branch = nested.setdefault(parent, {})
+            if isinstance(branch, dict):
+                branch[child] = value
+        else:
+            nested[name] = value
+    return nested
 
 
 def signer(connector: str, secrets: tuple[bytes, ...]) -> CorrelationSigner:

@@ -36,13 +36,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 import schemas
 from connectors.common.checkpoint import CheckpointStore, position_bytes
 from connectors.common.correlation import CorrelationSigner, Rejected
+from connectors.common.dedupe import RecentKeys
 from connectors.common.exceptions import UnmappableRecord
 from connectors.common.mapping import Mapping
 from connectors.salesforce import cdc
@@ -53,8 +54,12 @@ from connectors.salesforce.config import (
     record_of,
     writeback_values,
 )
+from connectors.salesforce.config import entity_values as config_entity_values
 from connectors.salesforce.exceptions import (
+    ConfigurationError,
+    PermanentRestError,
     PubSubError,
+    RateLimitedError,
     ReplayIdRejectedError,
     SalesforceError,
     TransientPubSubError,
@@ -69,6 +74,7 @@ from connectors.salesforce.pubsub import (
     replay_start,
 )
 from connectors.salesforce.rest import (
+    RecordOutcome,
     RecordUpdate,
     SalesforceRest,
     chunks,
@@ -93,20 +99,94 @@ class Publisher(Protocol):
     def publish_many(self, requests: Sequence[InferenceRequest], timeout_s: float = ...) -> Any: ...
 
 
-DeadLetterSink = Callable[[bytes, UnmappableRecord, str | None], None]
-"""``(source payload, why, request id)``: writes one dead letter and waits for its ack."""
+DeadLetterSink = Callable[[str, bytes, UnmappableRecord, str | None], None]
+"""``(model, source payload, why, record id)``: writes one dead letter to the model's DLQ and
+waits for its ack."""
+
+
+OUTCOMES = ("request", "invalidation", "duplicate", "skipped", "dead_letter")
+"""Every input event ends with exactly one of these, in this order of precedence when the
+records of one event fare differently (an event naming two records, one dead-lettered and
+one requested, is a ``dead_letter``): the table adds up to the events read."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """One mapping of the connector: the entity it serves and how."""
+
+    entity: str
+    mapping: Mapping
+    source: SourceConfig
+    input_fields: tuple[str, ...]
+    own_changes: cdc.OwnChanges
+
+    @property
+    def model(self) -> str:
+        return self.mapping.model
+
+
+@dataclass(frozen=True)
+class InvalidationNotice:
+    """A record's score no longer stands (deleted, merged away): published keyed by entity."""
+
+    model: str
+    entity_key: str
+    sobject: str
+    record_id: str
+    source_event_id: str
+    occurred_at_ms: int
+    reason: str
+
+    @property
+    def dedupe_key(self) -> str:
+        return f"invalidation:{self.model}:{self.source_event_id}"
+
+
+class InvalidationPublisher(Protocol):
+    """Publishes invalidations and returns once the broker acknowledged every one."""
+
+    def __call__(self, notices: Sequence[InvalidationNotice]) -> None: ...
 
 
 @dataclass
 class IngestStats:
     events: int = 0
     requests: int = 0
+    invalidations: int = 0
+    duplicates: int = 0
+    """Records whose request or invalidation was published before (a redelivery)."""
     skipped: dict[str, int] = field(default_factory=dict)
     reads: int = 0
     resyncs: int = 0
     dead_lettered: int = 0
     resubscribes: int = 0
     last_replay_id: bytes | None = None
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    """Per input event, exactly one outcome (see :data:`OUTCOMES`)."""
+    by_entity: dict[str, int] = field(default_factory=dict)
+    """Input events per ``entityName``."""
+    memory_keys: int = 0
+    memory_evicted: int = 0
+
+    def outcome_table(self) -> str:
+        """The per-event outcome table the connector prints when it stops."""
+        width = max(len(name) for name in OUTCOMES)
+        lines = [f"{name:<{width}}  {self.outcomes.get(name, 0):>8}" for name in OUTCOMES]
+        total = sum(self.outcomes.get(name, 0) for name in OUTCOMES)
+        lines.append(f"{'events':<{width}}  {total:>8}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Unit:
+    """One record's work, on its way to a request or an invalidation."""
+
+    route: Route
+    event_index: int
+    entity: str
+    record_id: str
+    source_event_id: str
+    values: dict[str, Any]
 
 
 class IngestLoop:
@@ -117,30 +197,36 @@ class IngestLoop:
         *,
         name: str,
         signer: CorrelationSigner,
-        mapping: Mapping,
-        source: SourceConfig,
-        own_changes: cdc.OwnChanges,
-        input_fields: Sequence[str],
+        routes: Sequence[Route],
+        channel: str,
+        replay_preset: Literal["LATEST", "EARLIEST"] = "LATEST",
+        batch_size: int = 100,
         pubsub: PubSubClient,
         rest: SalesforceRest,
         publisher: Publisher,
+        invalidations: InvalidationPublisher,
         checkpoints: CheckpointStore,
         dead_letter: DeadLetterSink,
+        memory: RecentKeys | None = None,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.signer = signer
-        self.mapping = mapping
-        self.source = source
-        self.own_changes = own_changes
-        self.input_fields = tuple(input_fields)
+        self.routes = {route.entity: route for route in routes}
+        if len(self.routes) != len(routes):
+            raise ConfigurationError("two mappings for one entity")
+        self.channel = channel
+        self.replay_preset = replay_preset
+        self.batch_size = batch_size
         self.pubsub = pubsub
         self.rest = rest
         self.publisher = publisher
+        self.invalidations = invalidations
         self.checkpoints = checkpoints
         self.dead_letter = dead_letter
+        self.memory = memory or RecentKeys(max_keys=100_000, max_age_s=7 * 24 * 3600.0)
         self.retry = retry or RetryPolicy(
             max_attempts=10, base_delay_s=0.5, max_delay_s=30.0, max_elapsed_s=600.0
         )
@@ -153,8 +239,8 @@ class IngestLoop:
 
     @property
     def stream(self) -> str:
-        """The checkpoint key: the Pub/Sub topic name."""
-        return self.source.topic
+        """The checkpoint key: the Pub/Sub channel name."""
+        return self.channel
 
     def stop(self) -> None:
         """Ask the loop to end after the batch in hand (safe from any thread)."""
@@ -216,8 +302,8 @@ class IngestLoop:
         topic = self.pubsub.get_topic(self.stream)
         if not topic.can_subscribe:
             raise PubSubError(f"{self.stream}: this user may not subscribe", code="PERMISSION")
-        start = replay_start(self.stats.last_replay_id, self.source.replay_preset)
-        window = CreditWindow(self.source.batch_size)
+        start = replay_start(self.stats.last_replay_id, self.replay_preset)
+        window = CreditWindow(self.batch_size)
         subscription = self.pubsub.subscribe(self.stream, start, window.open())
         with self._lock:
             if self._stopping.is_set():
@@ -247,46 +333,94 @@ class IngestLoop:
 
     def handle(self, batch: FetchBatch) -> None:
         """Steps 1-5 of the module docstring for one FetchResponse."""
+        outcomes: list[set[str]] = [set() for _ in batch.events]
         # Step 1.
-        work: list[tuple[cdc.Work, ReceivedEvent]] = []
-        for received in batch.events:
+        work: list[tuple[cdc.Work, Route, int]] = []
+        for index, received in enumerate(batch.events):
             self.stats.events += 1
             if received.payload is None:
                 why = UnmappableRecord("undecodable_event", received.error or "undecodable")
-                self._dead_letter_event(received, why)
+                self._dead_letter_event(received, why, outcomes[index])
                 continue
             try:
                 event = cdc.parse_change_event(
                     received.payload, received.schema.document, received.replay_id
                 )
             except (ValueError, KeyError, TypeError) as exc:
-                self._dead_letter_event(received, UnmappableRecord("not_a_change_event", str(exc)))
+                why = UnmappableRecord("not_a_change_event", str(exc))
+                self._dead_letter_event(received, why, outcomes[index])
                 continue
-            work.extend(
-                (item, received) for item in cdc.plan(event, self.input_fields, self.own_changes)
-            )
+            entity = event.header.entity_name
+            self.stats.by_entity[entity] = self.stats.by_entity.get(entity, 0) + 1
+            route = self.routes.get(entity)
+            if route is None:
+                # A channel such as /data/ChangeEvents carries every selected entity; one
+                # without a mapping is no business of this connector.
+                self._skip("no_mapping", len(event.header.record_ids) or 1, outcomes[index])
+                continue
+            plan = cdc.plan(event, route.input_fields, route.own_changes)
+            work.extend((item, route, index) for item in plan)
         # Step 2.
-        records = self._complete_records(work)
+        units, invalidations = self._complete_records(work, outcomes)
         # Step 3.
         requests: list[InferenceRequest] = []
-        for entity, record_id, event_id, values, received in records:
+        keys: list[str] = []
+        fresh_notices: list[InvalidationNotice] = []
+        batch_keys: set[str] = set()
+        for unit in units:
+            received = batch.events[unit.event_index]
+            entity_values = config_entity_values(
+                unit.values, unit.route.input_fields, unit.route.source.null_values
+            )
             try:
-                request = self.mapping.to_request(
-                    {"Id": record_id, **values}, source_event_id=event_id
+                request = unit.route.mapping.to_request(
+                    {**entity_values, "Id": unit.record_id}, source_event_id=unit.source_event_id
+                )
+                signed = correlation_id(
+                    self.signer, unit.entity, unit.record_id, request.request_id
                 )
             except UnmappableRecord as exc:
-                self._dead_letter_event(received, exc, record_id=record_id, values=values)
+                self._dead_letter_event(
+                    received,
+                    exc,
+                    outcomes[unit.event_index],
+                    record_id=unit.record_id,
+                    values=unit.values,
+                    model=unit.route.model,
+                )
                 continue
-            try:
-                signed = correlation_id(self.signer, entity, record_id, request.request_id)
-            except UnmappableRecord as exc:
-                self._dead_letter_event(received, exc, record_id=record_id, values=values)
+            key = f"request:{request.request_id}"
+            if key in self.memory or key in batch_keys:
+                self.stats.duplicates += 1
+                outcomes[unit.event_index].add("duplicate")
                 continue
+            batch_keys.add(key)
+            keys.append(key)
             requests.append(request.model_copy(update={"correlation_id": signed}))
-        # Step 4.
+            outcomes[unit.event_index].add("request")
+        for notice, event_index in invalidations:
+            if notice.dedupe_key in self.memory or notice.dedupe_key in batch_keys:
+                self.stats.duplicates += 1
+                outcomes[event_index].add("duplicate")
+                continue
+            batch_keys.add(notice.dedupe_key)
+            keys.append(notice.dedupe_key)
+            fresh_notices.append(notice)
+            outcomes[event_index].add("invalidation")
+        # Step 4: only acknowledged keys are remembered, so a failed publish is retried.
         if requests:
             self.publisher.publish_many(requests)
             self.stats.requests += len(requests)
+        if fresh_notices:
+            self.invalidations(fresh_notices)
+            self.stats.invalidations += len(fresh_notices)
+        for key in keys:
+            self.memory.add(key)
+        self.stats.memory_keys = len(self.memory)
+        self.stats.memory_evicted = self.memory.evicted
+        for event_outcomes in outcomes:
+            outcome = next((name for name in _PRECEDENCE if name in event_outcomes), "skipped")
+            self.stats.outcomes[outcome] += 1
         # Step 5.
         if batch.events:
             self._checkpoint(batch.events[-1].replay_id)
@@ -295,55 +429,71 @@ class IngestLoop:
             # the last event and the latest replay id, so resuming from it skips nothing.
             self._checkpoint(batch.latest_replay_id)
 
+    def _skip(self, reason: str, records: int, event_outcomes: set[str]) -> None:
+        self.stats.skipped[reason] = self.stats.skipped.get(reason, 0) + records
+        event_outcomes.add("skipped")
+
     def _checkpoint(self, replay_id: bytes) -> None:
         if replay_id != self.stats.last_replay_id:
             self.checkpoints.save(self.stream, replay_id)
             self.stats.last_replay_id = replay_id
 
     def _complete_records(
-        self, work: Sequence[tuple[cdc.Work, ReceivedEvent]]
-    ) -> list[tuple[str, str, str, dict[str, Any], ReceivedEvent]]:
-        """``(entity, record id, source event id, field values, event)`` for every record to
-        score, read through REST where the event does not carry every input field."""
+        self, work: Sequence[tuple[cdc.Work, Route, int]], outcomes: list[set[str]]
+    ) -> tuple[list[_Unit], list[tuple[InvalidationNotice, int]]]:
+        """Every record to score with its field values (read through REST where the event
+        does not carry every input field), and every record to invalidate."""
         to_read: dict[str, set[str]] = {}
-        for item, _ in work:
+        for item, _, _ in work:
             if isinstance(item, cdc.ScoreRecord) and item.needs_read:
                 to_read.setdefault(item.entity, set()).add(item.record_id)
-            elif isinstance(item, cdc.Skip):
-                self.stats.skipped[item.reason] = self.stats.skipped.get(item.reason, 0) + len(
-                    item.record_ids
-                )
         read: dict[tuple[str, str], dict[str, Any] | None] = {}
         for entity, ids in to_read.items():
-            found = self.rest.retrieve_records(entity, sorted(ids), self.input_fields)
+            fields = cdc.rest_field_names(self.routes[entity].input_fields)
+            found = self.rest.retrieve_records(entity, sorted(ids), fields)
             self.stats.reads += len(ids)
             read.update({(entity, record_id): record for record_id, record in found.items()})
-        complete: list[tuple[str, str, str, dict[str, Any], ReceivedEvent]] = []
-        for item, received in work:
-            if isinstance(item, cdc.ScoreRecord):
+        units: list[_Unit] = []
+        invalidations: list[tuple[InvalidationNotice, int]] = []
+        for item, route, index in work:
+            if isinstance(item, cdc.Skip):
+                self._skip(item.reason, len(item.record_ids) or 1, outcomes[index])
+            elif isinstance(item, cdc.Invalidate):
+                notice = InvalidationNotice(
+                    model=route.model,
+                    entity_key=route.mapping.entity_id({"Id": item.record_id}),
+                    sobject=item.entity,
+                    record_id=item.record_id,
+                    source_event_id=item.source_event_id,
+                    occurred_at_ms=item.occurred_at_ms,
+                    reason=item.reason,
+                )
+                invalidations.append((notice, index))
+            elif isinstance(item, cdc.ScoreRecord):
                 values = dict(item.values)
                 if item.needs_read:
                     record = read.get((item.entity, item.record_id))
                     if record is None:
-                        self.stats.skipped["deleted_before_read"] = (
-                            self.stats.skipped.get("deleted_before_read", 0) + 1
-                        )
+                        self._skip("deleted_before_read", 1, outcomes[index])
                         continue
-                    values = _rest_values(record)
-                complete.append(
-                    (item.entity, item.record_id, item.source_event_id, values, received)
+                    values = cdc.rest_values(record)
+                units.append(
+                    _Unit(route, index, item.entity, item.record_id, item.source_event_id, values)
                 )
-            elif isinstance(item, cdc.ResyncEntity):
-                complete.extend(
-                    (item.entity, record_id, item.record_event_id(record_id), values, received)
-                    for record_id, values in self._resync(item)
+            else:
+                resynced = self._resync(item, route)
+                if not resynced:
+                    self._skip("resync_found_nothing", 1, outcomes[index])
+                units.extend(
+                    _Unit(route, index, item.entity, record_id, item.record_event_id(record_id), v)
+                    for record_id, v in resynced
                 )
-        return complete
+        return units, invalidations
 
-    def _resync(self, item: cdc.ResyncEntity) -> list[tuple[str, dict[str, Any]]]:
+    def _resync(self, item: cdc.ResyncEntity, route: Route) -> list[tuple[str, dict[str, Any]]]:
         """Every record of the entity changed since the overflow, read by SOQL."""
         self.stats.resyncs += 1
-        names = list(dict.fromkeys(["Id", *self.input_fields]))
+        names = list(dict.fromkeys(["Id", *cdc.rest_field_names(route.input_fields)]))
         unsafe = [n for n in [item.entity, *names] if not _API_NAME.match(n)]
         if unsafe:
             raise SalesforceError(f"not Salesforce API names, refused in SOQL: {unsafe}")
@@ -351,15 +501,17 @@ class IngestLoop:
         soql = f"SELECT {', '.join(names)} FROM {item.entity} WHERE SystemModstamp >= "  # noqa: S608
         soql += soql_datetime(item.since_ms)
         log.warning('event="resync" entity="%s" since_ms="%d"', item.entity, item.since_ms)
-        return [(str(record["Id"]), _rest_values(record)) for record in self.rest.query(soql)]
+        return [(str(record["Id"]), cdc.rest_values(record)) for record in self.rest.query(soql)]
 
     def _dead_letter_event(
         self,
         received: ReceivedEvent,
         why: UnmappableRecord,
+        event_outcomes: set[str],
         *,
         record_id: str | None = None,
         values: dict[str, Any] | None = None,
+        model: str | None = None,
     ) -> None:
         payload = {
             "replay_id": received.replay_id.hex(),
@@ -368,8 +520,10 @@ class IngestLoop:
             "values": values if values is not None else received.payload,
             "payload_base64": base64.b64encode(received.raw).decode("ascii"),
         }
-        self.dead_letter(json.dumps(payload, default=str).encode("utf-8"), why, record_id)
+        target = model or self._fallback_model
+        self.dead_letter(target, json.dumps(payload, default=str).encode("utf-8"), why, record_id)
         self.stats.dead_lettered += 1
+        event_outcomes.add("dead_letter")
         log.warning(
             'event="dead_lettered" reason="%s" record_id="%s" replay_id="%s"',
             why.reason_code,
@@ -377,12 +531,14 @@ class IngestLoop:
             received.replay_id.hex(),
         )
 
+    @property
+    def _fallback_model(self) -> str:
+        """Where an event that names no known entity is dead-lettered: the first mapping's
+        model (an undecodable event cannot say whose it is)."""
+        return next(iter(self.routes.values())).model
 
-def _rest_values(record: dict[str, Any]) -> dict[str, Any]:
-    """A REST record as flat field values (``attributes`` dropped, compounds dotted)."""
-    return cdc.flatten({k: v for k, v in record.items() if k != "attributes"}) | {
-        name: None for name, value in record.items() if value is None
-    }
+
+_PRECEDENCE = ("dead_letter", "request", "invalidation", "duplicate", "skipped")
 
 
 # ---------------------------------------------------------------------------- writeback
@@ -397,6 +553,12 @@ class WritebackStats:
     forged: int = 0
     """Results claiming to be this connector's without its valid signature for their request."""
     failed: dict[str, int] = field(default_factory=dict)
+    dead_lettered: int = 0
+    """Permanent write failures sent to the model's DLQ (with errorCode, fields, result)."""
+    no_writeback: int = 0
+    """Results for an entity whose mapping has no ``writeback`` section."""
+    rate_limited: int = 0
+    """Batches put back because the org's API limit was reached."""
     commits: int = 0
 
 
@@ -410,6 +572,14 @@ def latest_per_record(updates: Sequence[RecordUpdate]) -> list[RecordUpdate]:
     return list(latest.values())
 
 
+@dataclass(frozen=True)
+class WritebackTarget:
+    """Where the results of one entity's mapping go."""
+
+    model: str
+    config: WritebackConfig
+
+
 class WritebackLoop:
     """This connector's results in, REST PATCHes out, offsets committed after the write."""
 
@@ -418,17 +588,20 @@ class WritebackLoop:
         *,
         name: str,
         signer: CorrelationSigner,
-        config: WritebackConfig,
+        targets: dict[str, WritebackTarget],
         consumer: Consumer,
         rest: SalesforceRest,
+        dead_letter: DeadLetterSink,
         retry: RetryPolicy | None = None,
         poll_timeout_s: float = 0.5,
     ) -> None:
         self.name = name
         self.signer = signer
-        self.config = config
+        self.targets = targets
+        """sObject -> its mapping's model and writeback section."""
         self.consumer = consumer
         self.rest = rest
+        self.dead_letter = dead_letter
         self.retry = retry or RetryPolicy(
             max_attempts=1_000_000, base_delay_s=0.5, max_delay_s=30.0, max_elapsed_s=1e9
         )
@@ -451,6 +624,10 @@ class WritebackLoop:
                 failures += 1
                 self._rewind(messages)
                 delay = self.retry.next_delay(failures, 0.0) or self.retry.max_delay_s
+                if isinstance(exc, RateLimitedError):
+                    # The org's breaker is open: nothing goes out before it closes.
+                    self.stats.rate_limited += 1
+                    delay = max(delay, self.rest.limits.wait_s())
                 log.warning(
                     'event="writeback_retry" results="%d" delay_s="%.2f" error="%s"',
                     len(messages),
@@ -472,6 +649,7 @@ class WritebackLoop:
     def write(self, messages: Sequence[Message]) -> None:
         """PATCH the values of this connector's ``ok`` results among ``messages``."""
         updates: list[RecordUpdate] = []
+        results: dict[tuple[str, str], InferenceResult] = {}
         for message in messages:
             if message.error() is not None or not message.value():
                 continue
@@ -485,22 +663,37 @@ class WritebackLoop:
                     self._count_forged(result, target.reason)
                 continue
             self.stats.results += 1
-            values = writeback_values(result, self.config)
+            sobject, record_id = target
+            destination = self.targets.get(sobject)
+            if destination is None:
+                self.stats.no_writeback += 1
+                continue
+            values = writeback_values(result, destination.config)
             if values is None:
                 self.stats.not_ok += 1
                 log.info(
                     'event="not_written" request_id="%s" status="%s" record_id="%s"',
                     result.request_id,
                     result.status.value,
-                    target[1],
+                    record_id,
                 )
                 continue
-            updates.append(RecordUpdate(target[0], target[1], values))
+            updates.append(RecordUpdate(sobject, record_id, values))
+            results[(sobject, record_id)] = result
         for chunk in chunks(latest_per_record(updates)):
             chunk = self._not_yet_written(chunk)
             if not chunk:
                 continue
-            for outcome in self.rest.update_records(chunk):
+            try:
+                outcomes = self.rest.update_records(chunk)
+            except PermanentRestError as exc:
+                # The whole request was refused (400 with errorCode and fields): the same
+                # request would be refused again, so every record of it is dead-lettered.
+                code = exc.error_code or "UNKNOWN"
+                outcomes = [
+                    RecordOutcome(update, False, code, str(exc), exc.fields) for update in chunk
+                ]
+            for outcome in outcomes:
                 if outcome.ok:
                     self.stats.written += 1
                     continue
@@ -514,12 +707,38 @@ class WritebackLoop:
                 self.stats.failed[code] = self.stats.failed.get(code, 0) + 1
                 log.warning(
                     'event="writeback_refused" sobject="%s" record_id="%s" error_code="%s" '
-                    'message="%s"',
+                    'fields="%s"',
                     outcome.update.sobject,
                     outcome.update.record_id,
                     code,
-                    outcome.message,
+                    ",".join(outcome.fields),
                 )
+                key = (outcome.update.sobject, outcome.update.record_id)
+                self._dead_letter_refusal(outcome, results[key])
+
+    def _dead_letter_refusal(self, outcome: RecordOutcome, result: InferenceResult) -> None:
+        """A permanent write error, with Salesforce's errorCode and fields and the result
+        that could not be written, to the model's DLQ."""
+        code = outcome.error_code or "UNKNOWN"
+        payload = {
+            "sobject": outcome.update.sobject,
+            "record_id": outcome.update.record_id,
+            "error_code": code,
+            "fields": list(outcome.fields),
+            "message": outcome.message,
+            "values": dict(outcome.update.fields),
+            # The result's fields (tensors are bytes: they travel in the encoded result).
+            "result": json.loads(result.model_dump_json(exclude={"outputs"})),
+            "result_base64": base64.b64encode(schemas.encode(result)).decode("ascii"),
+        }
+        why = UnmappableRecord(
+            "writeback_refused", f"Salesforce refused the write: {code} {list(outcome.fields)}"
+        )
+        model = self.targets[outcome.update.sobject].model
+        self.dead_letter(
+            model, json.dumps(payload, default=str).encode("utf-8"), why, outcome.update.record_id
+        )
+        self.stats.dead_lettered += 1
 
     def _count_forged(self, result: InferenceResult, reason: str) -> None:
         # One line, no feature values or scores: the request id finds the request.
@@ -533,14 +752,15 @@ class WritebackLoop:
 
     def _not_yet_written(self, chunk: list[RecordUpdate]) -> list[RecordUpdate]:
         """Drop updates whose record already holds their request id in the marker field."""
-        marker = self.config.marker_field
-        if marker is None:
-            return chunk
         pending: list[RecordUpdate] = []
         by_type: dict[str, list[RecordUpdate]] = {}
         for update in chunk:
             by_type.setdefault(update.sobject, []).append(update)
         for sobject, group in by_type.items():
+            marker = self.targets[sobject].config.marker_field
+            if marker is None:
+                pending.extend(group)
+                continue
             current = self.rest.retrieve_records(sobject, [u.record_id for u in group], [marker])
             for update in group:
                 record = current.get(update.record_id)
@@ -565,9 +785,13 @@ class WritebackLoop:
 
 
 __all__ = [
+    "OUTCOMES",
     "IngestLoop",
     "IngestStats",
+    "InvalidationNotice",
+    "Route",
     "WritebackLoop",
     "WritebackStats",
+    "WritebackTarget",
     "latest_per_record",
 ]

@@ -45,14 +45,28 @@ class UndecodableEventError(SalesforceError):
 class RestError(SalesforceError):
     """A REST call failed; ``status`` and ``error_code`` are Salesforce's answer."""
 
-    def __init__(self, message: str, *, status: int, error_code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        error_code: str | None = None,
+        fields: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error_code = error_code
+        self.fields = fields
+        """The fields Salesforce's error names (``[{"errorCode", "message", "fields"}]``)."""
 
 
 class TransientRestError(RestError):
     """503s, 5xx and ``REQUEST_LIMIT_EXCEEDED`` that outlasted the retry budget."""
+
+
+class RateLimitedError(TransientRestError):
+    """``403 REQUEST_LIMIT_EXCEEDED``: the org's API allowance is spent. The org's breaker is
+    open; every call waits for it to close (at least the configured floor)."""
 
 
 class PermanentRestError(RestError):

@@ -2,8 +2,10 @@
 
 What Salesforce answers, and what the client does about it:
 
-- ``403`` with ``REQUEST_LIMIT_EXCEEDED`` is the rate limit (Salesforce never sends 429):
-  back off and retry, with exponential backoff and full jitter.
+- ``403`` with ``REQUEST_LIMIT_EXCEEDED`` is the org's API limit (Salesforce never sends
+  429): the org's breaker (:class:`~connectors.salesforce.limits.OrgLimitBreaker`) opens for
+  at least its floor in seconds, the call fails with :class:`RateLimitedError`, and every
+  later call waits until the breaker closes.
 - ``401`` with ``INVALID_SESSION_ID``: the token expired. Authenticate once more and retry
   once; a second 401 is an :class:`AuthenticationError`.
 - ``503`` (and other 5xx): retry with backoff.
@@ -36,9 +38,11 @@ from connectors.salesforce.auth import Authenticator
 from connectors.salesforce.exceptions import (
     AuthenticationError,
     PermanentRestError,
+    RateLimitedError,
     RestError,
     TransientRestError,
 )
+from connectors.salesforce.limits import OrgLimitBreaker
 from pipeline.resilience.retry import RetryPolicy
 
 DEFAULT_API_VERSION = "62.0"
@@ -96,6 +100,8 @@ class RecordOutcome:
     ok: bool
     error_code: str | None = None
     message: str | None = None
+    fields: tuple[str, ...] = ()
+    """The fields Salesforce names in the error (``errors[0].fields``)."""
 
     @property
     def transient(self) -> bool:
@@ -133,9 +139,17 @@ def save_outcomes(updates: Sequence[RecordUpdate], results: Any) -> list[RecordO
                 False,
                 str(first.get("statusCode") or "UNKNOWN"),
                 str(first.get("message") or ""),
+                _fields_of(first),
             )
         )
     return outcomes
+
+
+def _fields_of(error: Any) -> tuple[str, ...]:
+    fields = error.get("fields") if isinstance(error, Mapping) else None
+    if not isinstance(fields, list):
+        return ()
+    return tuple(str(name) for name in fields if isinstance(name, str))
 
 
 def soql_datetime(epoch_ms: int) -> str:
@@ -158,10 +172,12 @@ class SalesforceRest:
         api_version: str = DEFAULT_API_VERSION,
         client_id: str = "sluiceway",
         retry: RetryPolicy | None = None,
+        limits: OrgLimitBreaker | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.auth = auth
+        self.limits = limits or OrgLimitBreaker(clock=clock)
         self._http = http
         self.api_version = api_version
         self.client_id = client_id
@@ -247,6 +263,10 @@ class SalesforceRest:
         attempts, started, reauthenticated = 0, self._clock(), False
         while True:
             attempts += 1
+            hold = self.limits.wait_s()
+            if hold > 0:
+                self.limits.held(hold)
+                self._sleep(hold)
             session = self.auth.session()
             headers = {
                 "Authorization": f"Bearer {session.access_token}",
@@ -257,7 +277,7 @@ class SalesforceRest:
                     method, f"{session.instance_url}{path}", headers=headers, **kwargs
                 )
             except httpx2.TransportError as exc:
-                status, code, text = 0, None, f"{type(exc).__name__}"
+                status, code, text, body = 0, None, f"{type(exc).__name__}", None
                 verdict = Verdict.TRANSIENT
             else:
                 status = response.status_code
@@ -266,6 +286,7 @@ class SalesforceRest:
                 verdict = classify(status, code)
                 text = _message_of(body) or response.reason_phrase
                 if verdict is Verdict.OK:
+                    self.limits.succeeded()
                     return response
             what = f"{method} {path.split('?')[0]}: {status} {code or ''} {text}".strip()
             if verdict is Verdict.SESSION_EXPIRED:
@@ -274,8 +295,15 @@ class SalesforceRest:
                 self.auth.refresh(session)
                 reauthenticated = True
                 continue
+            if verdict is Verdict.RATE_LIMITED:
+                hold = self.limits.refused()
+                raise RateLimitedError(
+                    f"{what} (org breaker open for {hold:.0f}s)", status=status, error_code=code
+                )
             if verdict is Verdict.PERMANENT:
-                raise PermanentRestError(what, status=status, error_code=code)
+                raise PermanentRestError(
+                    what, status=status, error_code=code, fields=_error_fields(body)
+                )
             delay = self.retry.next_delay(attempts, self._clock() - started)
             if delay is None:
                 raise TransientRestError(
@@ -291,6 +319,12 @@ def _json_or_none(response: httpx2.Response) -> Any:
         return response.json()
     except ValueError:
         return None
+
+
+def _error_fields(body: Any) -> tuple[str, ...]:
+    if isinstance(body, list) and body:
+        return _fields_of(body[0])
+    return _fields_of(body)
 
 
 def _message_of(body: Any) -> str | None:

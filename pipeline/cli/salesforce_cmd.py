@@ -27,9 +27,29 @@ def register(subparsers: Any) -> None:
         "connect-salesforce",
         help="stream Salesforce change events to a model and write its results back",
     )
-    parser.add_argument("--mapping", type=Path, required=True, help="mapping YAML file")
+    parser.add_argument(
+        "--mapping",
+        type=Path,
+        required=True,
+        action="append",
+        help="mapping YAML file; repeat for several entities on one channel",
+    )
     parser.add_argument("--name", default="default", help="connector name (checkpoints, group)")
-    parser.add_argument("--topic", help="Pub/Sub channel, e.g. /data/OpportunityChangeEvent")
+    parser.add_argument(
+        "--topic", help="Pub/Sub channel, e.g. /data/ChangeEvents or /data/AccountChangeEvent"
+    )
+    parser.add_argument(
+        "--client-tag",
+        default=None,
+        help="Sforce-Call-Options client tag of the writes, by which the connector knows its "
+        "own changes (default: the connector name)",
+    )
+    parser.add_argument(
+        "--rate-limit-floor-s",
+        type=float,
+        default=60.0,
+        help="seconds every REST call waits at least after REQUEST_LIMIT_EXCEEDED (>= 1)",
+    )
     parser.add_argument("--pubsub-endpoint", default=None, help="host:port of the Pub/Sub API")
     parser.add_argument(
         "--pubsub-insecure",
@@ -51,7 +71,7 @@ def register(subparsers: Any) -> None:
 
 
 def connect_salesforce_command(args: argparse.Namespace, settings: Settings) -> int:
-    from connectors.salesforce.exceptions import ReplayIdRejectedError
+    from connectors.salesforce.exceptions import ConfigurationError, ReplayIdRejectedError
     from connectors.salesforce.rest import DEFAULT_API_VERSION
     from connectors.salesforce.runner import (
         DEFAULT_PUBSUB_ENDPOINT,
@@ -62,7 +82,7 @@ def connect_salesforce_command(args: argparse.Namespace, settings: Settings) -> 
 
     configure_logging(args.log_level)
     options = ConnectorOptions(
-        mapping=args.mapping,
+        mapping=tuple(args.mapping),
         name=args.name,
         topic=args.topic,
         pubsub_endpoint=args.pubsub_endpoint or DEFAULT_PUBSUB_ENDPOINT,
@@ -72,24 +92,34 @@ def connect_salesforce_command(args: argparse.Namespace, settings: Settings) -> 
         writeback=not args.no_writeback,
         ingest=not args.no_ingest,
         reset_checkpoint=args.reset_checkpoint,
+        client_tag=args.client_tag,
+        rate_limit_floor_s=args.rate_limit_floor_s,
     )
     try:
         stats = run_connector(settings, options)
     except ReplayIdRejectedError as exc:
         print(f"sluiceway: error: {exc}", file=sys.stderr)
         return EXIT_REPLAY_REJECTED
+    except ConfigurationError as exc:
+        print(f"sluiceway: error: {exc}", file=sys.stderr)
+        return 2
     ingest, writeback = stats.ingest, stats.writeback
     if ingest is not None:
         print(
             f"ingest stopped: events={ingest.events} requests={ingest.requests} "
+            f"invalidations={ingest.invalidations} duplicates={ingest.duplicates} "
             f"reads={ingest.reads} resyncs={ingest.resyncs} dead_lettered={ingest.dead_lettered} "
-            f"skipped={ingest.skipped}"
+            f"skipped={ingest.skipped} by_entity={ingest.by_entity} "
+            f"dedupe_memory={ingest.memory_keys} dedupe_evicted={ingest.memory_evicted}"
         )
+        print("outcome per event:")
+        print(ingest.outcome_table())
     if writeback is not None:
         print(
             f"writeback stopped: results={writeback.results} written={writeback.written} "
             f"not_ok={writeback.not_ok} already_written={writeback.already_written} "
-            f"failed={writeback.failed} forged={writeback.forged} "
+            f"failed={writeback.failed} dead_lettered={writeback.dead_lettered} "
+            f"rate_limited={writeback.rate_limited} forged={writeback.forged} "
             f"commits={writeback.commits}"
         )
     return 0

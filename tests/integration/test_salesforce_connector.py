@@ -23,7 +23,12 @@ from connectors.common.correlation import ENV_VARIABLE
 from connectors.salesforce.auth import Authenticator, ClientCredentials, JwtBearer
 from connectors.salesforce.config import correlation_id, signer
 from connectors.salesforce.connector import SOURCE_SYSTEM
-from connectors.salesforce.exceptions import AuthenticationError, ReplayIdRejectedError
+from connectors.salesforce.exceptions import (
+    AuthenticationError,
+    RateLimitedError,
+    ReplayIdRejectedError,
+)
+from connectors.salesforce.limits import OrgLimitBreaker
 from connectors.salesforce.rest import RecordUpdate, SalesforceRest
 from connectors.salesforce.runner import ConnectorOptions, SalesforceConnector
 from pipeline.client import request_id_for
@@ -267,9 +272,13 @@ def test_a_cdc_stream_is_scored_and_every_record_written_back_exactly_once(
     assert by_record[_record_id(7)].inputs.features == pytest.approx(
         {f: float(invoices[7][FIELD_OF_FEATURE[f]]) for f in FIELD_OF_FEATURE}
     )
-    log = connector.tail(5)
-    assert f"events={2 * count} requests={count}" in log
+    log = connector.tail(12)
+    assert f"events={2 * count} requests={count} invalidations=0 duplicates=0" in log
     assert f"'own_writeback': {count}" in log
+    # The summary's per-event outcome table: every event has one outcome.
+    table = [line.split() for line in log.splitlines()]
+    for outcome, events in (("request", count), ("skipped", count), ("events", 2 * count)):
+        assert [outcome, str(events)] in table
     # Every kind of refusal happened on the way, and none lost or doubled a write.
     assert {403, 503, 401} <= {status for _, _, status in salesforce.rest_requests}
     # The session expired mid-writeback: a call was refused with 401, the connector
@@ -340,10 +349,14 @@ def test_change_data_capture_semantics_reach_kafka_as_documented(
     org.change(ENTITY, "GAP_UPDATE", [_record_id(2)], {"Days_To_Due__c": -12.0})
     # 5. The connector's own writeback is skipped.
     own = org.write(
-        ENTITY, _record_id(3), {"Risk_Score__c": 0.4}, client="inproc", user=INTEGRATION_USER_ID
+        ENTITY,
+        _record_id(3),
+        {"Risk_Score__c": 0.4},
+        client="inproc",
+        user=INTEGRATION_USER_ID,
     )
     assert own is None
-    # 6. A delete is nothing to score.
+    # 6. A delete is nothing to score: it invalidates the record's score.
     org.change(ENTITY, "DELETE", [_record_id(6)])
     # 7. Too many changes to describe: the entity is resynchronised through SOQL, from the
     # overflow's second on (SOQL datetimes have whole seconds: a resync reads more, never less).
@@ -406,7 +419,9 @@ def test_change_data_capture_semantics_reach_kafka_as_documented(
         for r in requests
         if r.source is not None
     )
-    assert stats.skipped == {"own_writeback": 1, "deleted": 1}
+    assert stats.skipped == {"own_writeback": 1}
+    assert stats.invalidations == 1
+    assert sum(stats.outcomes.values()) == stats.events
     assert stats.resyncs == 1
     reads = [p for m, p, s in org.rest_requests if m == "GET"]
     assert f"/services/data/v62.0/composite/sobjects/{ENTITY}" in reads
@@ -576,6 +591,7 @@ def test_results_are_written_once_and_record_failures_stay_with_their_record(
         )
     ]
     assert first.failed == {"ENTITY_IS_DELETED": 1}
+    assert first.dead_lettered == 1
     assert (first.results, first.not_ok) == (3, 1)
     # A restart continues after the committed offsets; a result delivered again (a crash
     # between the write and the commit) is recognised by the marker field: nothing twice.
@@ -715,7 +731,14 @@ def test_requests_published_by_an_outsider_are_served_but_never_written_back(
 
 
 def _rest(org: SalesforceOrg, slept: list[float]) -> SalesforceRest:
+    """A REST client whose sleeps are recorded and pass time on a fake clock."""
     import httpx2
+
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
 
     http = httpx2.Client()
     auth = Authenticator(ClientCredentials(org.login_url, org.client_id, org.client_secret), http)
@@ -724,19 +747,30 @@ def _rest(org: SalesforceOrg, slept: list[float]) -> SalesforceRest:
         http,
         client_id="rest-test",
         retry=RetryPolicy(max_attempts=4, base_delay_s=0.01, max_delay_s=0.05),
-        sleep=slept.append,
+        limits=OrgLimitBreaker(floor_s=2.0, clock=lambda: now[0]),
+        sleep=sleep,
+        clock=lambda: now[0],
     )
 
 
-def test_rest_backs_off_on_limits_and_reauthenticates_once(salesforce: SalesforceOrg) -> None:
+def test_rest_holds_every_call_after_a_limit_and_reauthenticates_once(
+    salesforce: SalesforceOrg,
+) -> None:
     _create(salesforce, 0, _invoice_values(1)[0])
     slept: list[float] = []
     rest = _rest(salesforce, slept)
     update = RecordUpdate(ENTITY, _record_id(0), {"Risk_Score__c": 0.1})
     salesforce.fail_next(1, 403, "REQUEST_LIMIT_EXCEEDED")
+    with pytest.raises(RateLimitedError):
+        rest.update_record(update)
+    assert slept == []  # no retry within milliseconds: the org's breaker is open
+    assert rest.limits.wait_s() == 2.0
     salesforce.fail_next(1, 503, "SERVER_UNAVAILABLE")
     rest.update_record(update)
+    # The next call waited out the breaker's floor, then backed off once after the 503.
     assert len(slept) == 2
+    assert slept[0] == 2.0
+    assert slept[1] <= 0.05
     salesforce.expire_tokens()
     rest.update_record(update)
     assert salesforce.token_requests == ["client_credentials", "client_credentials"]

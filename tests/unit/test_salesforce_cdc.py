@@ -10,6 +10,7 @@ from connectors.salesforce.cdc import (
     ChangeEvent,
     ChangeEventHeader,
     ChangeType,
+    Invalidate,
     OwnChanges,
     ResyncEntity,
     ScoreRecord,
@@ -18,6 +19,8 @@ from connectors.salesforce.cdc import (
     encode_bitmap,
     parse_change_event,
     plan,
+    rest_field_names,
+    rest_values,
     source_event_id,
 )
 from tests.salesforce_server import change_event_schema
@@ -161,9 +164,16 @@ def test_own_writeback_is_recognised_by_commit_user_or_by_the_fields_it_touched(
     assert plan(only_score, ("Score__c",), by_fields)[0].reason == "own_writeback"  # type: ignore[union-attr]
 
 
-def test_deletes_and_updates_of_no_input_field_are_skipped() -> None:
-    deleted = plan(_event(changeType="DELETE"), INPUTS, OwnChanges())
-    assert deleted == [Skip("Contact", ("003A",), "deleted")]
+def test_deletes_invalidate_each_record_and_updates_of_no_input_field_are_skipped() -> None:
+    deleted = plan(_event(changeType="DELETE", recordIds=["003A", "003B"]), INPUTS, OwnChanges())
+    assert deleted == [
+        Invalidate("Contact", "003A", "Contact:tx-1:1:003A", 1_700_000_000_000, "delete"),
+        Invalidate("Contact", "003B", "Contact:tx-1:1:003B", 1_700_000_000_000, "delete"),
+    ]
+    gap = plan(_event(changeType="GAP_DELETE"), INPUTS, OwnChanges())
+    assert gap == [
+        Invalidate("Contact", "003A", "Contact:tx-1:1:003A", 1_700_000_000_000, "gap_delete")
+    ]
     unrelated = _event({"Score__c": 1.0}, changedFields=encode_bitmap(["Score__c"], CONTACT))
     assert plan(unrelated, INPUTS, OwnChanges())[0].reason == "no_input_changed"  # type: ignore[union-attr]
 
@@ -200,3 +210,43 @@ def test_source_event_ids_are_stable_across_redelivery() -> None:
     assert source_event_id(header, b"\x01", "003A") == "Contact:tx-9:2:003A"
     no_key = ChangeEventHeader(**{**header.__dict__, "transaction_key": ""})
     assert source_event_id(no_key, b"\x0a", "003A") == "Contact:replay-0a:003A"
+
+
+def test_an_undelete_scores_the_record_again() -> None:
+    event = _event({"Email": "u@example.com"}, changeType="UNDELETE")
+    (work,) = plan(event, INPUTS, OwnChanges())
+    assert isinstance(work, ScoreRecord)
+    assert work.values == {"Email": "u@example.com", "Name.LastName": None}
+
+
+def test_nulled_fields_are_null_and_absent_fields_are_unchanged() -> None:
+    event = _event(
+        {"Email": None},
+        changedFields=encode_bitmap(["LastModifiedDate"], CONTACT),
+        nulledFields=encode_bitmap(["Email"], CONTACT),
+    )
+    (work,) = plan(event, INPUTS, OwnChanges())
+    assert isinstance(work, ScoreRecord)
+    # Email is now null; Name.LastName was not touched: it is read, never assumed null.
+    assert work.values == {"Email": None}
+    assert work.needs_read
+
+
+def test_compound_members_read_through_rest_are_keyed_as_cdc_keys_them() -> None:
+    record = {
+        "attributes": {"type": "Account"},
+        "Id": "001A",
+        "BillingAddress": {"city": "Lyon", "postalCode": "69001", "street": None},
+        "Rating": None,
+    }
+    assert rest_values(record) == {
+        "Id": "001A",
+        "BillingAddress.City": "Lyon",
+        "BillingAddress.PostalCode": "69001",
+        "BillingAddress.Street": None,
+        "Rating": None,
+    }
+    assert rest_field_names(["Rating", "BillingAddress.City", "BillingAddress.PostalCode"]) == (
+        "Rating",
+        "BillingAddress",
+    )
