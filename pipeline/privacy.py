@@ -153,12 +153,17 @@ class FeaturePolicy:
         error text that the worker did not write itself (a backend's message)."""
         if not self.treatments or not features or not text:
             return text
-        spelt: set[str] = set()
-        for name in self.treatments:
-            spelt |= renderings(features.get(name))
-        for shown in sorted(spelt, key=len, reverse=True):  # longest first: "1234.5" before "1234"
-            text = text.replace(shown, REDACTED)
-        return text
+        return scrub_values(text, (features.get(name) for name in self.treatments))
+
+
+def scrub_values(text: str, values: Iterable[FeatureValue]) -> str:
+    """``text`` with every spelling of each of ``values`` replaced by :data:`REDACTED`."""
+    spelt: set[str] = set()
+    for value in values:
+        spelt |= renderings(value)
+    for shown in sorted(spelt, key=len, reverse=True):  # longest first: "1234.5" before "1234"
+        text = text.replace(shown, REDACTED)
+    return text
 
 
 NO_POLICY = FeaturePolicy()

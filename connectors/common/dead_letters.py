@@ -5,11 +5,24 @@ A record a connector cannot map (a missing field, a malformed event) goes to the
 the source payload as ``original_value``, so nothing is dropped silently and the record can be
 fixed and replayed. A connector record has no Kafka origin: ``original_topic`` names the source
 as ``connector:<source system>`` and partition and offset are 0.
+
+Personal data: a connector's letters follow the worker's rules (``docs/worker.md``, "Personal
+data"). The source payload is kept, sealed or dropped as ``workers.dead_letter_original`` says
+(the worker's own :class:`~pipeline.privacy.OriginalPolicy`, bound to ``connector:<source>``,
+partition 0, offset 0, so ``sluiceway dlq open`` opens it), and where the model has a ``pii``
+policy the letter's text loses every value the record holds. A connector for such a model
+refuses to start with ``dead_letter_original: keep``, as its worker does
+(:func:`letter_privacy`).
 """
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from confluent_kafka import KafkaException, Producer
 
@@ -17,12 +30,93 @@ import schemas
 from connectors.common.exceptions import DeadLetterError
 from pipeline.kafka import clients
 from pipeline.kafka.clients import ProducerRole
-from pipeline.settings import Settings
+from pipeline.privacy import (
+    KEEP_ORIGINALS,
+    FeatureValue,
+    OriginalPolicy,
+    configuration_problems,
+    scrub_values,
+)
+from pipeline.settings import Settings, SettingsError
 from pipeline.topics import ModelTopics
 from schemas.models import DeadLetter, Header
 from workers.inference.contracts import dead_letter_headers
+from workers.inference.sink import original_policy
 
 UNMAPPABLE_ERROR_CLASS = "UnmappableRecord"
+WITHHELD = "(detail withheld: it may quote the record)"
+"""A personal model's letter text when the record's values cannot be found to remove them."""
+_NOT_A_VALUE = re.compile(r"[\s\"'`{}\[\](),;:=&<>|]+")
+"""Where a payload that is not JSON is cut into the words that may be its values."""
+
+
+@dataclass(frozen=True)
+class LetterPrivacy:
+    """What one model's connector letters may carry of the source record."""
+
+    originals: OriginalPolicy = KEEP_ORIGINALS
+    personal: bool = False
+    """The model has a ``pii`` policy: the letter's text (and the connector's log line about
+    it) may not quote any value of the record, whichever field it came from."""
+
+    def text(self, message: str, payload: bytes) -> str:
+        """``message`` as a letter may carry it."""
+        if not self.personal:
+            return message
+        try:
+            return scrub_values(message, record_values(payload))
+        except Exception:  # scrubbing must never cost a letter; then say nothing of it
+            return WITHHELD
+
+
+AS_RECEIVED = LetterPrivacy()
+
+
+def letter_privacy(settings: Settings, model: str) -> LetterPrivacy:
+    """The letter rules of ``model``'s connector; raises :class:`SettingsError` where the
+    model's worker would refuse to start (a ``pii`` policy with ``dead_letter_original:
+    keep``, a hash without a key): the same check, through the same function."""
+    if model not in settings.models:
+        raise SettingsError(f"model {model!r} is not in settings.models")
+    problems = configuration_problems(
+        {model: settings.models[model].pii.values()},
+        dead_letter_original=settings.workers.dead_letter_original,
+        has_hash_key=settings.workers.pii_hash_key is not None,
+    )
+    if problems:
+        raise SettingsError("; ".join(problems))
+    return LetterPrivacy(original_policy(settings), personal=bool(settings.models[model].pii))
+
+
+def record_values(payload: bytes) -> list[FeatureValue]:
+    """Every value a source payload holds: the leaves of its JSON (names are not values), or
+    where it is no JSON, each word of it."""
+    text = payload.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return [word for word in _NOT_A_VALUE.split(text) if word]
+    return list(_leaves(data))
+
+
+def _leaves(data: Any) -> Iterator[FeatureValue]:
+    pending = [data]  # a loop, not recursion: a hostile payload nests as deep as it likes
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, bool | int | float | str):
+            yield item
+
+
+@dataclass(frozen=True)
+class ConnectorLetter:
+    """A dead letter and the headers saying how its original value was treated."""
+
+    letter: DeadLetter
+    treatment: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 def unmappable_letter(
@@ -38,19 +132,24 @@ def unmappable_letter(
     connector: str | None = None,
     error_class: str = UNMAPPABLE_ERROR_CLASS,
     now: datetime | None = None,
-) -> DeadLetter:
-    """The dead letter for one unmappable source record (pure)."""
+    privacy: LetterPrivacy = AS_RECEIVED,
+) -> ConnectorLetter:
+    """The dead letter for one unmappable source record (pure but for a sealing nonce)."""
     moment = now or datetime.now(UTC)
     headers = [
         Header(key=name[:256], value=value.encode("utf-8"))
         for name, value in (source_headers or {}).items()
     ]
-    return DeadLetter(
-        original_topic=f"connector:{source_system}"[:256],
+    origin = f"connector:{source_system}"[:256]
+    value, treatment = privacy.originals.protect(source_payload, origin, 0, 0)
+    # Scrubbed before it is cut: a cut could leave half a value that no longer matches.
+    message = privacy.text(message, source_payload)
+    letter = DeadLetter(
+        original_topic=origin,
         original_partition=0,
         original_offset=0,
         original_key=None if source_key is None else source_key.encode("utf-8"),
-        original_value=source_payload,
+        original_value=value,
         original_headers=headers or None,
         original_timestamp=None,
         error_class=error_class[:200] or UNMAPPABLE_ERROR_CLASS,
@@ -63,13 +162,17 @@ def unmappable_letter(
         model=model,
         worker_id=connector,
     )
+    return ConnectorLetter(letter, treatment)
 
 
-def encode_letter(letter: DeadLetter) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """The letter's bytes and the worker's dead-letter headers (reason readable undecoded)."""
-    return schemas.encode(letter), dead_letter_headers(
-        letter.reason_code, letter.error_class, letter.attempts
-    )
+def encode_letter(sealed: ConnectorLetter) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The letter's bytes and the worker's dead-letter headers (reason readable undecoded,
+    and how the original was treated)."""
+    letter = sealed.letter
+    return schemas.encode(letter), [
+        *dead_letter_headers(letter.reason_code, letter.error_class, letter.attempts),
+        *sealed.treatment,
+    ]
 
 
 def send_unmappable(
@@ -86,13 +189,16 @@ def send_unmappable(
     request_id: str | None = None,
     connector: str | None = None,
     timeout_s: float = 10.0,
+    privacy: LetterPrivacy | None = None,
 ) -> DeadLetter:
-    """Write one unmappable record to ``<ns>.<model>.dlq`` and wait for the broker's ack.
+    """Write one unmappable record to ``<ns>.<model>.dlq`` and wait for the broker's ack;
+    returns the letter as written (its original and text protected: safe to log).
 
     Pass a long-lived ``producer`` (``acks=all``) where records are dead-lettered often; without
-    one, a producer is made for this letter. Raises :class:`DeadLetterError` unless acked.
+    one, a producer is made for this letter. ``privacy`` defaults to the model's rules from
+    ``settings`` (:func:`letter_privacy`). Raises :class:`DeadLetterError` unless acked.
     """
-    letter = unmappable_letter(
+    sealed = unmappable_letter(
         model=model,
         source_payload=source_payload,
         reason_code=reason_code,
@@ -102,8 +208,9 @@ def send_unmappable(
         source_headers=source_headers,
         request_id=request_id,
         connector=connector,
+        privacy=privacy or letter_privacy(settings, model),
     )
-    value, headers = encode_letter(letter)
+    value, headers = encode_letter(sealed)
     topic = ModelTopics(settings.namespace, model).dlq
     sender = producer or clients.producer(settings.kafka, role=ProducerRole.RELIABLE)
     failures: list[str] = []
@@ -124,4 +231,4 @@ def send_unmappable(
         raise DeadLetterError(
             f"dead letter to {topic} not acknowledged: {failures[0] if failures else 'timeout'}"
         )
-    return letter
+    return sealed.letter
