@@ -24,7 +24,7 @@ from confluent_kafka import TopicPartition
 import schemas
 from connectors.common.checkpoint import CheckpointStore
 from connectors.common.correlation import MissingSecretError, secrets_from_env
-from connectors.common.dead_letters import send_unmappable
+from connectors.common.dead_letters import letter_privacy, send_unmappable
 from connectors.common.dedupe import DedupeMetrics, RecentKeys
 from connectors.common.exceptions import UnmappableRecord
 from connectors.common.invalidation import invalidation_message
@@ -235,6 +235,9 @@ class SalesforceConnector:
         except MissingSecretError as missing:
             raise ConfigurationError(str(missing)) from None
         routes, targets, channel = _routes(settings, options)
+        # Before anything is opened: a model with a pii policy whose letters would keep raw
+        # payloads is refused, as its worker refuses it.
+        privacy = {route.model: letter_privacy(settings, route.model) for route in routes}
         self.routes = routes
         self.http = httpx2.Client(timeout=30.0)
         self.auth = Authenticator(flow_from_env(environ, kind=options.auth), self.http)
@@ -282,6 +285,7 @@ class SalesforceConnector:
                 producer=self._producer,
                 source_key=record_id,
                 connector=f"salesforce-{options.name}",
+                privacy=privacy.get(model),
             )
 
         if options.ingest:

@@ -54,7 +54,7 @@ import schemas
 from connectors.common.checkpoint import CheckpointStore
 from connectors.common.correlation import Rejected
 from connectors.common.dates import parse_datetime, to_iso_utc
-from connectors.common.dead_letters import send_unmappable
+from connectors.common.dead_letters import letter_privacy, send_unmappable
 from connectors.common.dedupe import RecentKeys
 from connectors.common.exceptions import UnmappableRecord
 from connectors.common.invalidation import invalidation_message
@@ -261,6 +261,10 @@ class SapConnector:
         self.source = first.source
         self.writeback_spec = first.writeback_spec
         self.topics = first.topics
+        # Refuses a model with a pii policy whose letters would keep raw payloads, as its worker.
+        self.letter_privacy = {
+            route.mapping.model: letter_privacy(settings, route.mapping.model) for route in routes
+        }
         self.name = name
         self.signer = signer(name, secrets)
         self.stats = ConnectorStats()
@@ -707,9 +711,8 @@ class SapConnector:
         request_id: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        log.warning('dead-lettered reason="%s" key="%s" message="%s"', reason, key, message)
         producer = self._producer.raw if self._producer is not None else None
-        await asyncio.to_thread(
+        letter = await asyncio.to_thread(
             lambda: send_unmappable(
                 self.settings,
                 model=route.mapping.model,
@@ -722,7 +725,12 @@ class SapConnector:
                 source_headers=headers,
                 request_id=request_id,
                 connector=self.name,
+                privacy=self.letter_privacy[route.mapping.model],
             )
+        )
+        # The letter's text, not ``message``: for a model with a pii policy it quotes no value.
+        log.warning(
+            'dead-lettered reason="%s" key="%s" message="%s"', reason, key, letter.reason_message
         )
         self.stats.dead_lettered += 1
 
