@@ -19,8 +19,12 @@ import struct
 import subprocess
 import sys
 import uuid
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+import pytest
+from pydantic import SecretStr
 
 import schemas
 from pipeline.kafka import clients
@@ -32,13 +36,21 @@ from pipeline.kafka.admin import (
     model_topic_specs,
 )
 from pipeline.kafka.clients import ConsumerRole
+from pipeline.modeling.invoices import generate
 from pipeline.privacy import MASKED, ORIGINAL_HEADER, associated_data, open_original
 from pipeline.settings import INVOICE_RISK_FEATURES, Settings
 from pipeline.storage.client import ensure_bucket, make_client
 from pipeline.topics import ModelTopics
-from schemas.models import DeadLetter, InferenceRequest, Inputs, ResultStatus
+from schemas.models import DeadLetter, InferenceRequest, InferenceResult, Inputs, ResultStatus
 from tests.integration import traffic
+from tests.integration.test_sap_connector import MAPPING as SAP_MAPPING
+from tests.integration.test_sap_connector import MODEL as SAP_MODEL
+from tests.integration.test_sap_connector import SYSTEM as SAP_SYSTEM
+from tests.integration.test_sap_connector import Connector as SapConnectorProcess
 from tests.integration.waiting import wait_for, wait_until
+from tests.sap_server import SapProtocolServer, invoices_from_features
+from workers.inference.runner import prepare_topics_and_bucket
+from workers.processes import ServiceProcess
 
 SERVED = 40
 DEAD_LETTERED = 2
@@ -272,3 +284,185 @@ def test_a_pii_feature_value_appears_nowhere_the_worker_writes(
     )
     assert opened.returncode == 0, opened.stderr.decode(errors="replace")
     assert json.loads(opened.stdout)["attributes"]["customer_email"] == attribute_canary
+
+
+# ---------------------------------------------------------------------- through the SAP connector
+
+CONNECTOR_SERVED = 30
+
+
+def test_a_pii_value_read_from_sap_appears_nowhere_the_connector_or_worker_writes(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SAP invoices whose ``InvoiceGrossAmount`` (-> ``amount_eur``, ``pii: drop``) is the
+    canary are polled by the SAP connector and served by a real worker, both at DEBUG. One
+    invoice the connector cannot map (its payment days are text), one the worker refuses (a
+    feature beyond float32): both dead letters hold the canary, sealed."""
+    bucket = f"pii-sap-{uuid.uuid4().hex[:12]}"
+    aes_key = os.urandom(32)
+    model = settings.models[SAP_MODEL].model_copy(
+        update={"pii": {"amount_eur": "drop"}, "echo_features": True}
+    )
+    settings = settings.model_copy(
+        update={
+            "object_store": settings.object_store.model_copy(update={"bucket": bucket}),
+            "models": {**settings.models, SAP_MODEL: model},
+            "workers": settings.workers.model_copy(
+                update={
+                    "dead_letter_original": "encrypt",
+                    "dead_letter_key": SecretStr(base64.b64encode(aes_key).decode()),
+                }
+            ),
+        }
+    )
+    topics = ModelTopics(settings.namespace, SAP_MODEL)
+    prepare_topics_and_bucket(settings, [SAP_MODEL])
+    # Two decimals (the fixture writes amounts so), exact in float32: one number, every spelling.
+    canary = float(random.randint(100_000, 999_999)) + 0.25
+    canary_text = f"{canary:.2f}"
+    spellings = [canary_text.encode(), struct.pack("<d", canary), struct.pack("<f", canary)]
+    rows = generate(CONNECTOR_SERVED + 2, seed=23).x.copy()
+    rows[:, 0] = canary  # amount_eur: the first feature column
+
+    with SapProtocolServer(page_size=40) as sap:
+        monkeypatch.setenv("SAP_USERNAME", sap.username)
+        monkeypatch.setenv("SAP_PASSWORD", sap.password)
+        keys = invoices_from_features(sap, rows)
+        served, unmappable, refused = keys[:CONNECTOR_SERVED], keys[-2], keys[-1]
+        assert sap.invoice(unmappable)["InvoiceGrossAmount"] == Decimal(canary_text)
+        sap.add_invoice(**{**sap.invoice(unmappable), "NetPaymentDays": "thirty"})
+        sap.add_invoice(**{**sap.invoice(refused), "YY1_PastLatePayments": 10**39})
+        worker_log, connector_log = tmp_path / "worker.log", tmp_path / "connector.log"
+        worker = ServiceProcess(
+            settings, ["worker", "--model", SAP_MODEL, "--log-level", "DEBUG"], worker_log
+        )
+        connector = SapConnectorProcess(
+            settings,
+            sap,
+            connector_log,
+            SAP_MAPPING,
+            "--poll-interval",
+            "0.5",
+            "--log-level",
+            "DEBUG",
+        )
+        with worker:
+            connector.start()
+            try:
+                wait_for(
+                    lambda: (
+                        len(sap.writes_by_key()) >= CONNECTOR_SERVED
+                        and sum(end_offsets(settings.kafka, topics.dlq).values()) >= 2
+                    ),
+                    180,
+                    f"{CONNECTOR_SERVED} writebacks and 2 dead letters\n{connector.process.tail()}",
+                )
+            finally:
+                connector_code = connector.process.stop()
+        worker_code = worker.process.returncode if worker.process else None
+        writes = sap.writes_by_key()
+    connector_logged = connector_log.read_bytes()
+    worker_logged = worker_log.read_bytes()
+    assert connector_code == 0, connector_logged[-3000:].decode(errors="replace")
+    assert worker_code == 0, worker_logged[-3000:].decode(errors="replace")
+
+    # What may leave is there: every mappable, servable invoice scored and written back once.
+    assert set(writes) == set(served)
+    assert all(len(w) == 1 for w in writes.values())
+    outgoing = {topic: _record_contents(settings, topic) for topic in (topics.results, topics.dlq)}
+    assert len(outgoing[topics.results]) == CONNECTOR_SERVED
+    assert len(outgoing[topics.dlq]) == 2
+    for _, value, _ in outgoing[topics.results]:
+        result = schemas.decode(value, InferenceResult)
+        assert result.status == ResultStatus.OK
+        assert result.input_features is not None
+        # The other seven features are echoed; the PII one is gone.
+        assert set(result.input_features) == set(INVOICE_RISK_FEATURES) - {"amount_eur"}
+    letters = {
+        schemas.decode(value, DeadLetter).original_topic: (
+            schemas.decode(value, DeadLetter),
+            headers,
+        )
+        for _, value, headers in outgoing[topics.dlq]
+    }
+    assert set(letters) == {f"connector:{SAP_SYSTEM}", topics.requests}
+
+    # The canary is nowhere: topics, objects, both logs.
+    for topic, records in outgoing.items():
+        for key, value, headers in records:
+            for spelt in spellings:
+                assert spelt not in key + value + headers, f"canary {spelt!r} on {topic}"
+    store = make_client(settings.object_store)
+    objects = list(store.list_objects(bucket, recursive=True))
+    assert objects, "the worker wrote result segments"
+    for listed in objects:
+        assert listed.object_name is not None
+        response = store.get_object(bucket, listed.object_name)
+        try:
+            body = response.read()
+        finally:
+            response.close()
+            response.release_conn()
+        for spelt in spellings:
+            assert spelt not in listed.object_name.encode() + body, (
+                f"canary in {listed.object_name}"
+            )
+    for name, logged in (("connector", connector_logged), ("worker", worker_logged)):
+        assert b'level="DEBUG"' in logged, f"the {name} logged at DEBUG"
+        for spelt in spellings:
+            assert spelt not in logged, f"canary {spelt!r} in the {name}'s log"
+    assert connector_logged.count(b'dead-lettered reason="invalid_field"') == 1
+    assert worker_logged.count(b'reason="invalid_feature"') == 1
+
+    # Both letters held the canary: sealed, and the operator's key opens them.
+    for topic, (letter, headers) in letters.items():
+        assert ORIGINAL_HEADER.encode() + b"=encrypted;key_id=" in headers
+        assert letter.original_value is not None
+        aad = associated_data(topic, letter.original_partition, letter.original_offset)
+        original = open_original(letter.original_value, [aes_key], aad)
+        if topic == topics.requests:
+            assert letter.reason_code == "invalid_feature"
+            request = schemas.decode(original, InferenceRequest)
+            assert request.inputs.features is not None
+            assert request.inputs.features["amount_eur"] == canary
+        else:
+            assert letter.reason_code == "invalid_field"
+            assert "NetPaymentDays" in letter.reason_message
+            assert json.loads(original)["InvoiceGrossAmount"] == canary_text
+
+    # `sluiceway dlq open` gives the operator the connector's letter back as SAP sent it.
+    connector_letter = letters[f"connector:{SAP_SYSTEM}"][0]
+    partition, offset = _dlq_position(settings, topics.dlq, connector_letter)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEWAY_")}
+    opened = subprocess.run(
+        [*DLQ_OPEN_COMMAND, "--partition", str(partition), "--offset", str(offset)],
+        cwd=traffic.REPO_ROOT,
+        env={**environment, **settings.as_environment()},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert opened.returncode == 0, opened.stderr.decode(errors="replace")
+    assert json.loads(opened.stdout)["NetPaymentDays"] == "thirty"
+
+
+def test_the_sap_connector_refuses_a_pii_model_whose_letters_would_keep_raw_payloads(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = settings.models[SAP_MODEL].model_copy(update={"pii": {"amount_eur": "drop"}})
+    settings = settings.model_copy(update={"models": {**settings.models, SAP_MODEL: model}})
+    assert settings.workers.dead_letter_original == "keep"
+    log = tmp_path / "connector.log"
+    with SapProtocolServer() as sap:
+        monkeypatch.setenv("SAP_USERNAME", sap.username)
+        monkeypatch.setenv("SAP_PASSWORD", sap.password)
+        connector = SapConnectorProcess(settings, sap, log, SAP_MAPPING, "--poll-interval", "0.5")
+        connector.start()
+        try:
+            assert connector.process.process is not None
+            code = connector.process.process.wait(60)
+        finally:
+            connector.process.stop()
+        assert (sap.reads, sap.collection_queries) == (0, []), "refused before reading SAP"
+    assert code != 0
+    assert "model 'invoice_risk' has a pii policy" in log.read_text()
