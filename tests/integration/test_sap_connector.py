@@ -49,7 +49,7 @@ from pipeline.modeling.invoices import generate
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.models import DeadLetter, InferenceRequest, InferenceResult
-from tests.integration.traffic import publish
+from tests.integration.traffic import events_on_topic, publish
 from tests.integration.waiting import wait_for
 from tests.sap_server import (
     V2_ENTITY_SET,
@@ -142,31 +142,9 @@ class Connector:
 
 
 def _requests_published(settings: Settings) -> list[InferenceRequest]:
-    topic = ModelTopics(settings.namespace, MODEL).requests
-    ends = end_offsets(settings.kafka, topic)
-    consumer = Consumer(
-        {
-            **settings.kafka.client_config(),
-            "group.id": "sap-test-reader",
-            "enable.partition.eof": True,
-        }
+    return events_on_topic(
+        settings, ModelTopics(settings.namespace, MODEL).requests, InferenceRequest
     )
-    found: list[InferenceRequest] = []
-    try:
-        open_partitions = {p for p, end in ends.items() if end > 0}
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in open_partitions])
-        while open_partitions:
-            message = consumer.poll(10)
-            assert message is not None, "the requests topic did not answer"
-            error = message.error()
-            if error is not None:
-                assert error.code() == KafkaError._PARTITION_EOF, error
-                open_partitions.discard(int(message.partition() or 0))
-                continue
-            found.append(schemas.decode(message.value() or b"", InferenceRequest))
-    finally:
-        consumer.close()
-    return found
 
 
 def _dead_letters(settings: Settings, count: int, timeout_s: float = 30.0) -> list[DeadLetter]:
@@ -349,7 +327,10 @@ def test_requests_published_by_an_outsider_are_served_but_never_written_back(
         connector.wait_ready()
         push_events(connector.url, events[:2])
         _all_written(sap, keys[:2], timeout_s=120)
-        (real, _) = sorted(_requests_published(settings), key=lambda r: str(r.source))
+        (real, _) = sorted(
+            _requests_published(settings),
+            key=lambda r: str(r.source),
+        )
         assert real.correlation_id is not None
         real_predicate = real.correlation_id.split("|")[2]
         victim = f"(SupplierInvoice='{victims[0][0]}',FiscalYear='{victims[0][1]}')"
@@ -479,7 +460,19 @@ def test_polling_follows_next_links_through_changes_of_the_same_instant(
     store = CheckpointStore(settings, CONNECTOR)
     try:
         wait_for(
-            _every(0.5, lambda: len(_requests_published(settings)) >= 100),
+            _every(
+                0.5,
+                lambda: (
+                    len(
+                        events_on_topic(
+                            settings,
+                            ModelTopics(settings.namespace, MODEL).requests,
+                            InferenceRequest,
+                        )
+                    )
+                    >= 100
+                ),
+            ),
             120,
             "100 requests from one instant",
         )

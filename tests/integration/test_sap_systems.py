@@ -24,7 +24,6 @@ import httpx2
 import numpy as np
 import pytest
 import yaml
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from pydantic import BaseModel, SecretStr
 
 import schemas
@@ -34,7 +33,6 @@ from connectors.sap.client import BasicCredentials, ODataClient
 from connectors.sap.connector import OUTCOMES, ConnectorStats, SapConnector, build_route, serve
 from connectors.sap.odata import EntitySource
 from connectors.sap.webhook import SECRET_VAR, WebhookSecurity, security_from_options
-from pipeline.kafka.admin import end_offsets
 from pipeline.modeling.invoices import generate
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
@@ -49,7 +47,7 @@ from schemas.models import (
     Tensor,
     TensorDatatype,
 )
-from tests.integration.traffic import publish
+from tests.integration.traffic import events_on_topic, publish
 from tests.integration.waiting import wait_for
 from tests.sap_server import (
     EVENT_TYPE_CANCELED,
@@ -170,30 +168,6 @@ async def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> 
         await asyncio.sleep(0.1)  # the next look at the condition, not a wait for state
 
 
-def _on_topic(settings: Settings, topic: str, kind: type[E]) -> list[E]:
-    """Every event on ``topic`` now (to its end offsets)."""
-    ends = end_offsets(settings.kafka, topic)
-    consumer = Consumer(
-        {**settings.kafka.client_config(), "group.id": "systems-test", "enable.partition.eof": True}
-    )
-    found: list[E] = []
-    try:
-        open_partitions = {p for p, end in ends.items() if end > 0}
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in open_partitions])
-        while open_partitions:
-            message = consumer.poll(10)
-            assert message is not None, f"{topic} did not answer"
-            error = message.error()
-            if error is not None:
-                assert error.code() == KafkaError._PARTITION_EOF, error
-                open_partitions.discard(int(message.partition() or 0))
-                continue
-            found.append(schemas.decode(message.value() or b"", kind))
-    finally:
-        consumer.close()
-    return found
-
-
 def _event(key: InvoiceKey, event_id: str, source: str, kind: str = EVENT_TYPE_CREATED) -> Any:
     return supplier_invoice_event(key, event_id=event_id, event_type=kind, source=source)
 
@@ -299,7 +273,7 @@ def test_one_connector_serves_two_systems_and_accounts_for_every_event(
     assert table[-1].split() == ["total", "7", "3", "3", "3", "2", "18"]
 
     topics = ModelTopics(settings.namespace, MODEL)
-    requests = _on_topic(settings, topics.requests, InferenceRequest)
+    requests = events_on_topic(settings, topics.requests, InferenceRequest)
     assert sorted(str(r.request_id) for r in requests) == sorted(
         str(event_request_id(system, event_id, source))
         for system, event_id, source in [
@@ -312,7 +286,7 @@ def test_one_connector_serves_two_systems_and_accounts_for_every_event(
             ("S4P", "e-8", p_s),
         ]
     )
-    invalidations = _on_topic(settings, topics.invalidations, Invalidation)
+    invalidations = events_on_topic(settings, topics.invalidations, Invalidation)
     assert sorted((i.source_system, i.entity_key) for i in invalidations) == [
         ("S4H", f"1010/{h[2][0]}/2024"),
         ("S4H", f"1010/{h[3][0]}/2024"),
@@ -320,7 +294,7 @@ def test_one_connector_serves_two_systems_and_accounts_for_every_event(
     ]
     assert {i.kind for i in invalidations} == {InvalidationKind.CANCELLED}
     assert all(i.connector == CONNECTOR for i in invalidations)
-    letters = _on_topic(settings, topics.dlq, DeadLetter)
+    letters = events_on_topic(settings, topics.dlq, DeadLetter)
     assert sorted(letter.reason_code for letter in letters) == [
         "entity_not_found",
         "invalid_cloudevent",
@@ -350,8 +324,8 @@ def test_one_connector_serves_two_systems_and_accounts_for_every_event(
         "skipped": 1,
         "dead_letter": 0,
     }
-    assert len(_on_topic(settings, topics.requests, InferenceRequest)) == 8
-    assert len(_on_topic(settings, topics.invalidations, Invalidation)) == 3
+    assert len(events_on_topic(settings, topics.requests, InferenceRequest)) == 8
+    assert len(events_on_topic(settings, topics.invalidations, Invalidation)) == 3
 
 
 def test_the_handshake_needs_the_same_credentials_as_a_delivery(
@@ -427,7 +401,9 @@ def test_release_is_called_with_typed_parameters_only_below_the_risk_threshold(
         async with aiohttp.ClientSession() as session:
             assert [await _deliver(session, url, event) for event in events] == [200] * 8
         # Results as a worker would write them (the correlation id copied from the request).
-        requests = await asyncio.to_thread(_on_topic, settings, topics.requests, InferenceRequest)
+        requests = await asyncio.to_thread(
+            events_on_topic, settings, topics.requests, InferenceRequest
+        )
         number = {str(r.request_id): r.source.entity_id.split("/")[1] for r in requests if r.source}
         first = int(h[0][0])
         results = [_result(r, scores[int(number[str(r.request_id)]) - first]) for r in requests]

@@ -17,12 +17,10 @@ from typing import Any, TypeVar
 import aiohttp
 import jwt
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 from pydantic import SecretStr
 
-import schemas
 from connectors.common.mapping import load_mapping
 from connectors.sap.client import BasicCredentials, ODataClient
 from connectors.sap.connector import ConnectorStats, SapConnector, serve
@@ -35,6 +33,7 @@ from pipeline.settings import Settings
 from pipeline.stack.tls import ensure_authority
 from pipeline.topics import ModelTopics
 from schemas.models import InferenceRequest
+from tests.integration.traffic import events_on_topic
 from tests.sap_server import (
     SapProtocolServer,
     event_request_id,
@@ -56,6 +55,12 @@ T = TypeVar("T")
 def sap() -> Iterator[SapProtocolServer]:
     with SapProtocolServer() as server:
         yield server
+
+
+def _requests_on_topic(settings: Settings) -> list[InferenceRequest]:
+    return events_on_topic(
+        settings, ModelTopics(settings.namespace, MODEL).requests, InferenceRequest
+    )
 
 
 def _run_webhook(
@@ -105,34 +110,6 @@ def _run_webhook(
         return result, stats
 
     return asyncio.run(main())
-
-
-def _requests_on_topic(settings: Settings) -> list[InferenceRequest]:
-    topic = ModelTopics(settings.namespace, MODEL).requests
-    ends = end_offsets(settings.kafka, topic)
-    consumer = Consumer(
-        {
-            **settings.kafka.client_config(),
-            "group.id": "webhook-test-reader",
-            "enable.partition.eof": True,
-        }
-    )
-    found: list[InferenceRequest] = []
-    try:
-        open_partitions = {p for p, end in ends.items() if end > 0}
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in open_partitions])
-        while open_partitions:
-            message = consumer.poll(10)
-            assert message is not None, "the requests topic did not answer"
-            error = message.error()
-            if error is not None:
-                assert error.code() == KafkaError._PARTITION_EOF, error
-                open_partitions.discard(int(message.partition() or 0))
-                continue
-            found.append(schemas.decode(message.value() or b"", InferenceRequest))
-    finally:
-        consumer.close()
-    return found
 
 
 def _dead_letter_count(settings: Settings) -> int:

@@ -10,15 +10,18 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
 import schemas
 from pipeline.kafka import admin as kafka_admin
 from pipeline.kafka import clients
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import Settings
-from schemas.models import DeadLetter, InferenceRequest, InferenceResult, Inputs
+from schemas.models import DeadLetter, Event, InferenceRequest, InferenceResult, Inputs
+
+E = TypeVar("E", bound=Event)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,6 +116,32 @@ def committed_offsets(
 
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     return kafka_admin.end_offsets(settings.kafka, topic)
+
+
+def events_on_topic(settings: Settings, topic: str, kind: type[E]) -> list[E]:
+    """Every event on ``topic`` now (read to its end offsets), decoded as ``kind``."""
+    ends = end_offsets(settings, topic)
+    consumer = clients.consumer(
+        settings.kafka,
+        group_id=clients.throwaway_group("topic-reader"),
+        role=ConsumerRole.SNAPSHOT,
+    )
+    found: list[E] = []
+    try:
+        open_partitions = {p for p, end in ends.items() if end > 0}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in open_partitions])
+        while open_partitions:
+            message = consumer.poll(10)
+            assert message is not None, f"{topic} did not answer"
+            error = message.error()
+            if error is not None:
+                assert error.code() == KafkaError._PARTITION_EOF, error
+                open_partitions.discard(int(message.partition() or 0))
+                continue
+            found.append(schemas.decode(message.value() or b"", kind))
+    finally:
+        consumer.close()
+    return found
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
