@@ -69,7 +69,9 @@ def run_acl(args: argparse.Namespace, settings: Settings) -> int:
 
         report = apply_stack_acls(settings, connectors, prune=args.prune)
     else:
-        report = acl_admin.apply(settings.kafka, grants, prune=args.prune)
+        report = acl_admin.apply(
+            settings.kafka, grants, prune=args.prune, namespace=settings.namespace
+        )
     for created in report.created:
         print(f"created  {created}")
     for stale in report.stale:

@@ -109,14 +109,26 @@ def owned(principal: str) -> bool:
 
 
 def stale_bindings(
-    existing: Iterable[AclBinding], desired: Iterable[AclBinding]
+    existing: Iterable[AclBinding], desired: Iterable[AclBinding], namespace: str | None = None
 ) -> list[AclBinding]:
-    """Existing bindings of principals we own that the plan does not contain."""
+    """Existing bindings of principals we own that the plan does not contain; with
+    ``namespace``, only those on the namespace's own resources (``<ns>.*``, ``<ns>-*``): a
+    plan for one namespace says nothing about another's on the same cluster."""
     wanted = {key_of(item) for item in desired}
     return sorted(
-        (item for item in existing if owned(item.principal) and key_of(item) not in wanted),
+        (
+            item
+            for item in existing
+            if owned(item.principal)
+            and key_of(item) not in wanted
+            and (namespace is None or _in_namespace(item.name, namespace))
+        ),
         key=key_of,
     )
+
+
+def _in_namespace(resource: str, namespace: str) -> bool:
+    return resource.startswith((f"{namespace}.", f"{namespace}-"))
 
 
 def apply(
@@ -124,12 +136,14 @@ def apply(
     grants: Sequence[Grant],
     *,
     prune: bool = False,
+    namespace: str | None = None,
     scram_users: Sequence[str] = (),
     password_of: Callable[[str], str] | None = None,
     timeout_s: float = 30.0,
 ) -> ApplyReport:
     """Make the cluster hold ``grants``; with ``password_of``, also create the SCRAM users in
-    ``scram_users`` that the cluster does not know yet (their passwords are never changed)."""
+    ``scram_users`` that the cluster does not know yet (their passwords are never changed).
+    With ``namespace``, stale bindings are looked for on that namespace's resources only."""
     admin = clients.admin(admin_kafka)
     report = ApplyReport()
     if password_of is not None and scram_users:
@@ -161,7 +175,7 @@ def apply(
             except KafkaException as exc:
                 raise TopicAdminError(f"creating ACL {created} failed: {exc.args[0]}") from exc
             report.created.append(created)
-    report.stale = stale_bindings(existing, desired)
+    report.stale = stale_bindings(existing, desired, namespace)
     if prune and report.stale:
         filters = [filter_of(item) for item in report.stale]
         for _, future in admin.delete_acls(filters, request_timeout=timeout_s).items():

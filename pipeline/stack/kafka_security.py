@@ -203,6 +203,7 @@ def apply_stack_acls(
         admin_kafka_settings(settings),
         grants,
         prune=prune,
+        namespace=settings.namespace,
         scram_users=acls.principals(settings, served),
         password_of=secrets.password,
     )

@@ -183,7 +183,10 @@ def test_cli_infer_example_answers_an_sap_invoice_with_its_explanation(
 
 def test_cli_topics_create_and_describe(settings: Settings) -> None:
     created = _cli(settings, "topics", "create", "--model", "invoice_risk", "--partitions", "2")
-    assert created.count("created") == 8
+    # requests, batch, results, dlq, invalidations, feedback, drift, control, batch progress
+    assert created.count("created") == 9
+        created.count("created") == 9
+    )  # the model's 4 + invalidations, monitor 2, control, progress
     assert "exists" in _cli(settings, "topics", "create", "--model", "invoice_risk")
     rows = {
         line.split()[0]: line.split()[1:]

@@ -289,6 +289,11 @@ def test_stale_bindings_are_only_those_of_principals_we_own() -> None:
         "User:monitor",
         "User:worker-gone",
     ]
+    # Scoped to the plan's namespace: another namespace's bindings on the cluster are its own.
+    elsewhere = _binding("User:worker-b", "staging.b.requests")
+    scoped = acl_admin.stale_bindings([*existing, elsewhere], wanted, "inference")
+    assert sorted(b.principal for b in scoped) == ["User:monitor"]
+    assert acl_admin.stale_bindings([elsewhere], wanted) == [elsewhere]
 
 
 def test_a_grant_becomes_the_binding_it_names() -> None:
