@@ -204,6 +204,9 @@ class ConnectorStats:
     duplicates: int = 0
     dead_lettered: int = 0
     polled: int = 0
+    polled_letters_repeated: int = 0
+    """Unmappable polled records not dead-lettered again: their letter was written already
+    (polling reads its newest change again on every poll)."""
     written: int = 0
     already_written: int = 0
     skipped: int = 0
@@ -674,6 +677,9 @@ class SapConnector:
     ) -> tuple[InferenceRequest | None, datetime | None]:
         payload = json.dumps(record.properties, default=str).encode()
         changed: datetime | None = None
+        # Until the record's change is known, its letter is keyed by its content: polling
+        # reads the newest change again on every poll (``ge`` the position).
+        letter = malformed_letter_key(payload)
         try:
             try:
                 changed = delta_value(record, route.source)
@@ -689,23 +695,37 @@ class SapConnector:
                 self.stats.own_changes += 1
                 return None, changed
             event_id = f"{route.source.entity_set}{predicate}@{to_iso_utc(changed)}"
+            request_id = request_id_for(route.mapping.source_system, event_id)
+            letter = event_letter_key(str(request_id))
             request = route.mapping.to_request(
                 record.properties,
                 source_event_id=event_id,
-                correlation_id=correlation_id(
-                    self.signer,
-                    entity,
-                    request_id_for(route.mapping.source_system, event_id),
-                ),
+                correlation_id=correlation_id(self.signer, entity, request_id),
             )
             if self._is_cancelled(request):
                 return None, changed
         except UnmappableRecord as unmappable:
+            if self._letter_written(letter):
+                self.stats.polled_letters_repeated += 1
+                return None, changed
             await self._dead_letter(
-                route, payload, unmappable.reason_code, unmappable.message, key=None
+                route,
+                payload,
+                unmappable.reason_code,
+                unmappable.message,
+                key=None,
+                source_event=letter,
             )
+            remember_letters([letter], self._published, self._malformed)
             return None, changed
         return request, changed
+
+    def _letter_written(self, key: str) -> bool:
+        """Whether the letter of source-event ``key`` was written (by this run, or before a
+        restart as the DLQ's headers said): an event's by its request id, else by digest."""
+        if key.startswith("event:"):
+            return key.removeprefix("event:") in self._published
+        return key in self._malformed
 
     async def run_polling(self, interval_s: float, stop: asyncio.Event) -> None:
         while not stop.is_set():

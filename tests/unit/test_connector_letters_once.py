@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from connectors.sap.connector import (
     malformed_letter_key,
     remember_letters,
 )
-from connectors.sap.odata import EntitySource
+from connectors.sap.odata import EntityRecord, EntitySource, Page
 from pipeline.settings import ModelSettings, Settings
 from tests.unit.fakes import FakeClock
 
@@ -379,3 +379,74 @@ def test_the_sap_letter_keys_are_ids_and_digests() -> None:
     key = malformed_letter_key(json.dumps({"Name": "Ada Lovelace"}).encode())
     assert key.startswith("malformed:")
     assert "Ada" not in key
+
+
+class _ChangesOnce:
+    """OData standing in for a system whose newest changes are unmappable: every poll reads
+    them again (``ge`` the position), as a real one does."""
+
+    def __init__(self, source: EntitySource, records: list[EntityRecord]) -> None:
+        self.source = source
+        self.records = records
+        self.reads = 0
+
+    async def read_changes(self, since: Any) -> AsyncIterator[Page]:
+        self.reads += 1
+        yield Page(self.records, None)
+
+    async def close(self) -> None:
+        return None
+
+
+def _polling_sap(producer: FakeLetterProducer) -> tuple[SapConnector, _ChangesOnce]:
+    mapping = load_mapping(SAP_MAPPING)
+    changed = "2024-05-01T12:00:00Z"
+    odata = _ChangesOnce(
+        EntitySource.from_mapping(mapping.source),
+        [
+            # No amount: the mapping cannot fill the model (keyed by its change).
+            EntityRecord(
+                {
+                    "CompanyCode": "1010",
+                    "SupplierInvoice": "5105600001",
+                    "FiscalYear": "2024",
+                    "LastChangeDateTime": changed,
+                },
+                None,
+            ),
+            # No keys at all (keyed by its content).
+            EntityRecord({"LastChangeDateTime": changed, "Name": "Ada"}, None),
+        ],
+    )
+    settings = Settings(models={"invoice_risk": ModelSettings(feature_order=("amount_eur",))})
+    connector = SapConnector(
+        settings,
+        mapping,
+        odata,  # type: ignore[arg-type]
+        secrets=(b"sap-unit-secret-0123456789",),
+        name="sap-unit",
+        monotonic=FakeClock(),
+        letter_producer=producer,  # type: ignore[arg-type]
+    )
+    connector.checkpoints = _Checkpoints()  # type: ignore[assignment]
+    return connector, odata
+
+
+def test_polling_dead_letters_an_unmappable_change_once_however_often_it_is_read() -> None:
+    first = FakeLetterProducer()
+    connector, odata = _polling_sap(first)
+    for _ in range(3):
+        assert asyncio.run(connector.poll_once()) == 0
+    # The first poll reads twice (the second from the new position), each later one once.
+    assert odata.reads == 4
+    keys = first.source_events()
+    assert [(key or "").split(":")[0] for key in keys] == ["event", "malformed"]
+    assert connector.stats.dead_lettered == 2
+    assert connector.stats.polled_letters_repeated == 6
+
+    second = FakeLetterProducer()
+    restarted, _ = _polling_sap(second)
+    remember_letters([key for key in keys if key], restarted._published, restarted._malformed)
+    assert asyncio.run(restarted.poll_once()) == 0
+    assert second.sent == []
+    assert restarted.stats.dead_lettered == 0
