@@ -13,13 +13,20 @@ partition 0, offset 0, so ``sluiceway dlq open`` opens it), and where the model 
 policy the letter's text loses every value the record holds. A connector for such a model
 refuses to start with ``dead_letter_original: keep``, as its worker does
 (:func:`letter_privacy`).
+
+Once per source event: a letter names the source event it is about in the
+:data:`SOURCE_EVENT_HEADER` header, by the connector's dedupe key (ids and digests, never a
+value of the record). A connector remembers the keys of the letters it wrote, and at start
+reads them back from the DLQ's headers alone (no decoding, no decryption), so a redelivered
+or replayed event is a duplicate, not a second letter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -48,6 +55,40 @@ WITHHELD = "(detail withheld: it may quote the record)"
 """A personal model's letter text when the record's values cannot be found to remove them."""
 _NOT_A_VALUE = re.compile(r"[\s\"'`{}\[\](),;:=&<>|]+")
 """Where a payload that is not JSON is cut into the words that may be its values."""
+SOURCE_EVENT_HEADER = "sluiceway-source-event"
+"""The header of a connector letter that names its source event (:func:`source_event_key`)."""
+_MAX_SOURCE_EVENT_KEY = 256
+
+
+def source_event_key(raw: str) -> str:
+    """``raw`` (a connector's dedupe key of a source event) as a letter carries it: as it is
+    when short printable ASCII, else its digest. Source ids are chosen by whoever sends the
+    event: a header must stay small and plain whatever they are. Applying it twice changes
+    nothing, so a connector remembers exactly what its letters carry."""
+    if len(raw) <= _MAX_SOURCE_EVENT_KEY and raw.isascii() and raw.isprintable():
+        return raw
+    digest = hashlib.blake2b(raw.encode("utf-8", "surrogatepass"), digest_size=16)
+    return f"digest:{digest.hexdigest()}"
+
+
+KafkaHeaders = Mapping[str, bytes | str | None] | Sequence[tuple[str, bytes | str | None]] | None
+"""Headers as a consumed message gives them (a list of pairs; a mapping in the stubs too)."""
+
+
+def letter_source_event(headers: KafkaHeaders) -> str | None:
+    """The source-event key in a letter's ``headers``; ``None`` where there is not exactly one
+    well-formed key (a worker's letter has none; a repeated, oversized or non-UTF-8 one is
+    no key this module wrote, and remembering it could only hide an event)."""
+    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+    values = [value for name, value in pairs if name == SOURCE_EVENT_HEADER]
+    if len(values) != 1 or values[0] is None:
+        return None
+    value = values[0]
+    try:
+        key = value.decode("utf-8") if isinstance(value, bytes) else value
+    except UnicodeDecodeError:
+        return None
+    return key if key and source_event_key(key) == key else None
 
 
 @dataclass(frozen=True)
@@ -117,6 +158,8 @@ class ConnectorLetter:
 
     letter: DeadLetter
     treatment: list[tuple[str, bytes]] = field(default_factory=list)
+    source_event: str | None = None
+    """The connector's dedupe key of the source event (:data:`SOURCE_EVENT_HEADER`)."""
 
 
 def unmappable_letter(
@@ -133,6 +176,7 @@ def unmappable_letter(
     error_class: str = UNMAPPABLE_ERROR_CLASS,
     now: datetime | None = None,
     privacy: LetterPrivacy = AS_RECEIVED,
+    source_event: str | None = None,
 ) -> ConnectorLetter:
     """The dead letter for one unmappable source record (pure but for a sealing nonce)."""
     moment = now or datetime.now(UTC)
@@ -162,16 +206,19 @@ def unmappable_letter(
         model=model,
         worker_id=connector,
     )
-    return ConnectorLetter(letter, treatment)
+    event = None if source_event is None else source_event_key(source_event)
+    return ConnectorLetter(letter, treatment, event)
 
 
 def encode_letter(sealed: ConnectorLetter) -> tuple[bytes, list[tuple[str, bytes]]]:
     """The letter's bytes and the worker's dead-letter headers (reason readable undecoded,
     and how the original was treated)."""
     letter = sealed.letter
+    named = [] if sealed.source_event is None else [(SOURCE_EVENT_HEADER, sealed.source_event)]
     return schemas.encode(letter), [
         *dead_letter_headers(letter.reason_code, letter.error_class, letter.attempts),
         *sealed.treatment,
+        *[(name, value.encode("utf-8")) for name, value in named],
     ]
 
 
@@ -190,13 +237,16 @@ def send_unmappable(
     connector: str | None = None,
     timeout_s: float = 10.0,
     privacy: LetterPrivacy | None = None,
+    source_event: str | None = None,
 ) -> DeadLetter:
     """Write one unmappable record to ``<ns>.<model>.dlq`` and wait for the broker's ack;
     returns the letter as written (its original and text protected: safe to log).
 
     Pass a long-lived ``producer`` (``acks=all``) where records are dead-lettered often; without
     one, a producer is made for this letter. ``privacy`` defaults to the model's rules from
-    ``settings`` (:func:`letter_privacy`). Raises :class:`DeadLetterError` unless acked.
+    ``settings`` (:func:`letter_privacy`). ``source_event`` is the connector's dedupe key of
+    the source event, carried in :data:`SOURCE_EVENT_HEADER` (:func:`source_event_key`).
+    Raises :class:`DeadLetterError` unless acked.
     """
     sealed = unmappable_letter(
         model=model,
@@ -209,6 +259,7 @@ def send_unmappable(
         request_id=request_id,
         connector=connector,
         privacy=privacy or letter_privacy(settings, model),
+        source_event=source_event,
     )
     value, headers = encode_letter(sealed)
     topic = ModelTopics(settings.namespace, model).dlq

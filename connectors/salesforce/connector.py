@@ -43,6 +43,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 import schemas
 from connectors.common.checkpoint import CheckpointStore, position_bytes
 from connectors.common.correlation import CorrelationSigner, Rejected
+from connectors.common.dead_letters import source_event_key
 from connectors.common.dedupe import RecentKeys
 from connectors.common.exceptions import UnmappableRecord
 from connectors.common.mapping import Mapping
@@ -99,9 +100,20 @@ class Publisher(Protocol):
     def publish_many(self, requests: Sequence[InferenceRequest], timeout_s: float = ...) -> Any: ...
 
 
-DeadLetterSink = Callable[[str, bytes, UnmappableRecord, str | None], None]
-"""``(model, source payload, why, record id)``: writes one dead letter to the model's DLQ and
-waits for its ack."""
+DeadLetterSink = Callable[[str, bytes, UnmappableRecord, str | None, str | None], None]
+"""``(model, source payload, why, record id, source event key)``: writes one dead letter to
+the model's DLQ and waits for its ack. The key (:func:`letter_key`; ``None`` for a letter
+about no source event, such as a refused writeback) goes into the letter's headers, where a
+restarted connector finds it."""
+
+
+def letter_key(received: ReceivedEvent, record_id: str | None) -> str:
+    """The dedupe key of the dead letter of one record of an event (of the whole event when
+    no record id is known): the same event delivered again has the same key. An event
+    without an id (never sent by Salesforce, but a stream is input) is named by its replay
+    id rather than sharing one key with every other such event."""
+    event = received.event_id or f"replay-{received.replay_id.hex()}"
+    return source_event_key(f"letter:{event}:{record_id or '-'}")
 
 
 OUTCOMES = ("request", "invalidation", "duplicate", "skipped", "dead_letter")
@@ -154,7 +166,7 @@ class IngestStats:
     requests: int = 0
     invalidations: int = 0
     duplicates: int = 0
-    """Records whose request or invalidation was published before (a redelivery)."""
+    """Records whose request, invalidation or dead letter was written before (a redelivery)."""
     skipped: dict[str, int] = field(default_factory=dict)
     reads: int = 0
     resyncs: int = 0
@@ -513,6 +525,17 @@ class IngestLoop:
         values: dict[str, Any] | None = None,
         model: str | None = None,
     ) -> None:
+        key = letter_key(received, record_id)
+        if key in self.memory:
+            self.stats.duplicates += 1
+            event_outcomes.add("duplicate")
+            log.info(
+                'event="dead_letter_duplicate" reason="%s" record_id="%s" replay_id="%s"',
+                why.reason_code,
+                record_id or "-",
+                received.replay_id.hex(),
+            )
+            return
         payload = {
             "replay_id": received.replay_id.hex(),
             "event_id": received.event_id,
@@ -521,7 +544,11 @@ class IngestLoop:
             "payload_base64": base64.b64encode(received.raw).decode("ascii"),
         }
         target = model or self._fallback_model
-        self.dead_letter(target, json.dumps(payload, default=str).encode("utf-8"), why, record_id)
+        self.dead_letter(
+            target, json.dumps(payload, default=str).encode("utf-8"), why, record_id, key
+        )
+        # Only an acknowledged letter is remembered: a failed write is tried again.
+        self.memory.add(key)
         self.stats.dead_lettered += 1
         event_outcomes.add("dead_letter")
         log.warning(
@@ -736,7 +763,11 @@ class WritebackLoop:
         )
         model = self.targets[outcome.update.sobject].model
         self.dead_letter(
-            model, json.dumps(payload, default=str).encode("utf-8"), why, outcome.update.record_id
+            model,
+            json.dumps(payload, default=str).encode("utf-8"),
+            why,
+            outcome.update.record_id,
+            None,
         )
         self.stats.dead_lettered += 1
 
@@ -794,4 +825,5 @@ __all__ = [
     "WritebackStats",
     "WritebackTarget",
     "latest_per_record",
+    "letter_key",
 ]

@@ -9,8 +9,8 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from collections.abc import Mapping as EnvMapping
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,12 +19,16 @@ from typing import Literal
 
 import grpc
 import httpx2
-from confluent_kafka import TopicPartition
+from confluent_kafka import Message, TopicPartition
 
 import schemas
 from connectors.common.checkpoint import CheckpointStore
 from connectors.common.correlation import MissingSecretError, secrets_from_env
-from connectors.common.dead_letters import letter_privacy, send_unmappable
+from connectors.common.dead_letters import (
+    letter_privacy,
+    letter_source_event,
+    send_unmappable,
+)
 from connectors.common.dedupe import DedupeMetrics, RecentKeys
 from connectors.common.exceptions import UnmappableRecord
 from connectors.common.invalidation import invalidation_message
@@ -165,11 +169,22 @@ def _routes(
 
 
 def seed_memory(
-    settings: Settings, topics: list[str], memory: RecentKeys, timeout_s: float = 15.0
+    settings: Settings,
+    topics: list[str],
+    memory: RecentKeys,
+    timeout_s: float = 15.0,
+    *,
+    letter_topics: Sequence[str] = (),
 ) -> int:
-    """Remember what the connector published before it (re)started: the last
-    ``memory.max_keys`` records of each requests and invalidations topic, so an event the
-    crashed run published but did not checkpoint is a duplicate, not a second request."""
+    """Remember what the connector wrote before it (re)started: the last ``memory.max_keys``
+    records of each requests and invalidations topic in ``topics``, and of each DLQ in
+    ``letter_topics`` (by the source-event header alone: a letter is neither decoded nor
+    opened), so an event the crashed run published or dead-lettered but did not checkpoint
+    is a duplicate, not a second request or letter."""
+    sources: list[tuple[str, Callable[[Message], str | None]]] = [
+        *((topic, _published_key) for topic in topics),
+        *((topic, _letter_key) for topic in letter_topics),
+    ]
     consumer = clients.consumer(
         settings.kafka,
         group_id=clients.throwaway_group("salesforce-seed"),
@@ -177,7 +192,7 @@ def seed_memory(
     )
     seeded = 0
     try:
-        for topic in topics:
+        for topic, key_of in sources:
             ends = end_offsets(settings.kafka, topic, timeout_s)
             wanted = {p: end for p, end in ends.items() if end > 0}
             if not wanted:
@@ -193,7 +208,7 @@ def seed_memory(
                 for message in consumer.consume(500, 0.5):
                     if message.error() is not None:
                         continue
-                    key = _published_key(message.value() or b"")
+                    key = key_of(message)
                     if key is not None:
                         memory.add(key)
                         seeded += 1
@@ -205,9 +220,13 @@ def seed_memory(
     return seeded
 
 
-def _published_key(value: bytes) -> str | None:
+def _letter_key(message: Message) -> str | None:
+    return letter_source_event(message.headers())
+
+
+def _published_key(message: Message) -> str | None:
     try:
-        event = schemas.decode(value)
+        event = schemas.decode(message.value() or b"")
     except DecodeError:
         return None
     if isinstance(event, InferenceRequest) and event.source and event.source.system:
@@ -273,7 +292,11 @@ class SalesforceConnector:
             )
 
         def dead_letter(
-            model: str, payload: bytes, why: UnmappableRecord, record_id: str | None
+            model: str,
+            payload: bytes,
+            why: UnmappableRecord,
+            record_id: str | None,
+            source_event: str | None,
         ) -> None:
             send_unmappable(
                 settings,
@@ -286,6 +309,7 @@ class SalesforceConnector:
                 source_key=record_id,
                 connector=f"salesforce-{options.name}",
                 privacy=privacy.get(model),
+                source_event=source_event,
             )
 
         if options.ingest:
@@ -312,6 +336,7 @@ class SalesforceConnector:
                     )
                 ],
                 memory,
+                letter_topics=[ModelTopics(settings.namespace, model).dlq for model in models],
             )
             log.info('event="dedupe_memory_seeded" keys="%d"', seeded)
             self.ingest = IngestLoop(

@@ -47,14 +47,26 @@ from hashlib import sha256
 from typing import Any
 
 from aiohttp import web
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from pydantic import ValidationError
 
 import schemas
 from connectors.common.checkpoint import CheckpointStore
 from connectors.common.correlation import Rejected
 from connectors.common.dates import parse_datetime, to_iso_utc
-from connectors.common.dead_letters import letter_privacy, send_unmappable
+from connectors.common.dead_letters import (
+    letter_privacy,
+    letter_source_event,
+    send_unmappable,
+    source_event_key,
+)
 from connectors.common.dedupe import RecentKeys
 from connectors.common.exceptions import UnmappableRecord
 from connectors.common.invalidation import invalidation_message
@@ -120,6 +132,35 @@ def cancelled_key(source_system: str, model: str, entity_id: str) -> str:
     return f"{source_system}|{model}|{entity_id}"
 
 
+def event_letter_key(request_id: str) -> str:
+    """The source-event key of an event's dead letter: its request id (``source`` and ``id``
+    hashed with the source system), which the memory of handled events holds."""
+    return source_event_key(f"event:{request_id}")
+
+
+def malformed_letter_key(body: bytes) -> str:
+    """The source-event key of a malformed body's dead letter: the body's digest (it has no
+    trustworthy id, and a digest quotes nothing of it)."""
+    return source_event_key(f"malformed:{sha256(body).hexdigest()}")
+
+
+def remember_letters(
+    keys: Iterable[str], handled: RecentKeys, malformed: RecentKeys
+) -> tuple[int, int]:
+    """Put the source-event keys read back from the DLQ into the memories they came from:
+    an event's request id into ``handled``, a malformed body's key into ``malformed``; keys
+    of other forms (another connector's) are left alone. Returns how many went to each."""
+    events = bodies = 0
+    for key in keys:
+        if key.startswith("event:"):
+            handled.add(key.removeprefix("event:"))
+            events += 1
+        elif key.startswith("malformed:"):
+            malformed.add(key)
+            bodies += 1
+    return events, bodies
+
+
 def event_key(event: CloudEvent) -> str:
     """The source event id of a CloudEvent: ``source`` and ``id`` together are its identity
     (``id`` is unique only per source; two systems may reuse one)."""
@@ -163,6 +204,9 @@ class ConnectorStats:
     duplicates: int = 0
     dead_lettered: int = 0
     polled: int = 0
+    polled_letters_repeated: int = 0
+    """Unmappable polled records not dead-lettered again: their letter was written already
+    (polling reads its newest change again on every poll)."""
     written: int = 0
     already_written: int = 0
     skipped: int = 0
@@ -240,6 +284,7 @@ class SapConnector:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         memory_keys: int = 200_000,
         monotonic: Callable[[], float] | None = None,
+        letter_producer: Producer | None = None,
     ) -> None:
         if routes is None:
             if mapping is None or odata is None:
@@ -277,11 +322,13 @@ class SapConnector:
         if monotonic is not None:
             memory["clock"] = monotonic
         self._producer: AsyncProducer | None = None
+        self._letter_producer = letter_producer
+        """Where dead letters go; default the requests' producer (made at :meth:`start`)."""
         self._published = RecentKeys(**memory, name="published")
         """Request ids (the event keys) of events handled: published, invalidated,
         dead-lettered or skipped as cancelled."""
         self._malformed = RecentKeys(**memory, name="malformed")
-        """Digests of malformed bodies already dead-lettered."""
+        """Keys (:func:`malformed_letter_key`) of malformed bodies already dead-lettered."""
         self._cancelled = RecentKeys(**memory, name="cancelled")
         """``<route><predicate>`` of entities cancelled: a later create/change is skipped."""
         self._written = RecentKeys(**memory, name="written")
@@ -326,7 +373,11 @@ class SapConnector:
                 self._published.add(request_id)
             for entity in sorted(cancelled):
                 self._cancelled.add(entity)
-            known += len(handled) + len(invalidated)
+            lettered = await asyncio.to_thread(
+                dead_lettered_events, self.settings, topics.dlq, since
+            )
+            events, bodies = remember_letters(sorted(lettered), self._published, self._malformed)
+            known += len(handled) + len(invalidated) + events + bodies
         self._producer = AsyncProducer(
             clients.producer(self.settings.kafka, role=ProducerRole.REQUESTS)
         )
@@ -391,8 +442,8 @@ class SapConnector:
         and a second dead letter would be a second task for a person, about nothing new."""
         self.stats.events += 1
         self.stats.malformed += 1
-        digest = sha256(body).hexdigest()
-        if digest in self._malformed:
+        key = malformed_letter_key(body)
+        if key in self._malformed:
             self.stats.duplicates += 1
             self.stats.count_outcome(MALFORMED_ROUTE, "duplicate")
             return {"outcome": "duplicate", "reason": invalid.reason_code}
@@ -403,8 +454,9 @@ class SapConnector:
             invalid.message,
             key=None,
             headers=_ce_headers(headers),
+            source_event=key,
         )
-        self._malformed.add(digest)
+        self._malformed.add(key)
         self.stats.count_outcome(MALFORMED_ROUTE, "dead_letter")
         return {"outcome": "dead_letter", "reason": invalid.reason_code}
 
@@ -495,6 +547,7 @@ class SapConnector:
                 unmappable.message,
                 key=event.id,
                 request_id=request_id,
+                source_event=event_letter_key(request_id),
             )
             self._published.add(request_id)
             return "dead_letter"
@@ -624,6 +677,9 @@ class SapConnector:
     ) -> tuple[InferenceRequest | None, datetime | None]:
         payload = json.dumps(record.properties, default=str).encode()
         changed: datetime | None = None
+        # Until the record's change is known, its letter is keyed by its content: polling
+        # reads the newest change again on every poll (``ge`` the position).
+        letter = malformed_letter_key(payload)
         try:
             try:
                 changed = delta_value(record, route.source)
@@ -639,23 +695,37 @@ class SapConnector:
                 self.stats.own_changes += 1
                 return None, changed
             event_id = f"{route.source.entity_set}{predicate}@{to_iso_utc(changed)}"
+            request_id = request_id_for(route.mapping.source_system, event_id)
+            letter = event_letter_key(str(request_id))
             request = route.mapping.to_request(
                 record.properties,
                 source_event_id=event_id,
-                correlation_id=correlation_id(
-                    self.signer,
-                    entity,
-                    request_id_for(route.mapping.source_system, event_id),
-                ),
+                correlation_id=correlation_id(self.signer, entity, request_id),
             )
             if self._is_cancelled(request):
                 return None, changed
         except UnmappableRecord as unmappable:
+            if self._letter_written(letter):
+                self.stats.polled_letters_repeated += 1
+                return None, changed
             await self._dead_letter(
-                route, payload, unmappable.reason_code, unmappable.message, key=None
+                route,
+                payload,
+                unmappable.reason_code,
+                unmappable.message,
+                key=None,
+                source_event=letter,
             )
+            remember_letters([letter], self._published, self._malformed)
             return None, changed
         return request, changed
+
+    def _letter_written(self, key: str) -> bool:
+        """Whether the letter of source-event ``key`` was written (by this run, or before a
+        restart as the DLQ's headers said): an event's by its request id, else by digest."""
+        if key.startswith("event:"):
+            return key.removeprefix("event:") in self._published
+        return key in self._malformed
 
     async def run_polling(self, interval_s: float, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -710,8 +780,11 @@ class SapConnector:
         key: str | None,
         request_id: str | None = None,
         headers: dict[str, str] | None = None,
+        source_event: str | None = None,
     ) -> None:
-        producer = self._producer.raw if self._producer is not None else None
+        producer = self._letter_producer or (
+            self._producer.raw if self._producer is not None else None
+        )
         letter = await asyncio.to_thread(
             lambda: send_unmappable(
                 self.settings,
@@ -726,6 +799,7 @@ class SapConnector:
                 request_id=request_id,
                 connector=self.name,
                 privacy=self.letter_privacy[route.mapping.model],
+                source_event=source_event,
             )
         )
         # The letter's text, not ``message``: for a model with a pii policy it quotes no value.
@@ -1104,10 +1178,33 @@ def published_request_ids(
     return found
 
 
+def dead_lettered_events(
+    settings: Settings, topic: str, since: datetime, timeout_s: float = 30.0
+) -> set[str]:
+    """The source-event keys of the letters written to the DLQ ``topic`` since ``since``,
+    read from their headers alone: a letter's value (perhaps sealed) is never opened."""
+    found: set[str] = set()
+    for message in _messages_since(settings, topic, since, timeout_s):
+        key = letter_source_event(message.headers())
+        if key is not None:
+            found.add(key)
+    return found
+
+
 def _read_since(
     settings: Settings, topic: str, since: datetime, timeout_s: float
 ) -> Iterator[bytes]:
     """The values of ``topic`` written since ``since``, to the topic's end as of now."""
+    for message in _messages_since(settings, topic, since, timeout_s):
+        value = message.value()
+        if value:  # a tombstone carries nothing to learn
+            yield value
+
+
+def _messages_since(
+    settings: Settings, topic: str, since: datetime, timeout_s: float
+) -> Iterator[Message]:
+    """The records of ``topic`` written since ``since``, to the topic's end as of now."""
     consumer = clients.consumer(
         settings.kafka,
         group_id=clients.throwaway_group("sluiceway-dedupe"),
@@ -1135,9 +1232,7 @@ def _read_since(
                     open_partitions.discard(int(message.partition() or 0))
                     continue
                 raise KafkaException(error)
-            value = message.value()
-            if value:  # a tombstone carries nothing to learn
-                yield value
+            yield message
     finally:
         consumer.close()
 

@@ -10,6 +10,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from connectors.salesforce.config import correlation_id, signer
 from connectors.salesforce.connector import IngestStats
 from connectors.salesforce.exceptions import ConfigurationError
 from connectors.salesforce.runner import ConnectorOptions, SalesforceConnector
+from connectors.sap.connector import dead_lettered_events
 from pipeline.kafka.admin import ensure_topics, model_topic_specs
 from pipeline.settings import ModelSettings, Settings
 from pipeline.topics import ModelTopics
@@ -90,6 +92,8 @@ ACCOUNT_MAPPING: dict[str, Any] = {
     "writeback": {"fields": {"Risk_Score__c": "tensor:score"}},
 }
 SECRET = "salesforce-org-test-secret-0123456789abcdef"
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+"""Since when a DLQ is read back for its source-event headers: from its start."""
 TAG = "risk-scorer"
 
 
@@ -307,18 +311,26 @@ def test_a_mixed_entity_stream_ends_with_one_outcome_per_event_and_a_restart_add
     assert [(d.reason_code, d.original_key) for d in letters] == [
         ("missing_field", _record_id(2).encode())
     ]
+    unmappable_event = org.topics[ALL_CHANGES].events[2][1]
+    assert dead_lettered_events(settings, invoice_topics.dlq, EPOCH) == {
+        f"letter:{unmappable_event}:{_record_id(2)}"
+    }
 
     # A restart that reads the whole channel again (the checkpoint forgotten) publishes no
-    # request and no invalidation a second time: the memory is seeded from the topics.
+    # request, no invalidation and no dead letter a second time: the memory is seeded from
+    # the topics (the DLQ by its letters' source-event headers).
     again = _ingest(settings, org, _options(server, _mappings(tmp_path), reset_checkpoint=True))
     assert again.outcomes == {
         "request": 0,
         "invalidation": 0,
-        "duplicate": 12,
+        "duplicate": 13,
         "skipped": 3,
-        "dead_letter": 1,
+        "dead_letter": 0,
     }
     assert sum(again.outcomes.values()) == again.events == 16
+    assert again.dead_lettered == 0
+    assert len(_read_all(settings, invoice_topics.dlq)) == 1
+    assert len(_read_all(settings, account_topics.dlq)) == 0
     assert len(_read_all(settings, invoice_topics.requests)) == 4
     assert len(_read_all(settings, account_topics.requests)) == 5
     assert len(_read_all(settings, invoice_topics.invalidations)) == 1

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import json
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +31,15 @@ import schemas
 from connectors.common.correlation import ENV_VARIABLE
 from connectors.common.mapping import parse_mapping
 from connectors.sap.client import BasicCredentials, ODataClient
-from connectors.sap.connector import OUTCOMES, ConnectorStats, SapConnector, build_route, serve
+from connectors.sap.connector import (
+    OUTCOMES,
+    ConnectorStats,
+    SapConnector,
+    build_route,
+    dead_lettered_events,
+    malformed_letter_key,
+    serve,
+)
 from connectors.sap.odata import EntitySource
 from connectors.sap.webhook import SECRET_VAR, WebhookSecurity, security_from_options
 from pipeline.modeling.invoices import generate
@@ -73,6 +82,8 @@ CONNECTOR = "sap-two-systems"
 SECRET = b"sap-two-systems-test-secret-0123456789ab"
 UNMAPPED_TYPE = "sap.s4.beh.purchaseorder.v1.PurchaseOrder.Created.v1"
 MALFORMED = b'{"specversion": "1.0", "type": "x"}'
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+"""Since when a DLQ is read back for its source-event headers: from its start."""
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseModel)
 
@@ -302,30 +313,45 @@ def test_one_connector_serves_two_systems_and_accounts_for_every_event(
     # Each event read from its own system (with that system's login), nothing from the other:
     # S4H h0, h1 twice, h2 and h3 for their cancellations' entity ids, h2's voided create, h3.
     assert (_entity_reads(s4h), _entity_reads(s4p)) == (7, 5)
+    # Each letter names its source event (ids and digests): what a restart reads back.
+    assert dead_lettered_events(settings, topics.dlq, EPOCH) == {
+        f"event:{event_request_id('S4P', 'e-6', p_s)}",
+        malformed_letter_key(MALFORMED),
+    }
 
     # A restart: what the first run handled is known again from the topics.
     again: list[tuple[dict[str, Any], str]] = [
         (_event(h[0], "e-1", h_s), "structured"),  # duplicate (from the requests topic)
         (_event(h[3], "c-2", h_s, EVENT_TYPE_CANCELED), "structured"),  # duplicate
+        (_event(("404", "2024"), "e-6", p_s), "structured"),  # duplicate (from the DLQ)
         (_event(h[2], "e-9", h_s), "structured"),  # skipped: still cancelled
         (_event(h[4], "e-10", h_s), "structured"),  # request
     ]
 
     async def restarted(url: str, _connector: SapConnector) -> list[int]:
         async with aiohttp.ClientSession() as session:
-            return [await _deliver(session, url, event, mode) for event, mode in again]
+            statuses = [await _deliver(session, url, event, mode) for event, mode in again]
+            # The malformed body once more: a duplicate (its digest is in the DLQ).
+            headers = {"Content-Type": "application/cloudevents+json"}
+            async with session.post(url, data=MALFORMED, headers=headers) as answer:
+                statuses.append(answer.status)
+            return statuses
 
     statuses, stats = _run(settings, _routes(settings, s4h, s4p), restarted)
-    assert statuses == [200] * len(again)
+    assert statuses == [200] * (len(again) + 1)
     assert stats.outcomes == {
         "request": 1,
         "invalidation": 0,
-        "duplicate": 2,
+        "duplicate": 4,
         "skipped": 1,
         "dead_letter": 0,
     }
+    assert stats.dead_lettered == 0
+    assert stats.outcomes_by_route["(malformed)"] == dict.fromkeys(OUTCOMES, 0) | {"duplicate": 1}
     assert len(events_on_topic(settings, topics.requests, InferenceRequest)) == 8
     assert len(events_on_topic(settings, topics.invalidations, Invalidation)) == 3
+    assert len(events_on_topic(settings, topics.dlq, DeadLetter)) == 2
+    assert _entity_reads(s4p) == 5, "a duplicate is answered before any read"
 
 
 def test_the_handshake_needs_the_same_credentials_as_a_delivery(
