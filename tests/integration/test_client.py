@@ -185,8 +185,6 @@ def test_cli_topics_create_and_describe(settings: Settings) -> None:
     created = _cli(settings, "topics", "create", "--model", "invoice_risk", "--partitions", "2")
     # requests, batch, results, dlq, invalidations, feedback, drift, control, batch progress
     assert created.count("created") == 9
-        created.count("created") == 9
-    )  # the model's 4 + invalidations, monitor 2, control, progress
     assert "exists" in _cli(settings, "topics", "create", "--model", "invoice_risk")
     rows = {
         line.split()[0]: line.split()[1:]
