@@ -37,8 +37,10 @@ from pipeline.storage.store import SegmentStore
 from tests.integration.waiting import wait_until
 from workers.inference.contracts import dead_letter_offload_key
 
-S3_PORT = 39000
-CONSOLE_PORT = 39001
+# Below the kernel's ephemeral range (32768-60999 here): a port in it can be taken at any
+# moment as the local end of some outgoing connection, and MinIO then cannot bind it.
+S3_PORT = 27000
+CONSOLE_PORT = 27001
 
 
 @dataclass(frozen=True)
