@@ -1,7 +1,7 @@
 """The secured stack's object store on a real MinIO: encrypted at rest, TLS only, and each
 credential confined to its own folder.
 
-The module starts its own secured MinIO (``stack.secured``) on ports 39000/39001 with a
+The module starts its own secured MinIO (``stack.secured``) on ports 27000/27001 with a
 temporary state folder, exactly as ``sluiceway stack up`` would, including the step that
 encrypts the bucket and creates the scoped credentials.
 """
