@@ -992,25 +992,9 @@ class SapConnector:
         anything of a delivery is parsed, published or dead-lettered."""
 
         async def receive(request: web.Request) -> web.Response:
-            client = request.remote or "unknown"
-            if guard is not None:
-                wait = guard.admit(client)
-                if wait > 0:
-                    self.stats.rate_limited += 1
-                    return web.json_response(
-                        {"error": "rate_limited"},
-                        status=429,
-                        headers={"Retry-After": retry_after(wait)},
-                    )
-                if not guard.needs_body():
-                    refused = await _authenticate(guard, request, b"", client)
-                    if refused is not None:
-                        return refused
-            body = await request.read()
-            if guard is not None and guard.needs_body():
-                refused = await _authenticate(guard, request, body, client)
-                if refused is not None:
-                    return refused
+            refused, body = await _admitted(request)
+            if refused is not None:
+                return refused
             status, answer = await self.handle_http(
                 dict(request.headers),
                 body,
@@ -1018,6 +1002,27 @@ class SapConnector:
             )
             headers = {"Retry-After": "5"} if status == 503 else None
             return web.json_response(answer, status=status, headers=headers)
+
+        async def _admitted(request: web.Request) -> tuple[web.Response | None, bytes]:
+            """The guard's refusal (429, 401) of ``request``, or ``None`` and its body. A
+            signature-free mode authenticates before the body is read, so a stranger's large
+            body is never read."""
+            client = request.remote or "unknown"
+            if guard is None:
+                return None, await request.read()
+            wait = guard.admit(client)
+            if wait > 0:
+                self.stats.rate_limited += 1
+                return web.json_response(
+                    {"error": "rate_limited"},
+                    status=429,
+                    headers={"Retry-After": retry_after(wait)},
+                ), b""
+            if not guard.needs_body():
+                refused = await _authenticate(guard, request, b"", client)
+                return refused, (b"" if refused is not None else await request.read())
+            body = await request.read()
+            return await _authenticate(guard, request, body, client), body
 
         async def _authenticate(
             guard: WebhookGuard, request: web.Request, body: bytes, client: str
@@ -1039,19 +1044,9 @@ class SapConnector:
             # for Event Delivery", section 4): the sender asks whether it may deliver here.
             # Guarded like a delivery: Event Mesh sends it with the subscription's
             # credentials, and an unauthenticated answer would tell a prober the path is live.
-            client = request.remote or "unknown"
-            if guard is not None:
-                wait = guard.admit(client)
-                if wait > 0:
-                    self.stats.rate_limited += 1
-                    return web.json_response(
-                        {"error": "rate_limited"},
-                        status=429,
-                        headers={"Retry-After": retry_after(wait)},
-                    )
-                refused = await _authenticate(guard, request, await request.read(), client)
-                if refused is not None:
-                    return refused
+            refused, _ = await _admitted(request)
+            if refused is not None:
+                return refused
             answer = handshake_headers(
                 request.headers.get("WebHook-Request-Origin"),
                 guard.security.limits.per_client_rate if guard is not None else None,
