@@ -49,7 +49,7 @@ from schemas.models import (
     TensorDatatype,
 )
 from tests.integration.traffic import publish
-from tests.integration.waiting import wait_for
+from tests.integration.waiting import polled, wait_for
 from tests.salesforce_server import (
     INTEGRATION_USER_ID,
     SUPPLIER_INVOICE_FIELDS,
@@ -194,17 +194,6 @@ def _options(mapping: Path = MAPPING, **overrides: Any) -> ConnectorOptions:
     return ConnectorOptions(**fields)
 
 
-def _polled(condition: Callable[[], bool]) -> Callable[[], bool]:
-    """``condition`` checked every 50 ms: in-memory checks must not spin a shared CPU."""
-    pause = threading.Event()
-
-    def check() -> bool:
-        pause.wait(0.05)
-        return condition()
-
-    return check
-
-
 def _run_in_thread(connector: SalesforceConnector) -> tuple[threading.Thread, list[BaseException]]:
     errors: list[BaseException] = []
 
@@ -243,7 +232,7 @@ def test_a_cdc_stream_is_scored_and_every_record_written_back_exactly_once(
         for index in range(count // 2, count):  # the rest while the connector runs
             _create(salesforce, index, invoices[index])
 
-        @_polled
+        @polled
         def all_written() -> bool:
             assert not connector.exited(), connector.tail()
             return len({w.record_id for w in salesforce.writes}) >= count
@@ -384,7 +373,7 @@ def test_change_data_capture_semantics_reach_kafka_as_documented(
     assert connector.ingest is not None
     stats = connector.ingest.stats
     wait_for(
-        _polled(lambda: stats.last_replay_id == latest or bool(errors)), 60, "the stream handled"
+        polled(lambda: stats.last_replay_id == latest or bool(errors)), 60, "the stream handled"
     )
     connector.stop()
     thread.join(30)
@@ -455,12 +444,12 @@ def test_a_broken_stream_resubscribes_after_the_checkpoint(
     assert connector.ingest is not None
     stats = connector.ingest.stats
     first_half = salesforce.latest_replay_id(TOPIC)
-    wait_for(_polled(lambda: stats.last_replay_id == first_half or bool(errors)), 60, "20 events")
+    wait_for(polled(lambda: stats.last_replay_id == first_half or bool(errors)), 60, "20 events")
     salesforce.break_streams()
     for index in range(20, 40):
         _create(salesforce, index, values[index])
     latest = salesforce.latest_replay_id(TOPIC)
-    wait_for(_polled(lambda: stats.last_replay_id == latest or bool(errors)), 60, "40 events")
+    wait_for(polled(lambda: stats.last_replay_id == latest or bool(errors)), 60, "40 events")
     connector.stop()
     thread.join(30)
     assert errors == []
@@ -505,7 +494,7 @@ def test_a_rejected_replay_id_stops_with_an_alert_and_never_falls_back_to_latest
     salesforce.subscriptions.clear()
     connector = SalesforceConnector(settings, _options(writeback=False, reset_checkpoint=True), env)
     thread, errors = _run_in_thread(connector)
-    wait_for(_polled(lambda: _request_count(settings) >= 1 or bool(errors)), 60, "a request")
+    wait_for(polled(lambda: _request_count(settings) >= 1 or bool(errors)), 60, "a request")
     connector.stop()
     thread.join(30)
     assert errors == []
@@ -570,7 +559,7 @@ def test_results_are_written_once_and_record_failures_stay_with_their_record(
         assert connector.writeback is not None
         stats = connector.writeback.stats
         wait_for(
-            _polled(lambda: bool(errors) or (stats.results >= results and stats.commits >= 1)),
+            polled(lambda: bool(errors) or (stats.results >= results and stats.commits >= 1)),
             60,
             f"{results} results handled and committed",
         )
@@ -625,7 +614,7 @@ def _served(settings: Settings, request_ids: set[uuid.UUID]) -> list[InferenceRe
                 found[result.request_id] = result
         return set(found) == request_ids
 
-    wait_for(_polled(collected), 120, f"the worker to serve {len(request_ids)} outsider requests")
+    wait_for(polled(collected), 120, f"the worker to serve {len(request_ids)} outsider requests")
     return list(found.values())
 
 
@@ -650,7 +639,7 @@ def test_requests_published_by_an_outsider_are_served_but_never_written_back(
         stats = connector.writeback.stats
 
         def written(count: int) -> Callable[[], bool]:
-            return _polled(
+            return polled(
                 lambda: bool(errors) or len({w.record_id for w in salesforce.writes}) >= count
             )
 
@@ -701,7 +690,7 @@ def test_requests_published_by_an_outsider_are_served_but_never_written_back(
             served = _served(settings, {r.request_id for r in outsiders})
             assert {r.status for r in served} == {ResultStatus.OK}, "the worker served them"
             wait_for(
-                _polled(
+                polled(
                     lambda: (
                         bool(errors)
                         or (stats.forged >= len(outsiders) and stats.already_written >= 1)

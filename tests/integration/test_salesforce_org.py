@@ -41,7 +41,7 @@ from schemas.models import (
 )
 from tests.integration.test_salesforce_connector import _read_all, _record_id
 from tests.integration.traffic import publish
-from tests.integration.waiting import wait_for
+from tests.integration.waiting import polled, wait_for
 from tests.salesforce_server import (
     ALL_CHANGES,
     SUPPLIER_INVOICE_FIELDS,
@@ -146,16 +146,6 @@ def _options(
     return ConnectorOptions(**fields)
 
 
-def _polled(condition: Callable[[], bool]) -> Callable[[], bool]:
-    pause = threading.Event()
-
-    def check() -> bool:
-        pause.wait(0.05)
-        return condition()
-
-    return check
-
-
 def _run_until(connector: SalesforceConnector, done: Callable[[], bool], what: str) -> None:
     errors: list[BaseException] = []
 
@@ -168,7 +158,7 @@ def _run_until(connector: SalesforceConnector, done: Callable[[], bool], what: s
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     try:
-        wait_for(_polled(lambda: bool(errors) or done()), 90, what)
+        wait_for(polled(lambda: bool(errors) or done()), 90, what)
     finally:
         connector.stop()
         thread.join(30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -26,3 +27,15 @@ def wait_until(
         return False
 
     wait_for(check, timeout_s, what)
+
+
+def polled(condition: Callable[[], bool], every_s: float = 0.05) -> Callable[[], bool]:
+    """``condition`` for :func:`wait_for`, checked every ``every_s``: checks of in-memory
+    state must not spin a shared CPU."""
+    pause = threading.Event()
+
+    def check() -> bool:
+        pause.wait(every_s)
+        return condition()
+
+    return check
