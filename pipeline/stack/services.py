@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,18 @@ class Service(ABC):
 
     @abstractmethod
     def endpoint(self) -> str: ...
+
+
+def new_cluster_id(draw: Callable[[], bytes] = lambda: uuid.uuid4().bytes) -> str:
+    """A KRaft cluster id: 16 random bytes in unpadded URL-safe base64, as Kafka makes them.
+
+    About one id in 64 would begin with ``-``, which the storage tool's command line reads as an
+    option (a CI run failed on one); like Kafka's own ``Uuid.randomUuid`` we draw again.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(draw()).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 class KafkaService(Service):
@@ -247,8 +260,7 @@ class KafkaService(Service):
             )
 
     def _format(self, java: list[str], properties: Path) -> None:
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        command = [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id]
+        command = [*java, "kafka.tools.StorageTool", "format", f"--cluster-id={new_cluster_id()}"]
         command += ["-c", str(properties)]
         secret: str | None = None
         if self.secured:
