@@ -450,7 +450,15 @@ class WorkerSettings(_Section):
     exactly_once: bool = False
     """Transactional producer and offsets sent in the transaction (read-committed results)."""
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """``/metrics``, ``/healthz`` and ``/readyz`` on this port; ``None``: not served."""
+    metrics_address: str = "127.0.0.1"
+    """Address the metrics port binds; ``0.0.0.0`` in a pod, so Prometheus and the kubelet's
+    probes reach it."""
     worker_id: str | None = None
+    group_instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    """Static group membership (``group.instance.id``): a member that restarts under the same
+    id within ``session.timeout.ms`` gets its partitions back without a rebalance. Unique per
+    process among a group's members (the Helm chart gives each pod its own name)."""
     reply_to_patterns: tuple[str, ...] = ("{namespace}.replies.*",)
     """Topics a request's ``reply_to`` may name: ``*`` stands for one or more of Kafka's topic
     characters, ``{namespace}`` for the namespace. Anything else is answered ``rejected`` on
@@ -521,6 +529,10 @@ class MonitorSettings(_Section):
     """How long a result's score is kept waiting for its ground-truth label."""
     score_output: str = "score"
     """The output tensor holding the predicted probability."""
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """``/metrics``, ``/healthz`` and ``/readyz`` on this port; ``None``: not served."""
+    metrics_address: str = "127.0.0.1"
+    """Address the metrics port binds (``0.0.0.0`` in a pod)."""
 
 
 class BatchSettings(_Section):

@@ -219,16 +219,21 @@ def consumer_config(
     group_id: str | None,
     role: ConsumerRole,
     client_id_suffix: str | None = None,
+    group_instance_id: str | None = None,
     overrides: Mapping[str, ConfigValue] | None = None,
 ) -> Config:
     """The effective configuration of a consumer of ``role`` (pure).
 
     ``group_id=None`` gives a throwaway group (``sluiceway-<role>-<8 hex>``); librdkafka
     requires a group id even of a consumer that only assigns partitions.
+    ``group_instance_id`` makes the member static: restarted under the same id within
+    ``session.timeout.ms``, it keeps its partitions and the group does not rebalance.
     """
     config = _base(kafka, client_id_suffix)
     config.update(_CONSUMER_PROFILES[role])
     config["group.id"] = group_id if group_id else throwaway_group(f"sluiceway-{role.value}")
+    if group_instance_id:
+        config["group.instance.id"] = group_instance_id
     config.update(overrides or {})
     return config
 

@@ -54,7 +54,9 @@ async def run_worker(settings: Settings, models: Sequence[str]) -> WorkerStats:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
     if settings.workers.metrics_port is not None:
-        worker.metrics.serve(settings.workers.metrics_port)
+        worker.metrics.serve(
+            settings.workers.metrics_port, settings.workers.metrics_address, worker.health
+        )
     quiet_garbage_collector()
     try:
         return await worker.run()

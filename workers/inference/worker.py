@@ -37,6 +37,7 @@ from pipeline import privacy
 from pipeline.backends import Backend, BackendError
 from pipeline.backends.signature import ModelSignature
 from pipeline.batching import Lane
+from pipeline.health import HealthState
 from pipeline.kafka import clients
 from pipeline.kafka.admin import end_offsets_with
 from pipeline.kafka.exceptions import TopicAdminError
@@ -216,6 +217,7 @@ class InferenceWorker:
         self.retry = retry or RetryPolicy()
         self.worker_id = settings.workers.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = metrics or WorkerMetrics()
+        self.health = HealthState(self.models, clock=clock)
         self.stats = WorkerStats()
         self.tracker = OffsetTracker()
         self.signatures: dict[str, ModelSignature] = {}
@@ -270,7 +272,10 @@ class InferenceWorker:
 
     def _consumer_config(self, group_id: str) -> dict[str, Any]:
         return clients.consumer_config(
-            self.settings.kafka, group_id=group_id, role=clients.ConsumerRole.WORKER
+            self.settings.kafka,
+            group_id=group_id,
+            role=clients.ConsumerRole.WORKER,
+            group_instance_id=self.settings.workers.group_instance_id,
         )
 
     def _producer_config(self) -> dict[str, Any]:
@@ -308,6 +313,8 @@ class InferenceWorker:
     def _on_breaker(self, name: str, old: BreakerState, new: BreakerState) -> None:
         log.warning('breaker="%s" from="%s" to="%s"', name, old.value, new.value)
         self.metrics.breaker_state.labels(name).set(BREAKER_STATE_VALUES[new.value])
+        # The name is "<endpoint>/<model>" (see _breaker); model names hold no "/".
+        self.health.breaker_changed(name, name.rsplit("/", 1)[-1], is_open=new is BreakerState.OPEN)
 
     def _count_retry(self, model: str, attempt: int, delay_s: float, reason: str) -> None:
         endpoint = self.backends[self.settings.models[model].backend].endpoint
@@ -340,6 +347,7 @@ class InferenceWorker:
     # ------------------------------------------------------------------ main loop
 
     def stop(self) -> None:
+        self.health.stopping()
         self._stop.set()
         self._wake.set()
 
@@ -457,6 +465,7 @@ class InferenceWorker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
         self._wake.clear()
+        self.health.loop_turned()
         now = self.clock()
         if now - self._last_control_poll >= CONTROL_POLL_INTERVAL_S and self._control:
             self._last_control_poll = now
@@ -775,6 +784,7 @@ class InferenceWorker:
         self._epoch += 1
         for key in partitions:
             member.assignment[key] = self._epoch
+        self.health.assignment(member.model, len(member.assignment))
         log.info('assigned model="%s" partitions="%s"', member.model, _shown(partitions))
 
     async def releasing(
@@ -793,6 +803,7 @@ class InferenceWorker:
         # Step 1.
         for key in released:
             member.assignment.pop(key, None)
+        self.health.assignment(member.model, len(member.assignment))
         # Step 2.
         self.dispatcher.discard(released)
         # Step 3.
@@ -830,6 +841,7 @@ class InferenceWorker:
             log.warning('lost model="%s" partitions="%s"', member.model, _shown(keys))
             for key in keys:
                 member.assignment.pop(key, None)
+            self.health.assignment(member.model, len(member.assignment))
             self.dispatcher.discard(keys)
         self.tracker.forget(keys)
         member.paused -= set(keys)

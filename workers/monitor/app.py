@@ -37,6 +37,7 @@ import faust
 import numpy as np
 
 import schemas
+from pipeline.health import HealthState
 from pipeline.kafka import clients
 from pipeline.kafka.admin import (
     cluster_durability,
@@ -45,6 +46,7 @@ from pipeline.kafka.admin import (
     monitor_topic_specs,
 )
 from pipeline.kafka.events import send_events
+from pipeline.metrics import MonitorMetrics
 from pipeline.monitoring.closing import (
     CloserSettings,
     JudgedWindow,
@@ -196,6 +198,8 @@ class Monitor:
         self.history = self._table("history")
         self.closed = self._table("closed-until")
         self.late = 0
+        self.metrics = MonitorMetrics()
+        self.health = HealthState()
         self.closer = WindowCloser(
             CloserSettings(
                 window_ms=self.window_ms,
@@ -263,6 +267,8 @@ class Monitor:
         while not await loop.run_in_executor(None, follower.catch_up, CONTROL_CATCH_UP_S):
             log.warning('control topic="%s" not read to its end yet; judging waits', follower.topic)
         self.follower = follower
+        # Ready once judging can start: the control topic is read to its end.
+        self.health.assignment("control", 1)
         log.info('monitor models="%s" window_s="%s"', ",".join(self.models), self.config.window_s)
 
     # ------------------------------------------------------------------ agents
@@ -275,6 +281,7 @@ class Monitor:
         """A record for a window already judged is counted as late, not judged twice."""
         if self.closer.is_late(model, version, timestamp_ms):
             self.late += 1
+            self.metrics.late.inc()
             if self.late % 1000 == 1:
                 log.warning(
                     'late records dropped="%d" (their windows were already judged)', self.late
@@ -319,6 +326,8 @@ class Monitor:
 
             counter = _result_counter(result, score, self.thresholds)
             counted = self._fold(result.model, result.model_version, timestamp_ms, counter)
+            if counted:
+                self.metrics.results.labels(result.model, result.model_version).inc()
             if counted and score is not None and result.status is ResultStatus.OK:
                 waiting = [result.model, result.model_version, score, timestamp_ms]
                 self.pending[str(result.request_id)] = waiting
@@ -340,6 +349,7 @@ class Monitor:
     # ------------------------------------------------------------------ closing
 
     async def _close_due_windows(self) -> None:
+        self.health.loop_turned()
         if self.follower is None:
             return  # the control topic is not read to its end yet
         self.follower.poll(0.0)
@@ -370,7 +380,18 @@ class Monitor:
             self.follower.poll(0.0)
 
     async def send_report(self, report: DriftReport) -> None:
+        self._observe(report)
         await self._send(drift_topic(self.settings.namespace), report.model, report)
+
+    def _observe(self, report: DriftReport) -> None:
+        model, version = report.model, report.model_version
+        self.metrics.reports.labels(
+            model, version, report.decision.value, report.severity.value
+        ).inc()
+        for metric in report.metrics:
+            labels = (model, version, metric.name, metric.feature or "")
+            self.metrics.drift_value.labels(*labels).set(metric.value)
+            self.metrics.drift_breached.labels(*labels).set(1 if metric.breached else 0)
 
     async def send_control(self, event: ControlEvent) -> None:
         await self._send(control_topic(self.settings.namespace), event.model, event)
@@ -436,5 +457,9 @@ def run_monitor(settings: Settings, models: Sequence[str], loglevel: str = "info
     """Run the monitor until SIGTERM or SIGINT (faust's worker handles both)."""
     monitor = Monitor(settings, models)
     monitor.prepare()
+    if settings.monitor.metrics_port is not None:
+        monitor.metrics.serve(
+            settings.monitor.metrics_port, settings.monitor.metrics_address, monitor.health
+        )
     worker = faust.Worker(monitor.app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
