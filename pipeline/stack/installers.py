@@ -21,6 +21,8 @@ Progress = Callable[[str], None]
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 KAFKA_POM = PROJECT_ROOT / "deploy" / "local" / "kafka" / "pom.xml"
 MINIO_MODULE = "github.com/minio/minio"
+HELM_MODULE = "helm.sh/helm/v3/cmd/helm"
+HELM_VERSION = "v3.22.0"
 HEARTBEAT_S = 15.0
 
 
@@ -104,22 +106,52 @@ def install_kafka(cache_dir: Path, version: str, progress: Progress) -> Path:
 
 def install_minio(cache_dir: Path, version: str, progress: Progress) -> Path:
     """Build MinIO from source through the Go module proxy; return the binary's path."""
-    binary = cache_dir / "bin" / f"minio-{version}"
+    return go_install(
+        cache_dir,
+        MINIO_MODULE,
+        version,
+        "minio",
+        f"building MinIO {version} from source (first run only, ~4 min on 2 cores)",
+        progress,
+    )
+
+
+def install_helm(cache_dir: Path, version: str, progress: Progress) -> Path:
+    """Build the ``helm`` CLI through the Go module proxy; return the binary's path.
+
+    The chart tests render and lint ``deploy/helm/sluiceway`` with it; nothing of the
+    product runs it.
+    """
+    return go_install(
+        cache_dir,
+        HELM_MODULE,
+        version,
+        "helm",
+        f"building Helm {version} from source (first run only, ~1.5 min on 2 cores)",
+        progress,
+    )
+
+
+def go_install(
+    cache_dir: Path, package: str, version: str, name: str, announcement: str, progress: Progress
+) -> Path:
+    """``go install package@version`` into ``<cache_dir>/bin/<name>-<version>``, once."""
+    binary = cache_dir / "bin" / f"{name}-{version}"
     if binary.is_file() and os.access(binary, os.X_OK):
         return binary
-    go = require_tool("go", "install Go 1.24+ to build MinIO from source")
-    progress(f"building MinIO {version} from source (first run only, ~4 min on 2 cores)")
-    gobin = cache_dir / "bin" / "minio.partial"
+    go = require_tool("go", f"install Go 1.24+ to build {name} from source")
+    progress(announcement)
+    gobin = cache_dir / "bin" / f"{name}.partial"
     shutil.rmtree(gobin, ignore_errors=True)
     env = dict(os.environ, GOBIN=str(gobin), GOFLAGS="-trimpath", CGO_ENABLED="0")
     run_with_heartbeat(
-        [go, "install", f"{MINIO_MODULE}@{version}"],
-        cache_dir / "logs" / "minio-build.log",
-        "go install minio",
+        [go, "install", f"{package}@{version}"],
+        cache_dir / "logs" / f"{name}-build.log",
+        f"go install {name}",
         progress,
         env=env,
     )
-    (gobin / "minio").rename(binary)
+    (gobin / name).rename(binary)
     shutil.rmtree(gobin, ignore_errors=True)
     return binary
 
