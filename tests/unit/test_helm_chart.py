@@ -267,3 +267,18 @@ def test_values_that_cannot_work_are_refused_at_render_time(
     rendered = render(helm, "--set", override, "--set", "kafka.passwordSecret=p")
     assert rendered.returncode != 0
     assert refusal in rendered.stderr
+
+
+def test_a_worker_without_an_instance_id_stays_a_dynamic_member() -> None:
+    """Outside the chart (no pod name), the worker's group membership is as it always was."""
+    settings = Settings()
+    worker = InferenceWorker(
+        settings,
+        ["scaler"],
+        {"triton": object()},  # type: ignore[dict-item]
+        object(),  # type: ignore[arg-type]
+        clock=FakeClock(),
+    )
+    built = worker._consumer_config(worker_group_id(settings.namespace, "scaler"))
+    assert "group.instance.id" not in built
+    assert built["group.id"] == "inference.worker.scaler"
