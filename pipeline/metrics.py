@@ -176,8 +176,9 @@ WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 def health_app(metrics_app: WsgiApp, health: HealthState | None) -> WsgiApp:
-    """``/healthz`` and ``/readyz`` answer 200 or 503 with the verdict's reasons as text;
-    every other path goes to ``metrics_app``. Without ``health`` they answer 404."""
+    """``/healthz`` and ``/readyz`` answer GET with 200 or 503 and the verdict's reasons as
+    text, any other method with 405; every other path goes to ``metrics_app``. Without
+    ``health`` they answer 404."""
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         check = _HEALTH_PATHS.get(environ.get("PATH_INFO", ""))
@@ -186,6 +187,9 @@ def health_app(metrics_app: WsgiApp, health: HealthState | None) -> WsgiApp:
         if health is None:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"no health state in this process\n"]
+        if environ.get("REQUEST_METHOD") not in {"GET", "HEAD"}:
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+            return [b"GET or HEAD\n"]
         verdict = check(health)
         status = "200 OK" if verdict.ok else "503 Service Unavailable"
         start_response(status, [("Content-Type", "text/plain; charset=utf-8")])

@@ -99,6 +99,38 @@ def test_health_paths_answer_200_or_503_and_metrics_stay_beside_them() -> None:
     assert _get(health_app(make_wsgi_app(registry), None), "/readyz")[0] == "404 Not Found"
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("POST", "/readyz", "405"),
+        ("DELETE", "/healthz", "405"),
+        ("HEAD", "/readyz", "503"),
+        ("GET", "/readyz/", "200"),
+        ("GET", "/" + "r" * 100_000, "200"),
+        ("GET", "/\u00e9\u0000", "200"),
+        ("GET", "", "200"),
+    ],
+)
+def test_odd_requests_get_an_answer_and_change_nothing(method: str, path: str, status: str) -> None:
+    """Whoever reaches the port: every request is answered, and health cannot be set from it."""
+    registry = CollectorRegistry()
+    Counter("probe_things", "things", registry=registry)
+    health = HealthState(["a"], clock=FakeClock())
+    app = health_app(make_wsgi_app(registry), health)
+    answered: list[str] = []
+    environ = {
+        "PATH_INFO": path,
+        "REQUEST_METHOD": method,
+        "QUERY_STRING": "",
+        "wsgi.input": io.BytesIO(b"x" * 1024),
+    }
+    body = b"".join(app(environ, lambda status, headers: answered.append(status)))
+    # Paths other than the two health paths are the metrics exposition's (it serves any path).
+    assert answered[0][:3] == status
+    assert body
+    assert health.readiness().reasons == ("no partitions assigned",)
+
+
 def test_the_worker_reports_assignment_open_breakers_and_stopping() -> None:
     """Not ready before its group member is assigned, ready while serving, not ready while
     the only model's breaker is open, ready again after the outage, not ready once stopped."""
