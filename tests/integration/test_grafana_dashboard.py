@@ -10,16 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.kafka.admin import control_topic_spec, ensure_topics, monitor_topic_specs
 from pipeline.modeling.training import DEMO_MODEL
 from pipeline.settings import Settings
-from pipeline.topics import ModelTopics
 from tests.integration import scrape
 from tests.integration.local_ports import free_port
+from tests.integration.test_monitor import Scene, scene  # noqa: F401 (a fixture)
 from tests.integration.waiting import wait_until
 from workers.feeds import LabelledFeed
-from workers.inference.runner import prepare_topics_and_bucket
-from workers.processes import ServiceProcess
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "sluiceway.json"
 _IDENTIFIER = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
@@ -75,50 +72,41 @@ def test_the_query_parser_sees_every_metric_name() -> None:
 
 
 @pytest.fixture
-def running(settings: Settings, tmp_path: Path) -> Iterator[tuple[int, int]]:
-    """A worker and a monitor of the demo model, with metrics ports, and labelled traffic."""
-    worker_port, monitor_port = free_port(), free_port()
-    settings = settings.model_copy(
+def monitored(settings: Settings) -> Settings:
+    """test_monitor's scene (a worker and a monitor of the demo model) with metrics ports, and
+    windows short and small enough that one is judged within seconds."""
+    return settings.model_copy(
         update={
-            "workers": settings.workers.model_copy(update={"metrics_port": worker_port}),
+            "workers": settings.workers.model_copy(update={"metrics_port": free_port()}),
             "monitor": settings.monitor.model_copy(
-                update={"metrics_port": monitor_port, "window_s": 2.0, "min_window_count": 50}
+                update={"metrics_port": free_port(), "window_s": 2.0, "min_window_count": 50}
             ),
         }
     )
-    prepare_topics_and_bucket(settings, [DEMO_MODEL])
-    ensure_topics(
-        settings.kafka,
-        [
-            control_topic_spec(settings.namespace),
-            *monitor_topic_specs(settings.namespace, ModelTopics(settings.namespace, DEMO_MODEL)),
-        ],
-    )
-    worker = ServiceProcess(settings, ["worker", "--model", DEMO_MODEL], tmp_path / "worker.log")
-    monitor = ServiceProcess(settings, ["monitor", "--model", DEMO_MODEL], tmp_path / "monitor.log")
-    worker.start()
-    monitor.start()
-    feed = LabelledFeed(settings, DEMO_MODEL, 100.0)
+
+
+@pytest.fixture
+def running(scene: Scene) -> Iterator[tuple[int, int]]:  # noqa: F811 (the fixture imported above)
+    """The worker's and the monitor's metrics ports, once both answer, with labelled traffic."""
+    ports = (scene.settings.workers.metrics_port, scene.settings.monitor.metrics_port)
+    assert ports[0] is not None
+    assert ports[1] is not None
+    for process, port in zip((scene.worker, scene.monitor), ports, strict=True):
+        wait_until(
+            lambda process=process, port=port: (
+                process.process is not None
+                and (process.process.poll() is not None or scrape.answers(port, "/readyz"))
+            ),
+            60,
+            f"{process.args[0]}'s endpoint",
+        )
+        assert process.process is not None
+        assert process.process.poll() is None, f"{process.args[0]} exited"
+    feed = LabelledFeed(scene.settings, DEMO_MODEL, 100.0).start()
     try:
-        for process, port in ((worker, worker_port), (monitor, monitor_port)):
-            wait_until(
-                lambda process=process, port=port: (
-                    process.process is not None
-                    and (process.process.poll() is not None or scrape.answers(port, "/readyz"))
-                ),
-                60,
-                f"{process.args[0]}'s endpoint",
-            )
-            assert process.process is not None
-            assert process.process.poll() is None, f"{process.args[0]} exited"
-        feed.start()
-        yield worker_port, monitor_port
+        yield ports[0], ports[1]
     finally:
         feed.stop()
-        worker.stop()
-        monitor.stop()
-        for log in ("worker.log", "monitor.log"):
-            print(f"--- {log}\n" + (tmp_path / log).read_text(errors="replace")[-3000:])
 
 
 def test_every_metric_the_dashboard_queries_is_exposed_by_the_worker_and_monitor(
