@@ -178,7 +178,7 @@ spec:
         {{- include "sluiceway.podAnnotations" $root | nindent 8 }}
     spec:
       terminationGracePeriodSeconds: {{ $root.Values.terminationGracePeriodSeconds }}
-      {{- include "sluiceway.podCommon" $root | nindent 6 }}
+      {{- include "sluiceway.podCommon" $root | trim | nindent 6 }}
       containers:
         - name: {{ .component }}
           image: {{ include "sluiceway.image" $root }}
