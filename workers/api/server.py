@@ -14,10 +14,12 @@ import logging
 import signal
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from pipeline.errors import SluicewayError
 from pipeline.settings import Settings
@@ -119,17 +121,13 @@ async def _read_upload(
     request: web.Request, tenant: Tenant, content: Path
 ) -> tuple[str | None, str | None]:
     """The form's purpose and the file's name; the file itself streamed to ``content``."""
-    try:
+    with _form_errors():
         reader = await request.multipart()
-    except (ValueError, AssertionError, KeyError) as exc:
-        raise ApiError(400, f"Not a readable multipart form: {exc}.") from None
     purpose: str | None = None
     filename: str | None = None
     while True:
-        try:
+        with _form_errors():
             part = await reader.next()
-        except (ValueError, AssertionError, RuntimeError) as exc:
-            raise ApiError(400, f"Not a readable multipart form: {exc}.") from None
         if part is None:
             return purpose, filename
         if not isinstance(part, BodyPartReader):
@@ -145,14 +143,21 @@ async def _read_upload(
             await _small_field(part, str(part.name)[:40])
 
 
+@contextmanager
+def _form_errors() -> Iterator[None]:
+    """What aiohttp raises for a malformed form (bad framing, headers, encodings) -> 400."""
+    try:
+        yield
+    except (ValueError, AssertionError, RuntimeError, KeyError, HttpProcessingError) as exc:
+        raise ApiError(400, f"Not a readable multipart form: {str(exc)[:200]}.") from None
+
+
 async def _save_part(part: BodyPartReader, tenant: Tenant, content: Path) -> None:
     size = 0
     with content.open("wb") as out:
         while True:
-            try:
+            with _form_errors():
                 chunk = await part.read_chunk(_READ_CHUNK)
-            except (ValueError, AssertionError) as exc:
-                raise ApiError(400, f"Not a readable multipart form: {exc}.") from None
             if not chunk:
                 return
             size += len(chunk)
@@ -163,7 +168,8 @@ async def _save_part(part: BodyPartReader, tenant: Tenant, content: Path) -> Non
 async def _small_field(part: BodyPartReader, name: str) -> str:
     data = bytearray()
     while True:
-        chunk = await part.read_chunk(_MAX_FORM_FIELD)
+        with _form_errors():
+            chunk = await part.read_chunk(_MAX_FORM_FIELD)
         if not chunk:
             break
         data += chunk
