@@ -15,6 +15,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -155,13 +156,17 @@ def invoice_lines(count: int) -> list[dict[str, Any]]:
     ]
 
 
-def run_in_background(api: Api, batch_id: str) -> Callable[[], BatchJob]:
-    """The batch-job runner on ``batch_id`` in a thread; the returned call joins it."""
+def run_in_background(
+    api: Api, batch_id: str, now: Callable[[], datetime] | None = None
+) -> Callable[[], BatchJob]:
+    """The batch-job runner on ``batch_id`` in a thread (on the clock ``now`` when given);
+    the returned call joins it."""
     outcome: dict[str, BatchJob | BaseException] = {}
+    runner = JobRunner(api.settings) if now is None else JobRunner(api.settings, now=now)
 
     def run() -> None:
         try:
-            outcome["job"] = JobRunner(api.settings).run(batch_id)
+            outcome["job"] = runner.run(batch_id)
         except BaseException as exc:  # handed to the test thread
             outcome["job"] = exc
 
@@ -305,6 +310,40 @@ def test_cancel_mid_run_keeps_finished_lines_and_cancels_the_rest(api: Api) -> N
     assert done.request_counts.completed == len(outputs)
 
 
+def test_completion_window_expiry_keeps_finished_lines_and_expires_the_rest(api: Api) -> None:
+    client = api.client()
+    lines = chat_lines(40)
+    window_ended = threading.Event()
+
+    def runner_clock() -> datetime:
+        # The runner's clock jumps past the 24 h window once the test says so.
+        return datetime.now(UTC) + (timedelta(hours=25) if window_ended.is_set() else timedelta())
+
+    api.vllm.latency_s = 0.4
+    try:
+        batch = submit(client, lines, "/v1/chat/completions")
+        join = run_in_background(api, batch.id, now=runner_clock)
+        wait_until(
+            lambda: client.batches.retrieve(batch.id).request_counts.completed > 0,
+            60,
+            "the first answered line",
+        )
+        window_ended.set()
+        done = poll_until_final(client, batch.id)
+        join()
+    finally:
+        api.vllm.latency_s = 0.0
+
+    assert done.status == "expired", api.logs()
+    assert done.expired_at is not None
+    outputs = file_lines(client, done.output_file_id)
+    errors = file_lines(client, done.error_file_id)
+    assert 0 < len(outputs) < len(lines)
+    assert sorted(ids_of(outputs) + ids_of(errors)) == sorted(ids_of(lines))
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    assert all(line["response"]["status_code"] == 200 for line in outputs)
+
+
 def test_second_key_sees_404_and_tenant_over_its_limit_gets_429(api: Api) -> None:
     acme, globex, tiny = api.client(), api.client(GLOBEX_KEY), api.client(TINY_KEY)
     batch = submit(acme, invoice_lines(3), "/v1/predictions")
@@ -334,6 +373,24 @@ def test_second_key_sees_404_and_tenant_over_its_limit_gets_429(api: Api) -> Non
     with pytest.raises(openai.RateLimitError) as too_big:
         tiny.files.create(file=("big.jsonl", jsonl(invoice_lines(40))), purpose="batch")
     assert too_big.value.response.json()["error"]["code"] == "file_size_limit_exceeded"
+    # Sent chunked, without a Content-Length to refuse it by: counted as it streams in.
+    form = (
+        b'--zz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--zz\r\nContent-Disposition: form-data; name="file"; filename="f.jsonl"\r\n\r\n'
+    )
+    chunks = [form, *(jsonl(invoice_lines(40)) for _ in range(8)), b"\r\n--zz--\r\n"]
+    with httpx2.Client(base_url=f"{api.url}/v1", timeout=10) as http:
+        streamed = http.post(
+            "/files",
+            headers={
+                "Authorization": f"Bearer {TINY_KEY}",
+                "Content-Type": "multipart/form-data; boundary=zz",
+            },
+            content=iter(chunks),
+        )
+    assert streamed.status_code == 429
+    assert streamed.json()["error"]["code"] == "file_size_limit_exceeded"
+    assert len(tiny.files.list().data) == 2  # the two accepted uploads above, no third
 
 
 def test_idempotency_key_replay_returns_the_same_batch(api: Api) -> None:
