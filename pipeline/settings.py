@@ -572,7 +572,8 @@ class ApiSettings(_Section):
     prefix: str = Field(default="api", pattern=r"^[A-Za-z0-9._-]+$")
     """Object-store folder holding the uploaded files and idempotency records."""
     max_files_listed: int = Field(default=10_000, ge=1)
-    """``GET /v1/files`` pages through at most this many of a tenant's newest files."""
+    """``GET /v1/files`` reads at most this many of a tenant's files (in id order, so a tenant
+    with more sees an arbitrary part of them) before sorting and paging."""
 
     @field_validator("tenants")
     @classmethod

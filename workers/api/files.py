@@ -64,7 +64,7 @@ class ApiStore:
         return f"s3://{self.bucket}/{self._key(tenant, 'files', file_id, _CONTENT)}"
 
     def files(self, tenant: str) -> list[dict[str, Any]]:
-        """The tenant's files, newest first (at most ``api.max_files_listed``)."""
+        """The tenant's files, newest first (the first ``api.max_files_listed`` read)."""
         found: list[dict[str, Any]] = []
         for file_id in self._folders(self._key(tenant, "files") + "/"):
             meta = self.file_meta(tenant, file_id)
