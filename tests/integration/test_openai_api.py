@@ -473,6 +473,16 @@ def test_hostile_requests_get_typed_errors(api: Api) -> None:
         assert "line 1" in refused.json()["error"]["message"]
         assert "line 2" in refused.json()["error"]["message"]
         assert upload(jsonl(invoice_lines(1)), purpose="fine-tune").status_code == 400
+        assert upload(jsonl(invoice_lines(1)), purpose="b" * 5000).status_code == 400
+        two_files = http.post(
+            "/files",
+            headers=auth,
+            data={"purpose": "batch"},
+            files=[("file", ("a.jsonl", b"{}")), ("file", ("b.jsonl", b"{}"))],
+        )
+        assert two_files.status_code == 400
+        no_file = http.post("/files", headers=auth, files={"purpose": (None, "batch")})
+        assert no_file.status_code == 400
         assert upload(b"\n\n").status_code == 400
         stored = upload(jsonl(invoice_lines(2)), name="../../etc/passwd")
         assert stored.status_code == 200, stored.text
