@@ -29,6 +29,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -59,6 +60,7 @@ _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+( [\x21\x23-\x5b\x5d-\x7e]+)*$")
 # RFC 6749 appendix A.1: a client id is printable ASCII (space included).
 _CLIENT_ID = re.compile(r"^[\x20-\x7e]+$")
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class KafkaSettings(_Section):
@@ -561,6 +563,49 @@ class BatchSettings(_Section):
     """Object-store folder holding one sub-folder per job (input, manifest, outputs)."""
 
 
+class TenantSettings(_Section):
+    """One tenant of ``sluiceway api``: its bearer keys and its limits."""
+
+    api_keys: tuple[SecretStr, ...] = ()
+    """Bearer keys that act as this tenant (several, so a key can be rotated)."""
+    max_enqueued_records: int = Field(default=1_000_000, ge=1)
+    """Records of the tenant's unfinished batches together; a batch beyond it gets 429."""
+    max_file_bytes: int = Field(default=200 * 1024**2, ge=1024)
+    """Largest file the tenant may upload; a larger one gets 429."""
+
+
+class ApiSettings(_Section):
+    """``sluiceway api``: the OpenAI-compatible Batch and Files API (docs/api.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8090, ge=1, le=65535)
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    """Tenant name (a path segment: letters, digits, ``._-``) -> its keys and limits."""
+    prefix: str = Field(default="api", pattern=r"^[A-Za-z0-9._-]+$")
+    """Object-store folder holding the uploaded files and idempotency records."""
+    max_files_listed: int = Field(default=10_000, ge=1)
+    """``GET /v1/files`` reads at most this many of a tenant's files (in id order, so a tenant
+    with more sees an arbitrary part of them) before sorting and paging."""
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names_are_path_segments(
+        cls, tenants: dict[str, TenantSettings]
+    ) -> dict[str, TenantSettings]:
+        keys: set[str] = set()
+        for name, tenant in tenants.items():
+            if not _TENANT_NAME.fullmatch(name):
+                raise ValueError(f"tenant name {name!r}: use letters, digits, '.', '_' or '-'")
+            for key in tenant.api_keys:
+                value = key.get_secret_value()
+                if len(value) < 16:
+                    raise ValueError(f"tenant {name!r}: an API key needs 16 characters or more")
+                if value in keys:
+                    raise ValueError(f"tenant {name!r}: an API key is given to two tenants")
+                keys.add(value)
+        return tenants
+
+
 _DEMO_CONNECTORS: dict[str, tuple[str, ...]] = {
     "sap": ("invoice_risk",),
     "salesforce": ("case_summary",),
@@ -641,6 +686,7 @@ class Settings(BaseSettings):
     """Models this deployment serves, by name (the ``<model>`` in topic names)."""
     monitor: MonitorSettings = MonitorSettings()
     batch: BatchSettings = BatchSettings()
+    api: ApiSettings = ApiSettings()
     stack: StackSettings = StackSettings()
 
     @classmethod
@@ -681,6 +727,10 @@ def _reveal(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
             data[name] = [secret.get_secret_value() for secret in value]
         elif isinstance(value, BaseModel):
             data[name] = _reveal(value, data[name])
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, BaseModel):
+                    data[name][key] = _reveal(item, data[name][key])
     return data
 
 

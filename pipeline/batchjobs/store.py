@@ -160,25 +160,31 @@ class JobStore:
     # -- plumbing
 
     def _put(self, key: str, body: bytes, content_type: str) -> None:
-        try:
-            self._client.put_object(
-                self.bucket, key, io.BytesIO(body), len(body), content_type=content_type
-            )
-        except (S3Error, urllib3.exceptions.HTTPError) as exc:
-            raise ObjectStoreError(f"writing s3://{self.bucket}/{key} failed: {exc}") from exc
+        put_bytes(self._client, self.bucket, key, body, content_type)
 
     def _get(self, key: str) -> bytes | None:
-        """The object's bytes, or None when there is no such object."""
-        try:
-            response = self._client.get_object(self.bucket, key)
-        except S3Error as exc:
-            if exc.code == "NoSuchKey":
-                return None
-            raise ObjectStoreError(f"reading s3://{self.bucket}/{key} failed: {exc}") from exc
-        except urllib3.exceptions.HTTPError as exc:
-            raise ObjectStoreError(f"reading s3://{self.bucket}/{key} failed: {exc}") from exc
-        try:
-            return bytes(response.read())
-        finally:
-            response.close()
-            response.release_conn()
+        return get_bytes(self._client, self.bucket, key)
+
+
+def put_bytes(client: Minio, bucket: str, key: str, body: bytes, content_type: str) -> None:
+    try:
+        client.put_object(bucket, key, io.BytesIO(body), len(body), content_type=content_type)
+    except (S3Error, urllib3.exceptions.HTTPError) as exc:
+        raise ObjectStoreError(f"writing s3://{bucket}/{key} failed: {exc}") from exc
+
+
+def get_bytes(client: Minio, bucket: str, key: str) -> bytes | None:
+    """The object's bytes, or None when there is no such object."""
+    try:
+        response = client.get_object(bucket, key)
+    except S3Error as exc:
+        if exc.code == "NoSuchKey":
+            return None
+        raise ObjectStoreError(f"reading s3://{bucket}/{key} failed: {exc}") from exc
+    except urllib3.exceptions.HTTPError as exc:
+        raise ObjectStoreError(f"reading s3://{bucket}/{key} failed: {exc}") from exc
+    try:
+        return bytes(response.read())
+    finally:
+        response.close()
+        response.release_conn()

@@ -121,29 +121,24 @@ def submit(
     model_version: str | None = None,
     tenant: str | None = None,
     attributes: dict[str, str] | None = None,
+    completion_window_s: float | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     on_record: Callable[[int], None] | None = None,
 ) -> Submission:
-    if model not in settings.models:
-        known = ", ".join(sorted(settings.models))
-        raise SluicewayError(f"unknown model {model!r}; this deployment serves: {known}")
+    """Check ``source`` and store the job; ``completion_window_s`` defaults to
+    ``batch.completion_window_s``."""
     chosen_format = input_format or detect_format(source)
-    created = now()
-    job_id = f"job-{created:%Y%m%d}-{uuid.uuid4().hex[:12]}"
-    store.ensure_bucket()
-    job = store.save(
-        BatchJob(
-            job_id=job_id,
-            model=model,
-            model_version=model_version,
-            status=BatchJobStatus.VALIDATING,
-            input_uri=source,
-            input_format=chosen_format,
-            created_at=created,
-            expires_at=created + timedelta(seconds=settings.batch.completion_window_s),
-            tenant=tenant,
-            attributes=attributes or {},
-        )
+    job = create_job(
+        settings,
+        store,
+        source,
+        model,
+        input_format=chosen_format,
+        model_version=model_version,
+        tenant=tenant,
+        attributes=attributes,
+        completion_window_s=completion_window_s,
+        created=now(),
     )
     with tempfile.TemporaryDirectory(prefix="sluiceway-submit-") as scratch:
         local = _local_copy(store, source, Path(scratch) / f"input.{chosen_format.value}")
@@ -170,9 +165,8 @@ def submit(
                 error=("invalid_input", report.summary()),
             )
             return Submission(store.save(failed), report)
-        input_uri = store.put_input(
-            job_id, source if source.startswith("s3://") else local, f"input.{chosen_format.value}"
-        )
+        kept = source if source.startswith("s3://") else local
+        input_uri = store.put_input(job.job_id, kept, f"input.{chosen_format.value}")
     attributes = dict(job.attributes)
     if report.generated_ids:
         attributes["sluiceway.generated_custom_ids"] = str(report.generated_ids)
@@ -180,6 +174,41 @@ def submit(
         update={"input_uri": input_uri, "counts": counts, "attributes": attributes}
     )
     return Submission(store.save(stored), report)
+
+
+def create_job(
+    settings: Settings,
+    store: JobStore,
+    source: str,
+    model: str,
+    *,
+    input_format: BatchInputFormat,
+    created: datetime,
+    model_version: str | None = None,
+    tenant: str | None = None,
+    attributes: dict[str, str] | None = None,
+    completion_window_s: float | None = None,
+) -> BatchJob:
+    """A new job's manifest, stored as ``validating`` (its input not yet checked)."""
+    if model not in settings.models:
+        known = ", ".join(sorted(settings.models))
+        raise SluicewayError(f"unknown model {model!r}; this deployment serves: {known}")
+    window_s = completion_window_s or settings.batch.completion_window_s
+    store.ensure_bucket()
+    return store.save(
+        BatchJob(
+            job_id=f"job-{created:%Y%m%d}-{uuid.uuid4().hex[:12]}",
+            model=model,
+            model_version=model_version,
+            status=BatchJobStatus.VALIDATING,
+            input_uri=source,
+            input_format=input_format,
+            created_at=created,
+            expires_at=created + timedelta(seconds=window_s),
+            tenant=tenant,
+            attributes=attributes or {},
+        )
+    )
 
 
 def _local_copy(store: JobStore, source: str, scratch: Path) -> Path:

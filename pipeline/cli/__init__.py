@@ -30,6 +30,7 @@ SUBCOMMAND_MODULES = (
     "pipeline.cli.client_cmd",
     "pipeline.cli.topics_cmd",
     "pipeline.cli.batch_cmd",
+    "pipeline.cli.api_cmd",
     "pipeline.cli.salesforce_cmd",
     "pipeline.cli.sap_cmd",
     "pipeline.cli.dlq_cmd",
