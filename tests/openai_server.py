@@ -24,7 +24,9 @@ What it serves:
 
 Controls for tests (thread-safe): :meth:`OpenAIProtocolServer.fail_next` answers the next N
 generation requests with a status (429, 503, ...) and an optional ``Retry-After``;
-``latency_s`` delays every generation request; ``requests_total``, ``in_flight`` and
+``latency_s`` delays every generation request; :meth:`hold_after` answers the next N
+generation requests and holds every later one until :meth:`release` (so a test can act while
+work is provably unfinished, whatever the machine's speed); ``requests_total``, ``in_flight`` and
 ``max_concurrency`` count what was observed; ``requests`` records what was received.
 
 Use it as a context manager (``with OpenAIProtocolServer() as server: server.base_url``) or
@@ -156,6 +158,10 @@ class OpenAIProtocolServer:
         self._lock = threading.Lock()
         self._faults: deque[_Fault] = deque()
         self._stopping = threading.Event()
+        self._released = threading.Event()
+        self._released.set()
+        self._let_through: int | None = None
+        """While holding: how many more generation requests are answered before the hold."""
         self._connections: set[socket.socket] = set()
         self._requests_total = 0
         self._in_flight = 0
@@ -198,6 +204,7 @@ class OpenAIProtocolServer:
     def stop(self) -> None:
         """Stop serving, end open connections and delayed answers, and join every thread."""
         self._stopping.set()
+        self._released.set()
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join()
@@ -296,7 +303,28 @@ class OpenAIProtocolServer:
         with self._lock:
             self._in_flight -= 1
 
+    def hold_after(self, count: int) -> None:
+        """Answer the next ``count`` generation requests, then hold every later one (its
+        connection stays open, unanswered) until :meth:`release` or :meth:`stop`."""
+        if count < 0:
+            raise ValueError(f"count must not be negative, got {count}")
+        with self._lock:
+            self._let_through = count
+            self._released.clear()
+
+    def release(self) -> None:
+        """Answer every held request and stop holding."""
+        with self._lock:
+            self._let_through = None
+            self._released.set()
+
     def _delay(self) -> None:
+        with self._lock:
+            held = self._let_through == 0
+            if self._let_through:
+                self._let_through -= 1
+        if held:
+            self._released.wait()
         if self.latency_s > 0:
             # An event, not time.sleep: stop() cuts every pending delay short.
             self._stopping.wait(self.latency_s)
