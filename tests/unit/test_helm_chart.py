@@ -38,21 +38,18 @@ def helm() -> Path:
     return install_helm(Settings().stack.cache_dir, HELM_VERSION, lambda _line: None)
 
 
-def render(helm: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+def run_helm(helm: Path, command: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """``helm COMMAND ... --kube-version``: no cluster answers here, so the version is given."""
     return subprocess.run(
-        [
-            str(helm),
-            "template",
-            "sluiceway",
-            str(CHART),
-            "--kube-version",
-            KUBERNETES_VERSION,
-            *list(arguments),
-        ],
+        [str(helm), command, *arguments, "--kube-version", KUBERNETES_VERSION],
         capture_output=True,
         text=True,
         check=False,
     )
+
+
+def render(helm: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return run_helm(helm, "template", "sluiceway", str(CHART), *arguments)
 
 
 def manifests(helm: Path, *arguments: str) -> list[dict[str, Any]]:
@@ -72,20 +69,7 @@ def of_kind(docs: list[dict[str, Any]], kind: str) -> Iterator[dict[str, Any]]:
 
 def test_the_chart_lints_with_default_and_secured_values(helm: Path) -> None:
     for extra in ([], ["-f", str(SECURED_VALUES)]):
-        linted = subprocess.run(
-            [
-                str(helm),
-                "lint",
-                "--strict",
-                str(CHART),
-                "--kube-version",
-                KUBERNETES_VERSION,
-                *extra,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        linted = run_helm(helm, "lint", "--strict", str(CHART), *extra)
         assert linted.returncode == 0, linted.stdout + linted.stderr
         assert "0 chart(s) failed" in linted.stdout
 
