@@ -407,8 +407,8 @@ def _send(settings: Settings, resends: Sequence[Resend]) -> None:
 def replay_command(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.topics import ModelTopics
 
-    model, chosen, _, _ = _selection(args, settings)
     version = None if args.version is None else parse_name(args.version, "version")
+    model, chosen, _, _ = _selection(args, settings)
     topics = ModelTopics(settings.namespace, model)
     fetch = _fetch(settings)
     keys = _keys(settings)
