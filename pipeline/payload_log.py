@@ -19,14 +19,13 @@ import base64
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 import orjson
 
-from pipeline.kafka.ports import ProducerPort
 from pipeline.kafka.producer import OutgoingMessage
 from pipeline.privacy import NO_POLICY, FeaturePolicy
 from pipeline.settings import Settings
@@ -123,13 +122,19 @@ class ObjectPutter(Protocol):
     async def put_bytes(self, key: str, body: bytes, content_type: str) -> str: ...
 
 
+class Submitter(Protocol):
+    """What the logger needs of a producer (the worker's ``ProducerPort`` fits)."""
+
+    def submit_all(self, messages: Sequence[OutgoingMessage]) -> Awaitable[int]: ...
+
+
 class PayloadLogger:
     """Writes the sampled pairs of served batches to each model's sink."""
 
     def __init__(
         self,
         settings: Settings,
-        producer: ProducerPort,
+        producer: Submitter,
         store: ObjectPutter,
         now: Callable[[], float] = time.time,
     ) -> None:
