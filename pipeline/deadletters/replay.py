@@ -83,7 +83,7 @@ def _plan_one(
         value = original(stored)
     except Exception as error:  # any way of not getting it back only skips this letter
         return Skipped(stored.at, f"original not available: {str(error)[:200]}")
-    request_id = letter.request_id
+    request_id = letter.request_id or _request_id_of(value)
     if pinned_version is not None:
         try:
             request = schemas.decode(value, InferenceRequest)
@@ -103,3 +103,12 @@ def _plan_one(
         (*kept, (REPLAYED_FROM_HEADER, source)),
         request_id,
     )
+
+
+def _request_id_of(value: bytes) -> str | None:
+    """The id of the request in ``value``, where it is one (a letter written before the
+    request was decoded, e.g. ``too_large``, does not name it)."""
+    try:
+        return str(schemas.decode(value, InferenceRequest).request_id)
+    except Exception:
+        return None
