@@ -409,7 +409,10 @@ class ModelSettings(_Section):
     """Share of served requests whose request/response pair is logged to ``payload_log_sink``
     (``pipeline/payload_log.py``); chosen by a hash of the request id, so the same requests
     are logged on every worker and every retry. 0: none."""
-    payload_log_sink: str | None = Field(default=None, pattern=r"^(topic:|prefix:)\S{1,200}$")
+    payload_log_sink: str | None = Field(
+        default=None,
+        pattern=r"^(topic:[A-Za-z0-9._-]{1,200}|prefix:/*[A-Za-z0-9._-][A-Za-z0-9._/-]{0,199})$",
+    )
     """``topic:<name>`` (a topic that exists) or ``prefix:<key prefix>`` (objects in the
     object store's bucket); the pairs carry features as the ``pii`` policy lets them leave."""
 

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from pipeline.kafka.acls import Operation, plan
 from pipeline.kafka.producer import OutgoingMessage
 from pipeline.payload_log import PayloadLogger, object_key, parse_sink, sampled
 from pipeline.privacy import FeaturePolicy
@@ -157,7 +158,19 @@ def test_no_sink_or_zero_rate_logs_nothing_and_a_failing_sink_is_counted_not_rai
 
 
 @pytest.mark.parametrize(
-    "sink", ["", "topic:", "kafka:x", "prefix:", "s3://b/p", "topic:a b", "topic:" + "x" * 300]
+    "sink",
+    [
+        "",
+        "topic:",
+        "kafka:x",
+        "prefix:",
+        "prefix:///",
+        "s3://b/p",
+        "topic:a b",
+        "topic:a/b",
+        "prefix:a\x00b",
+        "topic:" + "x" * 300,
+    ],
 )
 def test_a_malformed_sink_setting_is_refused_at_load(sink: str) -> None:
     with pytest.raises(ValueError, match="payload_log_sink"):
@@ -174,3 +187,13 @@ def test_parse_sink_refuses_what_settings_would_not_hold() -> None:
     assert parse_sink("prefix:/a/b/").where == "a/b"
     with pytest.raises(ValueError, match="neither"):
         parse_sink("prefix:///")
+
+
+def test_the_worker_principal_may_write_its_payload_log_topic_and_no_other() -> None:
+    grants = plan(_settings(0.5, "topic:audit.scaler"), {})
+    writers = {
+        g.principal
+        for g in grants
+        if g.resource_name == "audit.scaler" and g.operation is Operation.WRITE
+    }
+    assert writers == {"worker-scaler"}
