@@ -27,9 +27,8 @@ from typing import Any
 
 from pipeline.deadletters.letters import LetterId, StoredLetter, read_letter
 from pipeline.deadletters.markers import Marker, encode_marker, fold_markers, marker_key
-from pipeline.deadletters.replay import Resend, plan_replay
+from pipeline.deadletters.replay import plan_replay
 from pipeline.deadletters.selection import (
-    Selector,
     count_by_reason,
     parse_name,
     parse_position,
@@ -274,7 +273,8 @@ def _letters_and_marks(
 
 def _selection(
     args: argparse.Namespace, settings: Settings
-) -> tuple[str, list[StoredLetter], dict[LetterId, Marker], Selector]:
+) -> tuple[str, list[StoredLetter], dict[LetterId, Marker]]:
+    """The model, its selected letters, and which of its letters are handled."""
     model = _model(settings, args.model)
     selector = parse_selector(
         reasons=args.reason,
@@ -286,7 +286,7 @@ def _selection(
         now=datetime.now(UTC),
     )
     letters, handled = _letters_and_marks(settings, model)
-    return model, select(letters, selector, handled), handled, selector
+    return model, select(letters, selector, handled), handled
 
 
 def _summary(stored: StoredLetter, handled: dict[LetterId, Marker]) -> dict[str, Any]:
@@ -303,7 +303,7 @@ def _summary(stored: StoredLetter, handled: dict[LetterId, Marker]) -> dict[str,
 
 
 def list_command(args: argparse.Namespace, settings: Settings) -> int:
-    model, chosen, handled, _ = _selection(args, settings)
+    model, chosen, handled = _selection(args, settings)
     counts = count_by_reason(chosen)
     if args.json:
         report: dict[str, Any] = {"model": model, "total": len(chosen), "by_reason": counts}
@@ -348,67 +348,58 @@ def show_command(args: argparse.Namespace, settings: Settings) -> int:
         except Exception as error:  # not every original is a request: that may be the reason
             shown["original_request"] = None
             shown["original_problem"] = f"{type(error).__name__}: {str(error)[:200]}"
-    print(json.dumps(shown, indent=2 if not args.json else None, default=str))
+    print(json.dumps(shown, indent=2, default=str))
     return 0
 
 
-def _mark(settings: Settings, topic: str, marks: Sequence[tuple[LetterId, Marker]]) -> None:
-    from pipeline.kafka import clients
-    from pipeline.kafka.clients import ProducerRole
-
-    producer = clients.producer(settings.kafka, role=ProducerRole.RELIABLE)
-    failures: list[str] = []
-    for at, marker in marks:
-        producer.produce(
-            topic,
-            encode_marker(marker),
-            key=marker_key(at),
-            on_delivery=lambda e, _m: failures.append(str(e)) if e is not None else None,
-        )
-        producer.poll(0)
-    if producer.flush(30) or failures:
-        raise LetterError(f"marking letters in {topic} failed: {failures[:1] or 'timeout'}")
+Outgoing = tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes | None]]]
+"""``(topic, key, value, headers)`` of one record to send."""
 
 
-def _send(settings: Settings, resends: Sequence[Resend]) -> None:
+def _send_acked(settings: Settings, records: Sequence[Outgoing], label: str | None = None) -> None:
+    """Send ``records`` and return once the broker acknowledged every one (with a progress
+    bar on stderr under ``label``); raises :class:`LetterError` otherwise."""
     from pipeline.console import ProgressBar
     from pipeline.kafka import clients
     from pipeline.kafka.clients import ProducerRole
 
     producer = clients.producer(settings.kafka, role=ProducerRole.RELIABLE)
-    bar = ProgressBar("replay", len(resends))
+    bar = None if label is None else ProgressBar(label, len(records))
     failures: list[str] = []
 
     def delivered(error: Any, _message: Any) -> None:
         if error is not None:
             failures.append(str(error))
-        bar.advance()
+        if bar is not None:
+            bar.advance()
 
-    for resend in resends:
+    for topic, key, value, headers in records:
         while True:
             try:
                 producer.produce(
-                    resend.topic,
-                    resend.value,
-                    key=resend.key,
-                    headers=list(resend.headers),
-                    on_delivery=delivered,
+                    topic, value, key=key, headers=list(headers), on_delivery=delivered
                 )
                 break
             except BufferError:  # the local queue is full: let deliveries drain it
                 producer.poll(0.1)
         producer.poll(0)
     remaining = producer.flush(60)
-    bar.close()
+    if bar is not None:
+        bar.close()
     if remaining or failures:
-        raise LetterError(f"replay not acknowledged: {failures[:1] or f'{remaining} pending'}")
+        raise LetterError(f"not acknowledged: {failures[:1] or f'{remaining} pending'}")
+
+
+def _mark(settings: Settings, model: str, marks: Sequence[tuple[LetterId, Marker]]) -> None:
+    topic = _handled_topic(settings, model)
+    _send_acked(settings, [(topic, marker_key(at), encode_marker(m), ()) for at, m in marks])
 
 
 def replay_command(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.topics import ModelTopics
 
     version = None if args.version is None else parse_name(args.version, "version")
-    model, chosen, _, _ = _selection(args, settings)
+    model, chosen, _ = _selection(args, settings)
     topics = ModelTopics(settings.namespace, model)
     fetch = _fetch(settings)
     keys = _keys(settings)
@@ -425,13 +416,10 @@ def replay_command(args: argparse.Namespace, settings: Settings) -> int:
         pinned_version=version,
     )
     if not args.dry_run and resends:
-        _send(settings, resends)
+        # Step 1: every original acknowledged; step 2: only then marked (docs/operations.md).
+        _send_acked(settings, [(r.topic, r.key, r.value, r.headers) for r in resends], "replay")
         now = datetime.now(UTC)
-        _mark(
-            settings,
-            _handled_topic(settings, model),
-            [(r.at, Marker("replayed", now, r.topic, version)) for r in resends],
-        )
+        _mark(settings, model, [(r.at, Marker("replayed", now, r.topic, version)) for r in resends])
     report = {
         "model": model,
         "dry_run": args.dry_run,
@@ -447,14 +435,10 @@ def replay_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def purge_command(args: argparse.Namespace, settings: Settings) -> int:
-    model, chosen, _, _ = _selection(args, settings)
+    model, chosen, _ = _selection(args, settings)
     if not args.dry_run and chosen:
         now = datetime.now(UTC)
-        _mark(
-            settings,
-            _handled_topic(settings, model),
-            [(s.at, Marker("purged", now)) for s in chosen],
-        )
+        _mark(settings, model, [(s.at, Marker("purged", now)) for s in chosen])
     report = {
         "model": model,
         "dry_run": args.dry_run,
