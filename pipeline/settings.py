@@ -407,6 +407,16 @@ class ModelSettings(_Section):
     ``<masked>``. No PII feature's attribution leaves (it gives the value back). Keys must be
     names in ``feature_order``; a model with a policy needs ``workers.dead_letter_original``
     other than ``keep`` (``docs/worker.md``, "Personal data")."""
+    payload_log_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of served requests whose request/response pair is logged to ``payload_log_sink``
+    (``pipeline/payload_log.py``); chosen by a hash of the request id, so the same requests
+    are logged on every worker and every retry. 0: none."""
+    payload_log_sink: str | None = Field(
+        default=None,
+        pattern=r"^(topic:[A-Za-z0-9._-]{1,200}|prefix:/*[A-Za-z0-9._-][A-Za-z0-9._/-]{0,199})$",
+    )
+    """``topic:<name>`` (a topic that exists) or ``prefix:<key prefix>`` (objects in the
+    object store's bucket); the pairs carry features as the ``pii`` policy lets them leave."""
 
     @model_validator(mode="after")
     def _pii_names_declared_features(self) -> ModelSettings:

@@ -31,6 +31,12 @@ class ModelTopics:
         return f"{self.namespace}.{self.model}.dlq"
 
     @property
+    def dlq_handled(self) -> str:
+        """Compacted, key = ``<partition>:<offset>`` of a letter: the letters of the DLQ that
+        were replayed or purged (``pipeline/deadletters/markers.py``)."""
+        return f"{self.namespace}.{self.model}.dlq.handled"
+
+    @property
     def feedback(self) -> str:
         """Ground-truth labels for earlier requests (``Feedback`` events)."""
         return f"{self.namespace}.{self.model}.feedback"

@@ -47,7 +47,7 @@ from pipeline.privacy import (
 from pipeline.settings import Settings, SettingsError
 from pipeline.topics import ModelTopics
 from schemas.models import DeadLetter, Header
-from workers.inference.contracts import dead_letter_headers
+from workers.inference.contracts import connect_error_headers, dead_letter_headers
 from workers.inference.sink import original_policy
 
 UNMAPPABLE_ERROR_CLASS = "UnmappableRecord"
@@ -217,6 +217,13 @@ def encode_letter(sealed: ConnectorLetter) -> tuple[bytes, list[tuple[str, bytes
     named = [] if sealed.source_event is None else [(SOURCE_EVENT_HEADER, sealed.source_event)]
     return schemas.encode(letter), [
         *dead_letter_headers(letter.reason_code, letter.error_class, letter.attempts),
+        *connect_error_headers(
+            letter.original_topic,
+            letter.original_partition,
+            letter.original_offset,
+            letter.error_class,
+            letter.reason_message,
+        ),
         *sealed.treatment,
         *[(name, value.encode("utf-8")) for name, value in named],
     ]

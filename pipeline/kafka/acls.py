@@ -240,6 +240,10 @@ def _worker(settings: Settings, model: str) -> set[Grant]:
         | _group(principal, "sluiceway-control-", prefixed=True)
         | _idempotent(principal)
     )
+    sink = settings.models[model].payload_log_sink
+    if sink is not None and sink.startswith("topic:"):
+        # pipeline/payload_log.py: sampled request/response pairs (the topic is the operator's).
+        grants |= _topic(principal, sink.removeprefix("topic:"), _W)
     if settings.workers.exactly_once:
         # workers/inference/worker.py: "<ns>.worker.<models joined by ->-<worker id>"; in a
         # secured deployment each worker process serves one model under its own principal.

@@ -535,6 +535,9 @@ def build_dead_letter(
     return LetterDraft(
         encoded,
         dead_letter_headers(fields["reason_code"], fields["error_class"], fields["attempts"])
+        + connect_error_headers(
+            topic, partition, offset, fields["error_class"], fields["reason_message"]
+        )
         + treatment_headers,
         offload_key,
         value if offload_key else None,
@@ -627,4 +630,24 @@ def dead_letter_headers(reason: str, error_class: str, attempts: int) -> list[tu
         ("sluiceway-dlq-reason", reason.encode()),
         ("sluiceway-dlq-error-class", error_class.encode()),
         ("sluiceway-dlq-attempts", str(attempts).encode()),
+    ]
+
+
+CONNECT_MESSAGE_BYTES = 1024
+"""The most of a letter's reason text its Kafka Connect header carries (the letter has it all)."""
+
+
+def connect_error_headers(
+    topic: str, partition: int, offset: int, error_class: str, message: str
+) -> list[tuple[str, bytes]]:
+    """Kafka Connect's ``__connect.errors.*`` headers, as its dead letter queue reporter writes
+    them (numbers as decimal text), so tools built for Connect DLQs read ours. Bounded: they
+    sit beside the letter's own headers, under the same producer limit."""
+    text = message.encode("utf-8", "backslashreplace")[:CONNECT_MESSAGE_BYTES]
+    return [
+        ("__connect.errors.topic", topic.encode("utf-8", "backslashreplace")[:1024]),
+        ("__connect.errors.partition", str(partition).encode()),
+        ("__connect.errors.offset", str(offset).encode()),
+        ("__connect.errors.exception.class.name", error_class.encode("utf-8", "backslashreplace")),
+        ("__connect.errors.exception.message", text.decode("utf-8", "ignore").encode()),
     ]

@@ -30,6 +30,7 @@ from pipeline.kafka.ports import ProducerPort
 from pipeline.kafka.producer import DeliveryError, OutgoingMessage
 from pipeline.kafka.watermark import OffsetTracker
 from pipeline.metrics import WorkerMetrics
+from pipeline.payload_log import PayloadLogger
 from pipeline.privacy import FeaturePolicy, OriginalPolicy, decode_key
 from pipeline.resilience import RetryPolicy
 from pipeline.settings import Settings
@@ -150,6 +151,7 @@ class OutcomeSink:
         )
         self._policies: dict[str, FeaturePolicy] = {}
         self._originals = original_policy(settings)
+        self._payload_log = PayloadLogger(settings, producer, store)
 
     def policy(self, model: str) -> FeaturePolicy:
         """The model's personal data policy: applied to everything this sink sends out."""
@@ -232,6 +234,9 @@ class OutcomeSink:
             answers.append(self._result_answer(model, record, result))
         await self._deliver(answers)
         self._count(model, "ok", len(answers))
+        await self._payload_log.served(
+            model, served_version, [r.request for r, _ in served], full, policy
+        )
 
     async def expired(self, records: Sequence[Record]) -> None:
         by_model: dict[str, list[_Answer]] = {}

@@ -1,0 +1,9 @@
+"""Errors of dead-letter tooling."""
+
+from __future__ import annotations
+
+from pipeline.errors import SluicewayError
+
+
+class SelectorError(SluicewayError, ValueError):
+    """A selection given on the command line that means nothing (bad time, name, position)."""
