@@ -350,6 +350,9 @@ class TritonSettings(_Section):
     http_url: str = "127.0.0.1:8000"
     protocol: Literal["grpc", "http"] = "grpc"
     timeout_s: float = Field(default=10.0, gt=0)
+    """The longest a call may take (a request's nearer deadline shortens it)."""
+    timeout_floor_s: float = Field(default=0.05, ge=0)
+    """The shortest a call is given, however little of its deadline is left."""
 
 
 class VllmSettings(_Section):
@@ -357,6 +360,9 @@ class VllmSettings(_Section):
     api_key: SecretStr | None = None
     max_concurrency: int = Field(default=32, ge=1)
     timeout_s: float = Field(default=60.0, gt=0)
+    """The longest a request may take (a nearer deadline shortens it)."""
+    timeout_floor_s: float = Field(default=0.05, ge=0)
+    """The shortest a request is given, however little of its deadline is left."""
 
 
 class BackendSettings(_Section):
