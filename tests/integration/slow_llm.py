@@ -3,6 +3,7 @@ the test can slow down (``server.latency_s``): deadlines and priorities seen end
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -74,6 +75,7 @@ class SlowLlmScene:
         return self.log.read_text(errors="replace")[-3000:]
 
 
+@contextlib.contextmanager
 def slow_llm_scene(
     settings: Settings, tmp_path: Path, partitions: int = 1, **worker_env: str
 ) -> Iterator[SlowLlmScene]:

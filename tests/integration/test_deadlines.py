@@ -27,9 +27,10 @@ MARGIN_S = 2.0
 
 @pytest.fixture
 def scene(settings: Settings, tmp_path: Path) -> Iterator[SlowLlmScene]:
-    yield from slow_llm_scene(
+    with slow_llm_scene(
         settings, tmp_path, SLUICEWAY_BACKENDS__VLLM__TIMEOUT_S=str(CEILING_S)
-    )
+    ) as running:
+        yield running
 
 
 def test_a_request_with_200_ms_left_is_answered_expired_near_its_deadline_not_at_the_ceiling(
