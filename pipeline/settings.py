@@ -610,6 +610,20 @@ class StackSettings(_Section):
     ``<state_dir>/secrets``), authenticated users, and authorisation (see docs/security.md)."""
 
 
+class TracingSettings(_Section):
+    """OpenTelemetry spans of requests (``docs/tracing.md``); off unless an endpoint is set."""
+
+    otlp_endpoint: str | None = None
+    """An OTLP/gRPC collector (``host:4317`` or ``http://host:4317``); ``None``: no spans."""
+    otlp_insecure: bool = True
+    """Plain gRPC to the collector; ``false`` uses TLS with the system's trusted CAs."""
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of new traces recorded; a request whose publisher sampled it stays sampled."""
+    service_name: str | None = None
+    """``service.name`` of the spans; ``None``: the process's role (``sluiceway-worker``...)."""
+    export_timeout_s: float = Field(default=10.0, gt=0)
+
+
 class Settings(BaseSettings):
     """The whole configuration tree of a Sluiceway process."""
 
@@ -648,6 +662,7 @@ class Settings(BaseSettings):
     monitor: MonitorSettings = MonitorSettings()
     batch: BatchSettings = BatchSettings()
     stack: StackSettings = StackSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @classmethod
     def settings_customise_sources(
