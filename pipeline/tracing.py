@@ -24,21 +24,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from pipeline.kafka.ports import ConsumedMessage
 from pipeline.settings import TracingSettings
 from schemas.models import InferenceRequest, TraceContext
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 T = TypeVar("T")
 Attributes = Mapping[str, str | int | float | bool]
@@ -73,7 +72,12 @@ def configure(settings: TracingSettings, service: str) -> bool:
     global _owned_provider
     if settings.otlp_endpoint is None:
         return False
+    # Imported here: a process that does not trace never loads the SDK.
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     provider = TracerProvider(
         resource=Resource.create({"service.name": settings.service_name or service}),

@@ -19,12 +19,10 @@ def register(subparsers: Any) -> None:
 
 
 def run_worker_command(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline import tracing
     from workers.inference.runner import configure_logging, run_worker
 
     configure_logging(args.log_level)
-    with tracing.configured(settings.tracing, "sluiceway-worker"):
-        stats = asyncio.run(run_worker(settings, args.model))
+    stats = asyncio.run(run_worker(settings, args.model))
     print(
         f"worker stopped: consumed={stats.consumed} results={stats.results} "
         f"batches={stats.batches} "
