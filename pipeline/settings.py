@@ -622,6 +622,7 @@ class TracingSettings(_Section):
     service_name: str | None = None
     """``service.name`` of the spans; ``None``: the process's role (``sluiceway-worker``...)."""
     export_timeout_s: float = Field(default=10.0, gt=0)
+    """How long one export to the collector may take before its spans are dropped."""
 
 
 class Settings(BaseSettings):
