@@ -15,10 +15,7 @@ import pytest
 from pipeline.backends import BackendError, RowInput, RowOutput
 from pipeline.backends.exceptions import TransientBackendError
 from pipeline.backends.triton import TritonBackend
-from pipeline.settings import Settings, load_settings
-from pipeline.stack.services import TritonService
-from tests.integration.local_ports import free_port
-from tests.integration.waiting import wait_until
+from tests.integration.test_health_endpoints import OwnTriton
 
 MODEL = "slow_echo"
 SLEEP_S = 0.5
@@ -67,27 +64,12 @@ def slow_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     model_dir.mkdir(parents=True)
     (model_dir.parent / "config.pbtxt").write_text(CONFIG)
     (model_dir / "model.py").write_text(MODEL_PY)
-    stack = load_settings().stack.model_copy(
-        update={
-            "state_dir": root / "state",
-            "triton_http_port": free_port(),
-            "triton_grpc_port": free_port(),
-            "triton_metrics_port": free_port(),
-        }
-    )
-    service = TritonService(Settings(stack=stack))
-    service.install(lambda _line: None)  # the cached server (and the demo model, as always)
-    service.stack = stack.model_copy(update={"model_repository": root / "models"})
-    launch = service.prepare()
-    service.process.start(launch.argv, launch.env)
+    triton = OwnTriton(root, model_repository=root / "models")
+    triton.start()
     try:
-        wait_until(service.healthy, 90, "the test's own Triton to be ready")
-        yield {
-            "grpc": f"127.0.0.1:{stack.triton_grpc_port}",
-            "http": f"127.0.0.1:{stack.triton_http_port}",
-        }
+        yield {"grpc": triton.grpc_url, "http": triton.http_url}
     finally:
-        service.process.stop()
+        triton.stop()
 
 
 def _rows(value: float) -> list[RowInput]:

@@ -18,8 +18,6 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from pipeline import tracing
@@ -31,6 +29,7 @@ from pipeline.topics import ModelTopics
 from schemas.models import ResultStatus
 from tests.integration import traffic
 from tests.integration.local_ports import free_port
+from tests.unit.test_tracing import spans  # noqa: F401 (a fixture: the SDK's spans in memory)
 
 
 class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -65,21 +64,11 @@ def collector() -> Iterator[tuple[str, _Receiver]]:
     server.stop(grace=None)
 
 
-@pytest.fixture
-def sdk_spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
-    yield exporter
-    tracing.shutdown()
-
-
 def test_one_requests_spans_form_one_trace_across_the_sdk_and_the_worker(
     settings: Settings,
     tmp_path: Path,
     collector: tuple[str, _Receiver],
-    sdk_spans: InMemorySpanExporter,
+    spans: InMemorySpanExporter,  # noqa: F811 (the fixture imported above)
 ) -> None:
     address, receiver = collector
     topics = ModelTopics(settings.namespace, "scaler")
@@ -98,12 +87,12 @@ def test_one_requests_spans_form_one_trace_across_the_sdk_and_the_worker(
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(60) == 0, (tmp_path / "worker.log").read_text()[-3000:]
 
-    [publish] = [s for s in sdk_spans.get_finished_spans() if s.name == tracing.PUBLISH]
+    [publish] = [s for s in spans.get_finished_spans() if s.name == tracing.PUBLISH]
     assert publish.context is not None
     trace_id = publish.context.trace_id.to_bytes(16, "big")
     assert {service for service, _ in receiver.spans} == {"sluiceway-worker"}
-    spans = [span for _, span in receiver.spans if span.trace_id == trace_id]
-    names = sorted(span.name for span in spans)
+    worker_spans = [span for _, span in receiver.spans if span.trace_id == trace_id]
+    names = sorted(span.name for span in worker_spans)
     assert names == sorted(
         [
             tracing.CONSUME,
@@ -113,7 +102,7 @@ def test_one_requests_spans_form_one_trace_across_the_sdk_and_the_worker(
             tracing.OUTCOME_PRODUCE,
         ]
     ), sorted(span.name for _, span in receiver.spans)
-    in_trace = {span.name: span for span in spans}
+    in_trace = {span.name: span for span in worker_spans}
     publish_id = publish.context.span_id.to_bytes(8, "big")
     batch_id = in_trace[tracing.BATCH].span_id
     assert in_trace[tracing.CONSUME].parent_span_id == publish_id
