@@ -35,6 +35,7 @@ from confluent_kafka import (
 )
 
 import schemas
+from pipeline import tracing
 from pipeline.errors import SluicewayError
 from pipeline.kafka import clients
 from pipeline.kafka.admin import TopicSpec, ensure_topics
@@ -159,20 +160,21 @@ class SluicewayClient:
 
             return callback
 
-        for index, request in enumerate(requests):
-            topic = ModelTopics(self.settings.namespace, request.model).requests
-            try:
-                self._producer.produce(
-                    topic,
-                    schemas.encode(request),
-                    key=_message_key(request),
-                    headers=list(schemas.message_headers(request.AVRO_NAME)),
-                    on_delivery=delivered(index, str(request.request_id)),
-                )
-            except BufferError as error:
-                raise BrokerUnavailableError(f"the producer queue is full: {error}") from error
-            self._producer.poll(0)
-        remaining = self._producer.flush(timeout_s)
+        topics = {r.model: ModelTopics(self.settings.namespace, r.model).requests for r in requests}
+        with tracing.publishing(requests, topics) as sent:
+            for index, request in enumerate(sent):
+                try:
+                    self._producer.produce(
+                        topics[request.model],
+                        schemas.encode(request),
+                        key=_message_key(request),
+                        headers=list(schemas.message_headers(request.AVRO_NAME)),
+                        on_delivery=delivered(index, str(request.request_id)),
+                    )
+                except BufferError as error:
+                    raise BrokerUnavailableError(f"the producer queue is full: {error}") from error
+                self._producer.poll(0)
+            remaining = self._producer.flush(timeout_s)
         if remaining or len(outcomes) < len(requests):
             raise BrokerUnavailableError(
                 f"{len(requests) - len(outcomes)} of {len(requests)} requests not acknowledged "

@@ -352,6 +352,9 @@ class TritonSettings(_Section):
     http_url: str = "127.0.0.1:8000"
     protocol: Literal["grpc", "http"] = "grpc"
     timeout_s: float = Field(default=10.0, gt=0)
+    """The longest a call may take (a request's nearer deadline shortens it)."""
+    timeout_floor_s: float = Field(default=0.05, ge=0)
+    """The shortest a call is given, however little of its deadline is left."""
 
 
 class VllmSettings(_Section):
@@ -359,6 +362,9 @@ class VllmSettings(_Section):
     api_key: SecretStr | None = None
     max_concurrency: int = Field(default=32, ge=1)
     timeout_s: float = Field(default=60.0, gt=0)
+    """The longest a request may take (a nearer deadline shortens it)."""
+    timeout_floor_s: float = Field(default=0.05, ge=0)
+    """The shortest a request is given, however little of its deadline is left."""
 
 
 class BackendSettings(_Section):
@@ -659,6 +665,21 @@ class StackSettings(_Section):
     ``<state_dir>/secrets``), authenticated users, and authorisation (see docs/security.md)."""
 
 
+class TracingSettings(_Section):
+    """OpenTelemetry spans of requests (``docs/tracing.md``); off unless an endpoint is set."""
+
+    otlp_endpoint: str | None = None
+    """An OTLP/gRPC collector (``host:4317`` or ``http://host:4317``); ``None``: no spans."""
+    otlp_insecure: bool = True
+    """Plain gRPC to the collector; ``false`` uses TLS with the system's trusted CAs."""
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of new traces recorded; a request whose publisher sampled it stays sampled."""
+    service_name: str | None = None
+    """``service.name`` of the spans; ``None``: the process's role (``sluiceway-worker``...)."""
+    export_timeout_s: float = Field(default=10.0, gt=0)
+    """How long one export to the collector may take before its spans are dropped."""
+
+
 class Settings(BaseSettings):
     """The whole configuration tree of a Sluiceway process."""
 
@@ -698,6 +719,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = BatchSettings()
     api: ApiSettings = ApiSettings()
     stack: StackSettings = StackSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @classmethod
     def settings_customise_sources(

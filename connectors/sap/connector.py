@@ -93,6 +93,7 @@ from connectors.sap.writeback import (
     plan_writeback,
     signer,
 )
+from pipeline import tracing
 from pipeline.client import request_id_for
 from pipeline.kafka import clients
 from pipeline.kafka.admin import ensure_topics, invalidation_topic_spec, model_topic_specs
@@ -755,17 +756,18 @@ class SapConnector:
             return
         assert self._producer is not None, "start() first"
 
-        await self._producer.submit_all(
-            [
-                OutgoingMessage(
-                    route.topics.requests,
-                    schemas.encode(request),
-                    request.source.entity_id if request.source else str(request.request_id),
-                    list(schemas.message_headers(request.AVRO_NAME)),
-                )
-                for request in batch
-            ]
-        )
+        with tracing.publishing(batch) as sent:
+            await self._producer.submit_all(
+                [
+                    OutgoingMessage(
+                        route.topics.requests,
+                        schemas.encode(request),
+                        request.source.entity_id if request.source else str(request.request_id),
+                        list(schemas.message_headers(request.AVRO_NAME)),
+                    )
+                    for request in sent
+                ]
+            )
         for request in batch:
             self._published.add(str(request.request_id))
         self.stats.published += len(batch)

@@ -80,9 +80,20 @@ class Backend(Protocol):
         ...
 
     async def infer(
-        self, model: str, version: str | None, rows: Sequence[RowInput]
+        self,
+        model: str,
+        version: str | None,
+        rows: Sequence[RowInput],
+        *,
+        time_left_s: float | None = None,
+        priority: int | None = None,
     ) -> list[RowOutput | BackendError]:
         """Serve one micro-batch; return exactly one entry per input row, in order.
+
+        ``time_left_s``: until the earliest deadline of the batch's requests (``None``: none
+        has one); the call's timeout is that, within the backend's floor and ceiling
+        (:func:`pipeline.deadlines.backend_timeout_s`). ``priority``: the most urgent
+        request's (0-9, 9 first), for servers that queue by priority.
 
         Raises :class:`~pipeline.backends.exceptions.BackendError` when the whole batch
         failed; returns a per-row error when only that row failed (vLLM answers per request).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -27,6 +28,7 @@ from pipeline.backends.exceptions import (
     TransientBackendError,
 )
 from pipeline.backends.signature import ModelSignature, from_kserve_metadata
+from pipeline.deadlines import backend_timeout_s, triton_priority_level, triton_timeout_us
 from pipeline.settings import TritonSettings
 
 # gRPC status names and HTTP status codes that a retry can cure.
@@ -45,6 +47,20 @@ _TRANSIENT_STATUSES = {
     "504",
 }
 _NOT_FOUND_STATUSES = {"StatusCode.NOT_FOUND", "404"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Queueing:
+    """How one call is queued on the server: its timeout and Triton priority level."""
+
+    timeout_s: float
+    priority_level: int
+
+
+def _priority_levels_of(config: dict[str, Any]) -> int:
+    """``dynamic_batching.priority_levels`` of a model config (JSON spells uint64 as text)."""
+    batching = config.get("dynamic_batching") or {}
+    return int(batching.get("priority_levels", 0) or 0)
 
 
 def classify_triton_error(exc: InferenceServerException) -> BackendError:
@@ -68,10 +84,13 @@ class TritonBackend:
         protocol: Literal["grpc", "http"] = "grpc",
         timeout_s: float = 10.0,
         explaining_models: Collection[str] = (),
+        timeout_floor_s: float = 0.05,
     ) -> None:
         self._url = url
         self._protocol = protocol
         self._timeout_s = timeout_s
+        self._timeout_floor_s = timeout_floor_s
+        self._priority_levels: dict[str, int] = {}
         self._explaining_models = frozenset(explaining_models)
         self._output_names: dict[tuple[str, str], list[str]] = {}
         self._client: Any = None
@@ -87,7 +106,9 @@ class TritonBackend:
     ) -> TritonBackend:
         """``explaining_models`` have an ``attributions`` output that is asked for on demand."""
         url = settings.grpc_url if settings.protocol == "grpc" else settings.http_url
-        return cls(url, settings.protocol, settings.timeout_s, explaining_models)
+        return cls(
+            url, settings.protocol, settings.timeout_s, explaining_models, settings.timeout_floor_s
+        )
 
     @property
     def endpoint(self) -> str:
@@ -100,20 +121,28 @@ class TritonBackend:
         return self._client
 
     async def infer(
-        self, model: str, version: str | None, rows: Sequence[RowInput]
+        self,
+        model: str,
+        version: str | None,
+        rows: Sequence[RowInput],
+        *,
+        time_left_s: float | None = None,
+        priority: int | None = None,
     ) -> list[RowOutput | BackendError]:
+        timeout_s = backend_timeout_s(time_left_s, self._timeout_floor_s, self._timeout_s)
+        queueing = _Queueing(timeout_s, await self._priority_level(model, priority))
         if model not in self._explaining_models:
-            return await self._infer_stacked(model, version, rows, explain=True)
+            return await self._infer_stacked(model, version, rows, True, queueing)
         asking = [index for index, row in enumerate(rows) if row.explain]
         if not asking or len(asking) == len(rows):
-            return await self._infer_stacked(model, version, rows, explain=bool(asking))
+            return await self._infer_stacked(model, version, rows, bool(asking), queueing)
         # Two multi-row requests sent together: Triton's dynamic batcher runs them in one
         # execution, and the model computes attributions only for the rows that asked.
         chosen = set(asking)
         plain = [index for index in range(len(rows)) if index not in chosen]
         explained, scored = await asyncio.gather(
-            self._infer_stacked(model, version, [rows[i] for i in asking], explain=True),
-            self._infer_stacked(model, version, [rows[i] for i in plain], explain=False),
+            self._infer_stacked(model, version, [rows[i] for i in asking], True, queueing),
+            self._infer_stacked(model, version, [rows[i] for i in plain], False, queueing),
         )
         merged: dict[int, RowOutput | BackendError] = {
             **dict(zip(asking, explained, strict=True)),
@@ -122,7 +151,12 @@ class TritonBackend:
         return [merged[index] for index in range(len(rows))]
 
     async def _infer_stacked(
-        self, model: str, version: str | None, rows: Sequence[RowInput], explain: bool
+        self,
+        model: str,
+        version: str | None,
+        rows: Sequence[RowInput],
+        explain: bool,
+        queueing: _Queueing,
     ) -> list[RowOutput | BackendError]:
         """One Triton request for all ``rows``; ``explain=False`` leaves out attributions."""
         stacked = stack_rows(rows)
@@ -137,12 +171,12 @@ class TritonBackend:
             requested = (
                 None if explain else await self._outputs_without_attributions(model, version)
             )
-            response = await self._call(model, version, inputs, requested)
+            response = await self._call(model, version, inputs, requested, queueing)
         except InferenceServerException as exc:
             raise classify_triton_error(exc) from exc
         except TimeoutError as exc:
             raise TransientBackendError(
-                f"triton: no answer within {self._timeout_s}s", reason="backend_timeout"
+                f"triton: no answer within {queueing.timeout_s:.3f}s", reason="backend_timeout"
             ) from exc
         except OSError as exc:  # the HTTP client's connection errors
             raise TransientBackendError(
@@ -190,38 +224,63 @@ class TritonBackend:
                 metadata = await client.get_model_metadata(
                     model, as_json=True, client_timeout=self._timeout_s
                 )
-                config = await client.get_model_config(
-                    model, as_json=True, client_timeout=self._timeout_s
-                )
-                config = config.get("config", config)
             else:
                 metadata = await asyncio.wait_for(client.get_model_metadata(model), self._timeout_s)
-                config = await asyncio.wait_for(client.get_model_config(model), self._timeout_s)
+            config = await self._model_config(model)
         except InferenceServerException as exc:
             raise classify_triton_error(exc) from exc
         except (TimeoutError, OSError) as exc:
             raise TransientBackendError(
                 f"triton: {type(exc).__name__}: {exc}", reason="backend_unavailable"
             ) from exc
+        self._priority_levels[model] = _priority_levels_of(config)
         max_rows = int(config.get("max_batch_size", 0) or 0)
         return from_kserve_metadata(metadata, max_rows or None)
 
-    async def _call(
-        self, model: str, version: str | None, inputs: list[Any], outputs: list[Any] | None
-    ) -> Any:
+    async def _priority_level(self, model: str, priority: int | None) -> int:
+        """Triton's level for ``priority`` if ``model``'s dynamic batcher has priority levels
+        (read from its config once; a model that cannot be read counts as having none)."""
+        if priority is None:
+            return 0
+        levels = self._priority_levels.get(model)
+        if levels is None:
+            try:
+                config = await self._model_config(model)
+            except (InferenceServerException, TimeoutError, OSError):
+                return 0  # asked again next call; the infer call reports the real trouble
+            levels = self._priority_levels[model] = _priority_levels_of(config)
+        return triton_priority_level(priority, levels)
+
+    async def _model_config(self, model: str) -> dict[str, Any]:
         client = self._connection()
         if self._protocol == "grpc":
-            return await client.infer(
-                model,
-                inputs,
-                model_version=version or "",
-                outputs=outputs,
-                client_timeout=self._timeout_s,
+            config = await client.get_model_config(
+                model, as_json=True, client_timeout=self._timeout_s
             )
-        return await asyncio.wait_for(
-            client.infer(model, inputs, model_version=version or "", outputs=outputs),
-            self._timeout_s,
-        )
+            return dict(config.get("config", config))
+        return dict(await asyncio.wait_for(client.get_model_config(model), self._timeout_s))
+
+    async def _call(
+        self,
+        model: str,
+        version: str | None,
+        inputs: list[Any],
+        outputs: list[Any] | None,
+        queueing: _Queueing,
+    ) -> Any:
+        # Triton's own ``timeout`` lets its scheduler drop a request that waited in its queue
+        # past the deadline (models whose queue policy allows it); the client-side bound ends
+        # the wait here either way.
+        client = self._connection()
+        common = {
+            "model_version": version or "",
+            "outputs": outputs,
+            "priority": queueing.priority_level,
+            "timeout": triton_timeout_us(queueing.timeout_s),
+        }
+        if self._protocol == "grpc":
+            return await client.infer(model, inputs, client_timeout=queueing.timeout_s, **common)
+        return await asyncio.wait_for(client.infer(model, inputs, **common), queueing.timeout_s)
 
     async def close(self) -> None:
         if self._client is not None:

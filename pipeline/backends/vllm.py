@@ -33,6 +33,7 @@ from pipeline.backends.exceptions import (
     TransientBackendError,
 )
 from pipeline.backends.signature import ModelSignature
+from pipeline.deadlines import backend_timeout_s
 from pipeline.settings import VllmSettings
 
 COMPLETIONS_PATH = "/completions"
@@ -326,6 +327,7 @@ class VllmBackend:
         max_concurrency: int = 32,
         timeout_s: float = 60.0,
         served_model_names: ServedModelNames | None = None,
+        timeout_floor_s: float = 0.05,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
@@ -335,6 +337,7 @@ class VllmBackend:
         self._api_key = api_key
         self._max_concurrency = max_concurrency
         self._timeout_s = timeout_s
+        self._timeout_floor_s = timeout_floor_s
         self._served_model_names = dict(served_model_names or {})
         self._client: httpx2.AsyncClient | None = None
         self._semaphore: asyncio.Semaphore | None = None
@@ -352,6 +355,7 @@ class VllmBackend:
             max_concurrency=settings.max_concurrency,
             timeout_s=settings.timeout_s,
             served_model_names=served_model_names,
+            timeout_floor_s=settings.timeout_floor_s,
         )
 
     @property
@@ -392,46 +396,58 @@ class VllmBackend:
         return ModelSignature(versions=frozenset(versions) if versions else None)
 
     async def infer(
-        self, model: str, version: str | None, rows: Sequence[RowInput]
+        self,
+        model: str,
+        version: str | None,
+        rows: Sequence[RowInput],
+        *,
+        time_left_s: float | None = None,
+        priority: int | None = None,
     ) -> list[RowOutput | BackendError]:
         """Serve one micro-batch as concurrent requests; one outcome per row, in order.
 
         Raises :class:`VllmTransientError` when every row failed transiently; otherwise a
         failed row's error (transient: retry the row; permanent: dead-letter it) is in its slot.
+        Each request may take the batch's time left, within the floor and ceiling; the time a
+        request waits for the concurrency cap counts. ``priority`` is not sent: vLLM honours a
+        request's priority only when started with ``--scheduling-policy priority``.
         """
         if not rows:
             return []
         name = served_model_name(model, version, self._served_model_names)
-        outcomes = await asyncio.gather(*(self._one(name, row) for row in rows))
+        timeout_s = backend_timeout_s(time_left_s, self._timeout_floor_s, self._timeout_s)
+        outcomes = await asyncio.gather(*(self._one(name, row, timeout_s) for row in rows))
         return settle(outcomes)
 
-    async def _one(self, model_name: str, row: RowInput) -> RowOutput | BackendError:
+    async def _one(
+        self, model_name: str, row: RowInput, timeout_s: float
+    ) -> RowOutput | BackendError:
         try:
             path, body = build_request(model_name, row)
         except BackendError as error:
             return error
         client, semaphore = self._connection()
-        async with semaphore:
-            try:
-                # The bound covers the whole exchange; httpx's own timeouts are per operation.
-                async with asyncio.timeout(self._timeout_s):
-                    response = await client.post(path, json=body)
-            except (TimeoutError, httpx2.TimeoutException) as exc:
-                return _wrapped(
-                    VllmTransientError(
-                        f"vllm: no answer from {self._base_url}{path} within {self._timeout_s}s",
-                        reason="backend_timeout",
-                    ),
-                    exc,
-                )
-            except httpx2.TransportError as exc:
-                return _wrapped(
-                    VllmTransientError(
-                        f"vllm: {self._base_url}{path}: {type(exc).__name__}: {exc}",
-                        reason="backend_unavailable",
-                    ),
-                    exc,
-                )
+        try:
+            # The bound covers the wait for the cap and the whole exchange (the deadline is
+            # the request's, wherever the time goes); httpx's own timeouts are per operation.
+            async with asyncio.timeout(timeout_s), semaphore:
+                response = await client.post(path, json=body)
+        except (TimeoutError, httpx2.TimeoutException) as exc:
+            return _wrapped(
+                VllmTransientError(
+                    f"vllm: no answer from {self._base_url}{path} within {timeout_s:.3f}s",
+                    reason="backend_timeout",
+                ),
+                exc,
+            )
+        except httpx2.TransportError as exc:
+            return _wrapped(
+                VllmTransientError(
+                    f"vllm: {self._base_url}{path}: {type(exc).__name__}: {exc}",
+                    reason="backend_unavailable",
+                ),
+                exc,
+            )
         return _outcome(path, response)
 
     async def close(self) -> None:

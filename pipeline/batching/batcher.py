@@ -2,18 +2,20 @@
 
 Pure and clock-driven: the worker adds items and asks which batches are due; nothing here
 sleeps or does I/O. Real-time items always go ahead of bulk (batch-job) items for the same
-key, and an item whose deadline has passed is handed back as expired instead of being sent.
+key; within a lane, higher-priority items go first (first come, first served among equals);
+and an item whose deadline has passed is handed back as expired instead of being sent.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
@@ -33,6 +35,8 @@ class Pending(Generic[T]):
     deadline: float | None = None
     """Monotonic time after which the item must not be sent; ``None`` for no deadline."""
     lane: Lane = Lane.REALTIME
+    priority: int = 0
+    """Higher is served first within its lane (``InferenceRequest.priority``, 0-9)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class _Queues(Generic[T]):
         return sum(len(queue) for queue in self.lanes.values())
 
     def oldest(self) -> float:
-        return min(queue[0].enqueued_at for queue in self.lanes.values() if queue)
+        return min(_oldest_in(queue) for queue in self.lanes.values() if queue)
 
 
 class MicroBatcher(Generic[K, T]):
@@ -98,13 +102,23 @@ class MicroBatcher(Generic[K, T]):
         return any(queues.lanes[lane] for queues in self._queues.values())
 
     def add(
-        self, key: K, item: T, *, lane: Lane = Lane.REALTIME, deadline: float | None = None
+        self,
+        key: K,
+        item: T,
+        *,
+        lane: Lane = Lane.REALTIME,
+        deadline: float | None = None,
+        priority: int = 0,
     ) -> None:
         queues = self._queues.get(key)
         if queues is None:
             queues = self._queues[key] = _Queues()
-        pending = Pending(item, self._clock(), deadline, lane)
-        queues.lanes[lane].append(pending)
+        pending = Pending(item, self._clock(), deadline, lane, priority)
+        queue = queues.lanes[lane]
+        if not queue or queue[-1].priority >= priority:
+            queue.append(pending)
+        else:  # queues are kept in descending priority, first come first served among equals
+            queue.insert(bisect.bisect_right(queue, -priority, key=_urgency), pending)
         self._watch_deadline(key, pending)
 
     def _watch_deadline(self, key: K, pending: Pending[T]) -> None:
@@ -180,7 +194,9 @@ class MicroBatcher(Generic[K, T]):
         if queues is None:
             queues = self._queues[key] = _Queues()
         for pending in reversed(items):
-            queues.lanes[pending.lane].appendleft(pending)
+            queue = queues.lanes[pending.lane]
+            # Ahead of the items of its priority, as it was, yet behind more urgent newcomers.
+            queue.insert(bisect.bisect_left(queue, -pending.priority, key=_urgency), pending)
             self._watch_deadline(key, pending)
         self._compact_deadlines()
 
@@ -251,3 +267,19 @@ class MicroBatcher(Generic[K, T]):
             self._queues[key].lanes[pending.lane] = deque(p for p in queue if p is not pending)
             expired.append(pending)
         return expired
+
+
+def _urgency(pending: Pending[Any]) -> int:
+    """Sort key of a lane's queue: more urgent items sort first."""
+    return -pending.priority
+
+
+def _oldest_in(queue: deque[Pending[T]]) -> float:
+    """When the longest-waiting item of a priority-ordered queue arrived: the first item of
+    one of its priorities (at most ten to look at; one when all share a priority)."""
+    oldest = queue[0].enqueued_at
+    index = 0
+    while queue[index].priority != queue[-1].priority:
+        index = bisect.bisect_right(queue, -queue[index].priority, lo=index, key=_urgency)
+        oldest = min(oldest, queue[index].enqueued_at)
+    return oldest

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline import __version__
+from pipeline import __version__, tracing
 from pipeline.errors import SluicewayError
 from pipeline.settings import Settings, load_settings
 
@@ -64,7 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         settings = load_settings(args.config)
-        return handler(args, settings)
+        # Every command that publishes or serves requests (worker, connectors, client)
+        # traces them when ``tracing.otlp_endpoint`` is set; the rest record nothing.
+        with tracing.configured(settings.tracing, f"sluiceway-{args.command}"):
+            return handler(args, settings)
     except SluicewayError as exc:
         print(f"sluiceway: error: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from tests.integration.waiting import wait_until
 class OwnTriton:
     """A Triton on free ports, with its own state folder: the shared one is never stopped."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, model_repository: Path | None = None) -> None:
         stack = load_settings().stack.model_copy(
             update={
                 "state_dir": tmp_path / "own-triton",
@@ -30,7 +30,9 @@ class OwnTriton:
             }
         )
         self.service = TritonService(Settings(stack=stack))
-        self.service.install(lambda _line: None)
+        self.service.install(lambda _line: None)  # trains the demo model in deploy/, as always
+        if model_repository is not None:
+            self.service.stack = stack.model_copy(update={"model_repository": model_repository})
         self.grpc_url = f"127.0.0.1:{stack.triton_grpc_port}"
         self.http_url = f"127.0.0.1:{stack.triton_http_port}"
 

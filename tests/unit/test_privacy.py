@@ -414,7 +414,13 @@ class QuotingBackend:
     endpoint = "memory-triton"
 
     async def infer(
-        self, model: str, version: str | None, rows: Sequence[RowInput]
+        self,
+        model: str,
+        version: str | None,
+        rows: Sequence[RowInput],
+        *,
+        time_left_s: float | None = None,
+        priority: int | None = None,
     ) -> list[RowOutput | BackendError]:
         if any(float(row.tensors["x"][0, 1]) == BOOM for row in rows):
             raise ValueError(f"cannot take rows {[row.tensors['x'].tolist() for row in rows]}")

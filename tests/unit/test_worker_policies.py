@@ -62,7 +62,13 @@ class ScalerBackend:
         self.released = asyncio.Event()
 
     async def infer(
-        self, model: str, version: str | None, rows: Sequence[RowInput]
+        self,
+        model: str,
+        version: str | None,
+        rows: Sequence[RowInput],
+        *,
+        time_left_s: float | None = None,
+        priority: int | None = None,
     ) -> list[RowOutput | BackendError]:
         self.calls += 1
         if self.transient:

@@ -103,7 +103,13 @@ class FakeBackend:
         self._outputs_for = outputs_for
 
     async def infer(
-        self, model: str, version: str | None, rows: Sequence[RowInput]
+        self,
+        model: str,
+        version: str | None,
+        rows: Sequence[RowInput],
+        *,
+        time_left_s: float | None = None,
+        priority: int | None = None,
     ) -> list[RowOutput | BackendError]:
         call = len(self.calls)
         self.calls.append([int(row.tensors["x"][0, 1]) for row in rows])

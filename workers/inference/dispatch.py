@@ -64,7 +64,11 @@ class Dispatcher:
         if record.lane is Lane.REALTIME:
             self.governor.realtime_arrived()
         self.batcher.add(
-            (record.model, record.version), record, lane=record.lane, deadline=deadline
+            (record.model, record.version),
+            record,
+            lane=record.lane,
+            deadline=deadline,
+            priority=record.request.priority or 0,
         )
 
     def next_due_in(self) -> float | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pipeline import privacy
 from pipeline.backends import Backend, BackendError, RowOutput
 from pipeline.batching import Batch, Pending
+from pipeline.deadlines import batch_priority
 from pipeline.resilience import CircuitBreaker, RetryPolicy
 from workers.inference.intake import Record
 
@@ -92,7 +93,13 @@ class BatchServer:
             attempts += 1
             call_started = self._clock()
             try:
-                outputs = await self._backend.infer(model, version, [p.item.row for p in items])
+                outputs = await self._backend.infer(
+                    model,
+                    version,
+                    [p.item.row for p in items],
+                    time_left_s=_time_left(items, self._clock()),
+                    priority=batch_priority(p.item.request.priority for p in items),
+                )
                 if len(outputs) != len(items):
                     raise ValueError(f"backend answered {len(outputs)} outputs for {len(items)}")
             except BackendError as error:

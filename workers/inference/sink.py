@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from pipeline import tracing
 from pipeline.backends import RowOutput
 from pipeline.kafka.ports import ProducerPort
 from pipeline.kafka.producer import DeliveryError, OutgoingMessage
@@ -202,7 +203,11 @@ class OutcomeSink:
         ]
         segment = build_segment(model, served_version, full, ids, datetime.now(UTC))
         try:
-            etag = await self._put_until_stored(segment.key, lambda: self._store.put(segment))
+            etag = await tracing.traced(
+                self._put_until_stored(segment.key, lambda: self._store.put(segment)),
+                tracing.SEGMENT_WRITE,
+                {"sluiceway.segment.key": segment.key, "sluiceway.records": len(full)},
+            )
         except ObjectStoreError as error:
             failures = [
                 RecordFailure(record, "store_refused", str(error), type(error).__name__, 1)
@@ -232,7 +237,11 @@ class OutcomeSink:
                 policy=policy,
             )
             answers.append(self._result_answer(model, record, result))
-        await self._deliver(answers)
+        await tracing.traced(
+            self._deliver(answers),
+            tracing.OUTCOME_PRODUCE,
+            {"sluiceway.status": "ok", "sluiceway.records": len(answers)},
+        )
         self._count(model, "ok", len(answers))
         await self._payload_log.served(
             model, served_version, [r.request for r, _ in served], full, policy

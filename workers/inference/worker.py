@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from pipeline import privacy
+from pipeline import privacy, tracing
 from pipeline.backends import Backend, BackendError
 from pipeline.backends.signature import ModelSignature
 from pipeline.batching import Lane
@@ -506,6 +506,7 @@ class InferenceWorker:
             if isinstance(admitted, Refusal):
                 refusals.append(admitted)
             else:
+                tracing.consumed(message, admitted.request)
                 self.dispatcher.add(admitted, self.intake.deadline(admitted.request))
         for topic, count in consumed.items():
             self.metrics.consumed.labels(topic).inc(count)
@@ -538,9 +539,26 @@ class InferenceWorker:
         dispatches, expired = self.dispatcher.take(self._breaker_open, flush=flush)
         if expired:
             self.stats.expired += len(expired)
-            self._spawn(self._require_sink().expired(expired))
+            self._spawn(
+                tracing.traced(
+                    self._require_sink().expired(expired),
+                    tracing.OUTCOME_PRODUCE,
+                    {"sluiceway.status": "expired", "sluiceway.records": len(expired)},
+                    (record.request for record in expired),
+                )
+            )
         for dispatch in dispatches:
-            self._spawn(self._serve(dispatch))
+            self._spawn(
+                tracing.traced(
+                    self._serve(dispatch),
+                    tracing.BATCH,
+                    {
+                        "sluiceway.model": dispatch.batch.key[0],
+                        "sluiceway.records": len(dispatch.batch),
+                    },
+                    (pending.item.request for pending in dispatch.batch.items),
+                )
+            )
 
     async def _serve(self, dispatch: Dispatch) -> None:
         batch = dispatch.batch
@@ -551,7 +569,11 @@ class InferenceWorker:
             queue_wait.observe(now - pending.enqueued_at)
         self.metrics.batch_size.labels(model).observe(len(batch))
         try:
-            outcome = await self.servers[dispatch.backend].serve(batch)
+            outcome = await tracing.traced(
+                self.servers[dispatch.backend].serve(batch),
+                tracing.BACKEND,
+                {"sluiceway.backend": self.backends[dispatch.backend].endpoint},
+            )
         finally:
             self.dispatcher.finished(dispatch)
         if outcome.waiting:
