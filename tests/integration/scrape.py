@@ -49,3 +49,15 @@ def exposed_names(port: int) -> tuple[set[str], set[str]]:
         possible.update(family.name + suffix for suffix in _SAMPLE_SUFFIXES[family.type])
         present.update(sample.name for sample in family.samples)
     return possible | present, present
+
+
+def sample_total(port: int, name: str, **labels: str) -> float:
+    """The sum of the process's samples called ``name`` whose labels include ``labels``."""
+    status, text = get(port, "/metrics")
+    assert status == 200, text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )

@@ -21,7 +21,7 @@ from pipeline.settings import Settings
 from pipeline.storage.client import ensure_bucket, make_client
 from pipeline.topics import ModelTopics
 from schemas.models import InferenceRequest, InferenceResult, Inputs, TextInput
-from tests.integration import traffic
+from tests.integration import scrape, traffic
 from tests.integration.local_ports import free_port
 from tests.integration.waiting import wait_for
 from tests.openai_server import OpenAIProtocolServer
@@ -53,6 +53,7 @@ class SlowLlmScene:
     worker: subprocess.Popen[bytes]
     log: Path
     results: Consumer
+    metrics_port: int
 
     def publish(self, *requests: InferenceRequest) -> None:
         traffic.publish_requests(self.settings, self.topics.requests, requests)
@@ -70,6 +71,10 @@ class SlowLlmScene:
 
         wait_for(more, timeout_s, f"{count} results (worker log: {self.log})")
         return sorted(found, key=lambda outcome: outcome.produced_at)
+
+    def consumed(self) -> float:
+        """Records the worker has read so far (its own counter, warm-up included)."""
+        return scrape.sample_total(self.metrics_port, "sluiceway_consumed_total")
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
@@ -93,16 +98,18 @@ def slow_llm_scene(
     )
     results.subscribe([topics.results])
     log = tmp_path / "worker.log"
+    metrics_port = free_port()
     with OpenAIProtocolServer((MODEL,), port=free_port()) as server:
         worker = traffic.start_worker(
             settings,
             log,
             (MODEL,),
             SLUICEWAY_CONFIG=str(config),
+            SLUICEWAY_WORKERS__METRICS_PORT=str(metrics_port),
             SLUICEWAY_BACKENDS__VLLM__BASE_URL=server.base_url,
             **worker_env,
         )
-        scene = SlowLlmScene(settings, topics, server, worker, log, results)
+        scene = SlowLlmScene(settings, topics, server, worker, log, results, metrics_port)
         try:
             scene.publish(text_request(-1))  # answered once the worker serves
             scene.outcomes(1, timeout_s=60)

@@ -35,6 +35,7 @@ class OwnTriton:
             self.service.stack = stack.model_copy(update={"model_repository": model_repository})
         self.grpc_url = f"127.0.0.1:{stack.triton_grpc_port}"
         self.http_url = f"127.0.0.1:{stack.triton_http_port}"
+        self.metrics_port = stack.triton_metrics_port
 
     def start(self) -> None:
         launch = self.service.prepare()

@@ -7,6 +7,7 @@ from pathlib import Path
 from pipeline.settings import Settings
 from schemas.models import ResultStatus
 from tests.integration.slow_llm import slow_llm_scene, text_request
+from tests.integration.waiting import wait_until
 
 ORDINARY = 240
 URGENT = 24
@@ -29,10 +30,21 @@ def test_priority_9_requests_complete_before_priority_0_requests_published_befor
         SLUICEWAY_WORKERS__MAX_BATCH_SIZE="8",
     ) as scene:
         scene.server.latency_s = 0.05
+        # The backend holds the first call until the worker has read the whole backlog: the
+        # urgent requests are then waiting beside the ordinary ones however fast or slow the
+        # machine is, and only the batcher's order decides who is served first.
+        scene.server.hold_after(0)
         ordinary = [text_request(i, priority=0) for i in range(ORDINARY)]
         urgent = [text_request(i, priority=9) for i in range(URGENT)]
+        read_before = scene.consumed()
         scene.publish(*ordinary)
         scene.publish(*urgent)
+        wait_until(
+            lambda: scene.consumed() - read_before >= ORDINARY + URGENT,
+            60,
+            "the worker to read the whole backlog",
+        )
+        scene.server.release()
 
         outcomes = scene.outcomes(ORDINARY + URGENT, timeout_s=60)
 
@@ -50,7 +62,7 @@ def test_priority_9_requests_complete_before_priority_0_requests_published_befor
                 f"p95 {_percentile(seconds, 0.95):.2f}s after the first outcome"
             )
         # Order, not timing: nearly every urgent request is answered before nearly every
-        # ordinary one, though all ordinary ones were published first (a first ordinary
-        # batch may leave before the urgent requests were even read).
+        # ordinary one, though all ordinary ones were published first (the first ordinary
+        # batch left before the urgent requests were read, and was held).
         assert _percentile(finished_urgent, 0.95) < _percentile(finished_ordinary, 0.05)
         assert _percentile(finished_urgent, 0.5) < _percentile(finished_ordinary, 0.05)
