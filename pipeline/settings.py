@@ -445,6 +445,10 @@ class WorkerSettings(_Section):
     most this many backend calls in flight: the worker's CPU, not only the backend, then
     goes to real-time traffic first, and a batch job runs on what is left."""
     max_message_bytes: int = Field(default=1_000_000, ge=1024)
+    processes: int | None = Field(default=None, ge=1)
+    """Worker processes ``sluiceway worker`` runs under one supervisor, each a member of every
+    served model's consumer group (``--processes`` overrides it); ``None``: one per core. One
+    process runs one event loop, so it uses about one core."""
     commit_interval_ms: float = Field(default=500.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, gt=0)
     exactly_once: bool = False

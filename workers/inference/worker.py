@@ -66,6 +66,9 @@ FETCH_MAX_RECORDS = 500
 FETCH_TIMEOUT_S = 0.05
 """A fetch returns as soon as one record arrives; this only bounds an idle wait."""
 CONTROL_POLL_INTERVAL_S = 0.2
+SESSION_TIMEOUT_MS = 10_000
+"""A member silent this long leaves the group and its partitions move (heartbeats run on
+librdkafka's own thread, so a busy event loop does not miss them)."""
 LAG_INTERVAL_S = 5.0
 LAG_QUERY_TIMEOUT_S = 3.0
 SIGNATURE_TIMEOUT_S = 5.0
@@ -270,7 +273,12 @@ class InferenceWorker:
 
     def _consumer_config(self, group_id: str) -> dict[str, Any]:
         return clients.consumer_config(
-            self.settings.kafka, group_id=group_id, role=clients.ConsumerRole.WORKER
+            self.settings.kafka,
+            group_id=group_id,
+            role=clients.ConsumerRole.WORKER,
+            # A worker process that died (a supervisor restarts it at once) holds its
+            # partitions until this runs out: librdkafka's 45 s default stalled them that long.
+            overrides={"session.timeout.ms": SESSION_TIMEOUT_MS},
         )
 
     def _producer_config(self) -> dict[str, Any]:
