@@ -77,7 +77,11 @@ def _serve_here(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _supervise(args: argparse.Namespace, settings: Settings, count: int) -> int:
+    from workers.inference.runner import prepare_topics_and_bucket
     from workers.supervisor import child_arguments, run_supervisor
+
+    # Once here, so the children do not race to create the same topics and bucket.
+    prepare_topics_and_bucket(settings, args.model)
 
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEWAY_")}
     environment.update(settings.as_environment())
