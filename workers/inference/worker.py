@@ -666,14 +666,15 @@ class InferenceWorker:
 
     def partitions_to_pause(self, member: GroupMember) -> set[PartitionKey]:
         """1. Saturated for long: every partition. 2. The model's breaker is open: all of its
-        partitions. 3. Real-time work waiting, or batch-job records at their cap: the bulk
-        topic, so batch jobs only use spare capacity."""
+        partitions. 3. Real-time work waiting, or batch-job records at their cap (which is
+        the whole worker while no real-time traffic flows): the bulk topic, so batch jobs
+        only use spare capacity."""
         if (self._saturated() and self._saturated_for_long()) or self._breaker_open(member.model):
             return set(member.assignment)
         bulk_topics = {m.topics.batch for m in self.members}
         bulk_yields = self.dispatcher.realtime_waiting() or (
             sum(self.tracker.in_flight(topic) for topic in bulk_topics)
-            >= self.settings.workers.max_in_flight_bulk_records
+            >= self.dispatcher.bulk_record_cap()
         )
         return {key for key in member.assignment if bulk_yields and key[0] == member.topics.batch}
 
