@@ -76,15 +76,10 @@ def test_bulk_records_get_the_whole_worker_until_real_time_traffic_returns() -> 
     clock = FakeClock()
     settings = WorkerSettings(max_in_flight_records=4096, max_in_flight_bulk_records=512)
     dispatcher = Dispatcher(settings, {"scaler": "triton"}, clock)
-    assert dispatcher.bulk_record_cap() == 4096
+    assert dispatcher.bulk_record_cap() is None
     dispatcher.governor.realtime_arrived()
     assert dispatcher.bulk_record_cap() == 512  # the instant it arrives
     clock.advance(REALTIME_ACTIVE_S - 0.01)
     assert dispatcher.bulk_record_cap() == 512
     clock.advance(0.02)
-    assert dispatcher.bulk_record_cap() == 4096
-
-
-def test_a_bulk_cap_above_the_worker_cap_is_never_lowered_by_idle_real_time() -> None:
-    settings = WorkerSettings(max_in_flight_records=100, max_in_flight_bulk_records=300)
-    assert Dispatcher(settings, {"scaler": "triton"}, FakeClock()).bulk_record_cap() == 300
+    assert dispatcher.bulk_record_cap() is None

@@ -144,15 +144,15 @@ class Dispatcher:
         removed = self.batcher.discard(lambda record: record.partition_key in wanted)
         return [pending.item for pending in removed]
 
-    def bulk_record_cap(self) -> int:
+    def bulk_record_cap(self) -> int | None:
         """Batch-job records that may be in flight: the fair ``max_in_flight_bulk_records``
-        while real-time traffic flows, all of ``max_in_flight_records`` once none has arrived
-        for ``REALTIME_ACTIVE_S`` (a batch job alone then runs at the worker's full speed).
-        The first real-time record brings the fair cap back at once."""
-        settings = self._settings
+        while real-time traffic flows; ``None`` (no cap of their own, only the worker's
+        ``max_in_flight_records``) once none has arrived for ``REALTIME_ACTIVE_S``, so a batch
+        job alone runs at the worker's full speed. The first real-time record brings the fair
+        cap back at once."""
         if self.governor.realtime_active():
-            return settings.max_in_flight_bulk_records
-        return max(settings.max_in_flight_records, settings.max_in_flight_bulk_records)
+            return self._settings.max_in_flight_bulk_records
+        return None
 
     def _bulk_batch_limit(self) -> int:
         settings = self._settings

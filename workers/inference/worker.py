@@ -672,9 +672,12 @@ class InferenceWorker:
         if (self._saturated() and self._saturated_for_long()) or self._breaker_open(member.model):
             return set(member.assignment)
         bulk_topics = {m.topics.batch for m in self.members}
+        # Without real-time traffic there is no bulk cap: at the worker's own bound the
+        # source only skips fetches, as for real-time records. Pausing there dropped the
+        # prefetch each time, and the refetch left the worker idle.
+        cap = self.dispatcher.bulk_record_cap()
         bulk_yields = self.dispatcher.realtime_waiting() or (
-            sum(self.tracker.in_flight(topic) for topic in bulk_topics)
-            >= self.dispatcher.bulk_record_cap()
+            cap is not None and sum(self.tracker.in_flight(t) for t in bulk_topics) >= cap
         )
         return {key for key in member.assignment if bulk_yields and key[0] == member.topics.batch}
 
