@@ -436,9 +436,8 @@ class WorkerSettings(_Section):
     """Backend call slots (of ``max_in_flight_batches``) that batches holding only batch-job
     records may not take while no real-time traffic flows, so the first real-time request
     after a quiet spell never waits for a bulk call to finish. 0 by default: a batch job alone
-    then gets every slot (one slot held back ran batch jobs at about 0.6x of the real-time
-    rate, ``benchmarks/bench_worker.py``); while real-time traffic flows,
-    ``bulk_batches_beside_realtime`` applies instead."""
+    then gets every slot (the cost of holding one back is measured in ``docs/worker.md``);
+    while real-time traffic flows, ``bulk_batches_beside_realtime`` applies instead."""
     realtime_latency_target_ms: float = Field(default=30.0, gt=0)
     """While real-time requests keep arriving, batch-job work is paced so that about 99 % of
     them take no longer than this from publish to outcome (``pipeline/batching/governor.py``).
