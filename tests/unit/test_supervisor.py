@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -10,11 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import build_parser
+from pipeline.cli.worker_cmd import process_count
+from pipeline.settings import Settings, WorkerSettings
 from tests.integration.waiting import wait_until
 from tests.unit.fakes import FakeClock
 from workers.supervisor import (
     RestartBackoff,
     Supervisor,
+    child_arguments,
     forget_process_metrics,
     summed_counters,
 )
@@ -124,3 +129,25 @@ def test_a_child_that_dies_is_restarted_and_sigterm_drains_all(tmp_path: Path) -
     assert supervisor.restarts == 1
     assert counters == {"results": 10 + 11}
     assert list(tmp_path.iterdir()) == []  # the scratch directory is gone
+
+
+def test_a_childs_command_line_is_a_single_worker_reporting_to_this_supervisor(
+    tmp_path: Path,
+) -> None:
+    command = child_arguments(["scaler", "invoice_risk"], "DEBUG", 3, tmp_path / "c.json")
+    assert command[:3] == [sys.executable, "-m", "pipeline.cli"]
+    args = build_parser().parse_args(command[3:])
+    assert args.model == ["scaler", "invoice_risk"]
+    assert (args.processes, args.slot, args.log_level) == (1, 3, "DEBUG")
+    assert args.supervisor_pid == os.getpid()
+    assert args.stats_file == tmp_path / "c.json"
+
+
+@pytest.mark.parametrize(
+    ("flag", "setting", "expected"), [(3, None, 3), (None, 5, 5), (None, None, os.cpu_count())]
+)
+def test_the_process_count_comes_from_the_flag_then_the_setting_then_the_cores(
+    flag: int | None, setting: int | None, expected: int
+) -> None:
+    settings = Settings(workers=WorkerSettings(processes=setting))
+    assert process_count(flag, settings) == expected
