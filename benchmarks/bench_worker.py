@@ -153,6 +153,11 @@ class Run:
     records: int
     cpu_s: float
     stack_cpu_s: float = 0.0
+    wall_s: float = 0.0
+    machine_busy_s: float = 0.0
+    """CPU seconds every process on the machine used over the stretch (other tenants too)."""
+    threads_s: dict[str, float] | None = None
+    """The worker's CPU seconds by kind of thread."""
 
     @property
     def cpu_us(self) -> float:
@@ -199,22 +204,50 @@ def kafka_passthrough(settings: Settings, source: str, sink: str, count: int) ->
 # ----------------------------------------------------------------------- worker
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` (all its threads) and of its live descendants."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+def _thread_kind(name: str) -> str:
+    if name.startswith("rdk:"):
+        return "librdkafka"
+    if name.startswith(("grpc", "default-executo", "resolver-execut")):
+        return "gRPC"
+    return "Python (event loop, pools)"
+
+
+def _ticks(stat: Path) -> int:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of ``pid`` and its live descendants, by kind of thread;
+    threads that already ended count under "ended threads"."""
+    hertz = os.sysconf("SC_CLK_TCK")
+    kinds: dict[str, float] = {}
     pending = [pid]
     while pending:
         current = pending.pop()
         try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
+            total = _ticks(Path(f"/proc/{current}/stat"))
             for task in Path(f"/proc/{current}/task").iterdir():
-                children = (task / "children").read_text().split()
-                pending.extend(int(child) for child in children)
+                ticks = _ticks(task / "stat")
+                total -= ticks
+                kind = _thread_kind((task / "comm").read_text().strip())
+                kinds[kind] = kinds.get(kind, 0.0) + ticks / hertz
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+            kinds["ended threads"] = kinds.get("ended threads", 0.0) + total / hertz
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile
-    return total
+    return kinds
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` (all its threads) and of its live descendants."""
+    return sum(thread_cpu(pid).values())
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on this machine used since boot (not idle, not iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def stack_pids(settings: Settings) -> list[int]:
@@ -266,22 +299,33 @@ def worker_throughput(
     to the last (start-up and the first batch excluded), for the worker and for the stack."""
     worker = start_worker(settings, log, processes)
     stack = stack_pids(settings)
-    first: list[float] = []
 
-    def on_first() -> None:
-        first.extend([time.time(), cpu_seconds(worker.pid), sum(cpu_seconds(pid) for pid in stack)])
+    def sample() -> tuple[float, dict[str, float], float, float]:
+        stack_s = sum(cpu_seconds(pid) for pid in stack)
+        return time.time(), thread_cpu(worker.pid), stack_s, machine_busy_seconds()
 
+    first: list[tuple[float, dict[str, float], float, float]] = []
     try:
-        stamps = count_results(settings, topics.results, count, 600, on_first)
-        worker_cpu = cpu_seconds(worker.pid) - first[1]
-        stack_cpu = sum(cpu_seconds(pid) for pid in stack) - first[2]
+        stamps = count_results(settings, topics.results, count, 600, lambda: first.append(sample()))
+        last = sample()
     finally:
         worker.terminate()
         worker.wait(90)
+    started, threads_before, stack_before, busy_before = first[0]
+    ended, threads_after, stack_after, busy_after = last
+    threads = {k: v - threads_before.get(k, 0.0) for k, v in threads_after.items()}
     # Results the broker stamped before the CPU baseline were paid for before it.
-    measured = max(sum(1 for stamp in stamps if stamp > first[0] * 1000), 1)
+    measured = max(sum(1 for stamp in stamps if stamp > started * 1000), 1)
     rate = count / max((max(stamps) - min(stamps)) / 1000.0, 1e-3)
-    return Run(rate, measured, worker_cpu, stack_cpu)
+    return Run(
+        rate,
+        measured,
+        sum(threads.values()),
+        stack_after - stack_before,
+        wall_s=ended - started,
+        machine_busy_s=busy_after - busy_before,
+        threads_s=threads,
+    )
 
 
 # ------------------------------------------------------------------------ naive
@@ -468,6 +512,19 @@ def main() -> int:
     for processes, run in workers.items():
         if processes != 1:
             print(f"  {processes} processes vs 1:                  {run.rate / one.rate:5.2f}x")
+    print()
+    print("where the CPU went (µs per request, one process; cores busy over the stretch):")
+    for kind, seconds in sorted((one.threads_s or {}).items(), key=lambda kv: -kv[1]):
+        print(f"  worker, {kind + ':':<36}{seconds / one.records * 1e6:7.1f}")
+    for processes, run in workers.items():
+        wall = max(run.wall_s, 1e-3)
+        worker_cores, stack_cores = run.cpu_s / wall, run.stack_cpu_s / wall
+        rest = run.machine_busy_s / wall - worker_cores - stack_cores
+        print(
+            f"  {processes} process(es): worker {worker_cores:.2f} cores, stack"
+            f" {stack_cores:.2f}, everything else (other tenants, this reader) {rest:.2f}"
+            f" of {cores}"
+        )
     # Each served request costs the worker's CPU and the stack's (broker, object store,
     # Triton): with every core busy, no number of worker processes goes beyond this.
     per_request_s = (one.cpu_us + one.stack_cpu_us) / 1e6
