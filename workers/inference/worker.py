@@ -276,9 +276,18 @@ class InferenceWorker:
             self.settings.kafka,
             group_id=group_id,
             role=clients.ConsumerRole.WORKER,
-            # A worker process that died (a supervisor restarts it at once) holds its
-            # partitions until this runs out: librdkafka's 45 s default stalled them that long.
-            overrides={"session.timeout.ms": SESSION_TIMEOUT_MS},
+            overrides={
+                # A worker process that died (a supervisor restarts it at once) holds its
+                # partitions until this runs out: librdkafka's 45 s default stalled them.
+                "session.timeout.ms": SESSION_TIMEOUT_MS,
+                # librdkafka's default prefetch, not the profile's 64 KiB: with 64 KiB the
+                # worker idled between fetches at full load (docs/worker.md, 2026-12-02). A
+                # batch job's prefetched records do not hold real-time ones back for long:
+                # its partitions pause (dropping their prefetch) whenever real-time records
+                # wait, and it has a record cap of its own while real-time traffic flows.
+                "max.partition.fetch.bytes": 1024 * 1024,
+                "queued.max.messages.kbytes": 4096,
+            },
         )
 
     def _producer_config(self) -> dict[str, Any]:
@@ -408,6 +417,9 @@ class InferenceWorker:
             await self._close()
         if self._fatal is not None:
             raise self._fatal
+        # The sink counts what it answered; the stop line and a supervisor's sum read these.
+        self.stats.results = self._require_sink().results
+        self.stats.dead_lettered = self._require_sink().dead_lettered
         return self.stats
 
     async def _close(self) -> None:
