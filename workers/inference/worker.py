@@ -280,6 +280,12 @@ class InferenceWorker:
                 # A worker process that died (a supervisor restarts it at once) holds its
                 # partitions until this runs out: librdkafka's 45 s default stalled them.
                 "session.timeout.ms": SESSION_TIMEOUT_MS,
+                # Each topic's partitions spread over the members. cooperative-sticky
+                # balanced only the count over both topics: a second worker process got the
+                # three idle batch-job partitions and the first kept every real-time one.
+                # Eager: a rebalance revokes everything (drained as on SIGTERM). Switching a
+                # running group over needs all its members stopped first (docs/worker.md).
+                "partition.assignment.strategy": "range",
                 # librdkafka's default prefetch, not the profile's 64 KiB: with 64 KiB the
                 # worker idled between fetches at full load (docs/worker.md, 2026-12-02). A
                 # batch job's prefetched records do not hold real-time ones back for long:
