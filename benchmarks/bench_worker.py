@@ -14,7 +14,8 @@ machines drift; the ratios are the result):
     no inference; with its CPU time (user + system, all threads) per message;
 worker, N processes: ``sluiceway worker --processes N`` serving pre-published requests end to
     end (Avro decode, batching, Triton, segment objects in MinIO, results produced, offsets
-    committed), for each N asked for; with the CPU time per request of the worker processes
+    committed), for each N asked for, counted from the group's last rebalance (the members'
+    joins at start); with the CPU time per request of the worker processes
     (supervisor and children, all threads) and of the stack's own processes (Kafka, MinIO,
     Triton) over the same stretch: on a machine with few cores the stack's share is what caps
     the scaling with N;
@@ -250,6 +251,16 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def last_assignment_s(log: Path) -> float:
+    """When a worker process last logged a new assignment (epoch seconds; 0 if none)."""
+    stamps = [
+        time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+        for line in log.read_text(errors="replace").splitlines()
+        if 'logger="sluiceway.worker" assigned' in line
+    ]
+    return max(stamps, default=0.0)
+
+
 def stack_pids(settings: Settings) -> list[int]:
     return [row.pid for row in manager.status(settings) if row.pid is not None]
 
@@ -316,7 +327,15 @@ def worker_throughput(
     threads = {k: v - threads_before.get(k, 0.0) for k, v in threads_after.items()}
     # Results the broker stamped before the CPU baseline were paid for before it.
     measured = max(sum(1 for stamp in stamps if stamp > started * 1000), 1)
-    rate = count / max((max(stamps) - min(stamps)) / 1000.0, 1e-3)
+    # The rate counts from the last change of assignment: with N processes the members join
+    # one after another, and each join revokes every partition (the range assignor is
+    # eager) while the first member already serves. A steady group is what N should show.
+    settled_ms = max(last_assignment_s(log) * 1000, min(stamps))
+    steady = sorted(stamp for stamp in stamps if stamp >= settled_ms)
+    if len(steady) < count // 4:
+        progress(f"  only {len(steady)} results after the group settled: rate over all")
+        steady = sorted(stamps)
+    rate = len(steady) / max((steady[-1] - steady[0]) / 1000.0, 1e-3)
     return Run(
         rate,
         measured,
