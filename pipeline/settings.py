@@ -450,9 +450,12 @@ class WorkerSettings(_Section):
     max_in_flight_bulk_records: int = Field(default=512, ge=1)
     """Of those, how many may come from batch-job topics: enough to keep the backend busy,
     few enough that real-time requests never queue behind a batch job's backlog."""
-    realtime_reserved_batches: int = Field(default=1, ge=0)
+    realtime_reserved_batches: int = Field(default=0, ge=0)
     """Backend call slots (of ``max_in_flight_batches``) that batches holding only batch-job
-    records may not take, so a real-time request never waits for a bulk call to finish."""
+    records may not take while no real-time traffic flows, so the first real-time request
+    after a quiet spell never waits for a bulk call to finish. 0 by default: a batch job alone
+    then gets every slot (the cost of holding one back is measured in ``docs/worker.md``);
+    while real-time traffic flows, ``bulk_batches_beside_realtime`` applies instead."""
     realtime_latency_target_ms: float = Field(default=30.0, gt=0)
     """While real-time requests keep arriving, batch-job work is paced so that about 99 % of
     them take no longer than this from publish to outcome (``pipeline/batching/governor.py``).
@@ -463,6 +466,10 @@ class WorkerSettings(_Section):
     most this many backend calls in flight: the worker's CPU, not only the backend, then
     goes to real-time traffic first, and a batch job runs on what is left."""
     max_message_bytes: int = Field(default=1_000_000, ge=1024)
+    processes: int | None = Field(default=None, ge=1)
+    """Worker processes ``sluiceway worker`` runs under one supervisor, each a member of every
+    served model's consumer group (``--processes`` overrides it); ``None``: one per core. One
+    process runs one event loop, so it uses about one core."""
     commit_interval_ms: float = Field(default=500.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, gt=0)
     exactly_once: bool = False

@@ -69,8 +69,12 @@ def endpoints(pytestconfig: pytest.Config) -> Iterator[Endpoints]:
 
 @pytest.fixture
 def settings(endpoints: Endpoints) -> Settings:
-    """Settings pointing at the test services, with a namespace of this test's own."""
-    return endpoints.settings(namespace=f"test-{uuid.uuid4().hex[:8]}")
+    """Settings pointing at the test services, with a namespace of this test's own.
+
+    Workers run as one process (not one per core): a test that wants a supervisor of several
+    says so (``test_worker_processes.py``), and the others measure and signal one worker.
+    """
+    return endpoints.settings(namespace=f"test-{uuid.uuid4().hex[:8]}", workers={"processes": 1})
 
 
 @pytest.fixture

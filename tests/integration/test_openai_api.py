@@ -63,7 +63,7 @@ def api(endpoints: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> Itera
     for port in (API_PORT, VLLM_PORT):
         assert not port_open(port), f"port {port} is taken; this module needs it"
     namespace = f"test-api-{uuid.uuid4().hex[:8]}"
-    base = endpoints.settings(namespace=namespace)
+    base = endpoints.settings(namespace=namespace, workers={"processes": 1})
     tenants = {
         "acme": {"api_keys": [ACME_KEY]},
         "globex": {"api_keys": [GLOBEX_KEY]},

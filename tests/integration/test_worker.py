@@ -54,7 +54,9 @@ class Workers:
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self, models: Sequence[str] = ("scaler",), **env: str) -> subprocess.Popen[bytes]:
+        """One worker process (no supervisor): these tests signal it and read its memory."""
         log = self.log_dir / f"worker-{len(self.processes)}.log"
+        env = {"SLUICEWAY_WORKERS__PROCESSES": "1", **env}
         process = traffic.start_worker(self.settings, log, models, **env)
         self.processes.append(process)
         return process

@@ -564,6 +564,8 @@ def test_worker_survives_hostile_records_and_answers_each_exactly_once(
         log,
         models=hostile.MODELS,
         SLUICEWAY_WORKERS__METRICS_PORT=str(metrics_port),
+        # One process: its memory and its metrics are what this test bounds.
+        SLUICEWAY_WORKERS__PROCESSES="1",
         SLUICEWAY_WORKERS__MAX_MESSAGE_BYTES=str(hostile.WORKER_MAX_MESSAGE_BYTES),
     )
     general: list[str] = []

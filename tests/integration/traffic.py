@@ -156,8 +156,9 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         SLUICEWAY_OBJECT_STORE__BUCKET=settings.object_store.bucket,
         SLUICEWAY_BACKENDS__TRITON__GRPC_URL=settings.backends.triton.grpc_url,
         SLUICEWAY_BACKENDS__TRITON__HTTP_URL=settings.backends.triton.http_url,
-        **extra,
+        SLUICEWAY_WORKERS__PROCESSES=str(settings.workers.processes or 1),
     )
+    env.update(extra)
     return env
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pipeline.batching.governor import BulkGovernor
+from pipeline.settings import WorkerSettings
 from tests.unit.fakes import FakeClock
+from workers.inference.dispatch import REALTIME_ACTIVE_S, Dispatcher
 
 
 def _governor(clock: FakeClock) -> BulkGovernor:
@@ -68,3 +70,16 @@ def test_long_comfort_stops_pacing_entirely() -> None:
     for _ in range(2_000):
         governor.observe_realtime(0.01)
     assert governor.interval_s == 0.0
+
+
+def test_bulk_records_get_the_whole_worker_until_real_time_traffic_returns() -> None:
+    clock = FakeClock()
+    settings = WorkerSettings(max_in_flight_records=4096, max_in_flight_bulk_records=512)
+    dispatcher = Dispatcher(settings, {"scaler": "triton"}, clock)
+    assert dispatcher.bulk_record_cap() is None
+    dispatcher.governor.realtime_arrived()
+    assert dispatcher.bulk_record_cap() == 512  # the instant it arrives
+    clock.advance(REALTIME_ACTIVE_S - 0.01)
+    assert dispatcher.bulk_record_cap() == 512
+    clock.advance(0.02)
+    assert dispatcher.bulk_record_cap() is None

@@ -163,9 +163,12 @@ def test_groups_topics_and_ports_are_the_ones_the_worker_uses(
         assert trigger["metadata"]["consumerGroup"] == built["group.id"] == group
         assert trigger["metadata"]["topic"] == ModelTopics(settings.namespace, model).requests
         assert trigger["metadata"]["bootstrapServers"] == built["bootstrap.servers"]
-        # Static membership and cooperative-sticky assignment, from the pod's own name.
+        # Static membership from the pod's own name (with librdkafka's session timeout, so a
+        # restarted pod returns in time), and each topic's partitions spread over the members.
         assert built["group.instance.id"] == POD_NAME
-        assert built["partition.assignment.strategy"] == "cooperative-sticky"
+        assert "session.timeout.ms" not in built
+        assert built["partition.assignment.strategy"] == "range"
+        assert container["args"][-2:] == ["--processes", "1"]
         instance_env = {e["name"]: e for e in container["env"]}
         assert instance_env["SLUICEWAY_WORKERS__GROUP_INSTANCE_ID"]["value"] == "$(POD_NAME)"
         assert instance_env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"

@@ -22,6 +22,7 @@ from pipeline.routing import RoutingTable
 from pipeline.settings import Settings
 from schemas.models import InferenceRequest
 from tests.unit.fakes import FakeClock, FakeMessage
+from workers.inference import contracts
 from workers.inference.intake import Intake, Record, Refusal
 
 SETTINGS = Settings()
@@ -185,6 +186,17 @@ def test_non_finite_and_out_of_float32_range_features_are_invalid(value: float) 
 def test_the_largest_float32_and_large_integers_are_taken() -> None:
     record = _record(_admit_request(_features(f0=3.4e38, f1=2**63 - 1, f2=-(2**63), f3=0)))
     assert np.isfinite(record.row.tensors["x"]).all()
+
+
+def test_the_float32_overflow_edge_is_where_numpy_puts_it() -> None:
+    below = math.nextafter(contracts.FLOAT32_OVERFLOW, 0.0)
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.float32(contracts.FLOAT32_OVERFLOW))
+        assert np.float32(below) == np.finfo(np.float32).max
+    for edge in (contracts.FLOAT32_OVERFLOW, -contracts.FLOAT32_OVERFLOW):
+        _refusal(_admit_request(_features(f2=edge)), "invalid_feature", dead_letter=True)
+    record = _record(_admit_request(_features(f1=below, f2=-below)))
+    assert record.row.tensors["x"][0, 1] == np.finfo(np.float32).max
 
 
 def test_extra_features_are_ignored() -> None:

@@ -42,6 +42,9 @@ from schemas.models import (
 )
 
 Request = InferenceRequest
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+"""The smallest double that rounds to infinity as a float32 (halfway above its largest
+finite value; ties go to the even neighbour, infinity)."""
 INLINE_OUTPUT_BYTES = 1024
 """Outputs up to this size also travel inside the result event (a score, a label)."""
 TOP_K_ATTRIBUTIONS = 5
@@ -126,17 +129,22 @@ def to_row(
     if inputs.features is not None:
         if model.backend != "triton" or not model.feature_order:
             raise RejectedRecord("unsupported_input", "this model takes no feature records")
-        row = np.empty((1, len(model.feature_order)), dtype=np.float32)
-        for column, name in enumerate(model.feature_order):
+        # Checked as Python floats and converted once: a numpy store per value (and numpy's
+        # overflow guard around it) cost more than the rest of the row's intake.
+        values: list[float] = []
+        out_of_range = False
+        for name in model.feature_order:
             value = inputs.features.get(name)
             if value is None:
                 raise RejectedRecord("missing_feature", f"feature {name!r} is missing")
             if isinstance(value, str) or not math.isfinite(value):
                 raise RejectedRecord("invalid_feature", f"feature {name!r} must be a finite number")
-            with np.errstate(over="ignore"):  # out of float32's range: inf, refused below
-                row[0, column] = float(value)
-        if not np.isfinite(row).all():  # finite as a double, out of float32's range
+            number = float(value)
+            out_of_range = out_of_range or not -FLOAT32_OVERFLOW < number < FLOAT32_OVERFLOW
+            values.append(number)
+        if out_of_range:  # finite as a double, infinite as a float32
             raise RejectedRecord("invalid_feature", "a feature is out of the model's range")
+        row = np.array((values,), dtype=np.float32)
         return RowInput(tensors={model.input_name: row}, explain=request.explain)
     text = inputs.text
     assert text is not None  # the contract guarantees exactly one input shape
@@ -270,27 +278,34 @@ def _inline_outputs(output: RowOutput) -> tuple[str, dict[str, Any]] | None:
             completion_tokens=output.usage.get("completion_tokens"),
         )
         return _named("Outputs", {"tensors": None, "features": None, "text": text.model_dump()})
-    tensors = [
-        _tensor_record(name, array)
-        for name, array in output.tensors.items()
-        if name != ATTRIBUTIONS_OUTPUT
-        and array.dtype.kind not in "OSU"  # BYTES outputs live in the segment only
-        and np.dtype(array.dtype.newbyteorder("<")) in _DATATYPES
-        and array.nbytes <= INLINE_OUTPUT_BYTES
-    ]
+    tensors = []
+    for name, array in output.tensors.items():
+        inline = _inline_datatype(array.dtype)
+        if name == ATTRIBUTIONS_OUTPUT or inline is None or array.nbytes > INLINE_OUTPUT_BYTES:
+            continue  # BYTES outputs and large ones live in the segment only
+        datatype, little = inline
+        tensors.append(
+            {
+                "name": name,
+                "datatype": datatype,
+                "shape": list(array.shape),
+                "data": array.astype(little, copy=False).tobytes(),
+            }
+        )
     if not tensors:
         return None
     return _named("Outputs", {"tensors": tensors, "features": None, "text": None})
 
 
-def _tensor_record(name: str, array: np.ndarray[Any, Any]) -> dict[str, Any]:
-    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    return {
-        "name": name,
-        "datatype": _DATATYPES[np.dtype(little.dtype.str)].value,
-        "shape": list(array.shape),
-        "data": little.tobytes(),
-    }
+@functools.cache
+def _inline_datatype(dtype: np.dtype[Any]) -> tuple[str, np.dtype[Any]] | None:
+    """The contract's datatype of an output and its little-endian dtype, or ``None`` when the
+    contract has no such datatype (asked once per dtype: the checks cost more than the copy)."""
+    if dtype.kind in "OSU":
+        return None
+    little = np.dtype(dtype.newbyteorder("<"))
+    datatype = _DATATYPES.get(little)
+    return None if datatype is None else (datatype.value, little)
 
 
 def _explanation(

@@ -5,7 +5,8 @@ backend (real-time and batch-job), and the governor that paces batch-job work by
 latency. Which batches go out is its whole policy:
 
 1. at most ``workers.max_in_flight_batches`` calls per backend, none to an open breaker;
-2. batch-job batches only within their own cap and when the governor allows;
+2. batch-job batches only within their own cap and when the governor allows (caps that
+   apply only while real-time traffic flows: a batch job alone gets the whole worker);
 3. optionally, at most ``workers.max_in_flight_partial_batches`` real-time calls not full.
 """
 
@@ -146,6 +147,16 @@ class Dispatcher:
         wanted = set(partitions)
         removed = self.batcher.discard(lambda record: record.partition_key in wanted)
         return [pending.item for pending in removed]
+
+    def bulk_record_cap(self) -> int | None:
+        """Batch-job records that may be in flight: the fair ``max_in_flight_bulk_records``
+        while real-time traffic flows; ``None`` (no cap of their own, only the worker's
+        ``max_in_flight_records``) once none has arrived for ``REALTIME_ACTIVE_S``, so a batch
+        job alone runs at the worker's full speed. The first real-time record brings the fair
+        cap back at once."""
+        if self.governor.realtime_active():
+            return self._settings.max_in_flight_bulk_records
+        return None
 
     def _bulk_batch_limit(self) -> int:
         settings = self._settings

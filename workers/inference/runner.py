@@ -44,8 +44,13 @@ def prepare_topics_and_bucket(settings: Settings, models: Sequence[str]) -> None
     ensure_bucket(make_client(settings.object_store), settings.object_store.bucket)
 
 
-async def run_worker(settings: Settings, models: Sequence[str]) -> WorkerStats:
-    """Run one worker for ``models``; SIGTERM or SIGINT drains it and returns its stats."""
+async def run_worker(
+    settings: Settings, models: Sequence[str], *, serve_metrics: bool = True
+) -> WorkerStats:
+    """Run one worker for ``models``; SIGTERM or SIGINT drains it and returns its stats.
+
+    ``serve_metrics=False``: a supervisor serves the metrics of all its children instead.
+    """
     prepare_topics_and_bucket(settings, models)
     backends = build_backends(settings, models)
     store = SegmentStore(make_client(settings.object_store), settings.object_store.bucket)
@@ -53,7 +58,7 @@ async def run_worker(settings: Settings, models: Sequence[str]) -> WorkerStats:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
-    if settings.workers.metrics_port is not None:
+    if serve_metrics and settings.workers.metrics_port is not None:
         worker.metrics.serve(
             settings.workers.metrics_port, settings.workers.metrics_address, worker.health
         )

@@ -67,6 +67,9 @@ FETCH_MAX_RECORDS = 500
 FETCH_TIMEOUT_S = 0.05
 """A fetch returns as soon as one record arrives; this only bounds an idle wait."""
 CONTROL_POLL_INTERVAL_S = 0.2
+SESSION_TIMEOUT_MS = 10_000
+"""A member silent this long leaves the group and its partitions move (heartbeats run on
+librdkafka's own thread, so a busy event loop does not miss them)."""
 LAG_INTERVAL_S = 5.0
 LAG_QUERY_TIMEOUT_S = 3.0
 SIGNATURE_TIMEOUT_S = 5.0
@@ -276,6 +279,31 @@ class InferenceWorker:
             group_id=group_id,
             role=clients.ConsumerRole.WORKER,
             group_instance_id=self.settings.workers.group_instance_id,
+            overrides={
+                # A worker process that died (a supervisor restarts it at once) holds its
+                # partitions until this runs out: librdkafka's 45 s default stalled them. A
+                # static member keeps the default: it comes back under its own instance id
+                # (a restarted pod, a supervisor's restarted child) and takes its partitions
+                # back without a rebalance only if it returns within the timeout.
+                **(
+                    {}
+                    if self.settings.workers.group_instance_id
+                    else {"session.timeout.ms": SESSION_TIMEOUT_MS}
+                ),
+                # Each topic's partitions spread over the members. cooperative-sticky
+                # balanced only the count over both topics: a second worker process got the
+                # three idle batch-job partitions and the first kept every real-time one.
+                # Eager: a rebalance revokes everything (drained as on SIGTERM). Switching a
+                # running group over needs all its members stopped first (docs/worker.md).
+                "partition.assignment.strategy": "range",
+                # librdkafka's default prefetch, not the profile's 64 KiB: with 64 KiB the
+                # worker idled between fetches at full load (docs/worker.md, 2026-12-02). A
+                # batch job's prefetched records do not hold real-time ones back for long:
+                # its partitions pause (dropping their prefetch) whenever real-time records
+                # wait, and it has a record cap of its own while real-time traffic flows.
+                "max.partition.fetch.bytes": 1024 * 1024,
+                "queued.max.messages.kbytes": 4096,
+            },
         )
 
     def _producer_config(self) -> dict[str, Any]:
@@ -408,6 +436,9 @@ class InferenceWorker:
             await self._close()
         if self._fatal is not None:
             raise self._fatal
+        # The sink counts what it answered; the stop line and a supervisor's sum read these.
+        self.stats.results = self._require_sink().results
+        self.stats.dead_lettered = self._require_sink().dead_lettered
         return self.stats
 
     async def _close(self) -> None:
@@ -689,14 +720,18 @@ class InferenceWorker:
 
     def partitions_to_pause(self, member: GroupMember) -> set[PartitionKey]:
         """1. Saturated for long: every partition. 2. The model's breaker is open: all of its
-        partitions. 3. Real-time work waiting, or batch-job records at their cap: the bulk
-        topic, so batch jobs only use spare capacity."""
+        partitions. 3. Real-time work waiting, or batch-job records at their cap (which is
+        the whole worker while no real-time traffic flows): the bulk topic, so batch jobs
+        only use spare capacity."""
         if (self._saturated() and self._saturated_for_long()) or self._breaker_open(member.model):
             return set(member.assignment)
         bulk_topics = {m.topics.batch for m in self.members}
+        # Without real-time traffic there is no bulk cap: at the worker's own bound the
+        # source only skips fetches, as for real-time records. Pausing there dropped the
+        # prefetch each time, and the refetch left the worker idle.
+        cap = self.dispatcher.bulk_record_cap()
         bulk_yields = self.dispatcher.realtime_waiting() or (
-            sum(self.tracker.in_flight(topic) for topic in bulk_topics)
-            >= self.settings.workers.max_in_flight_bulk_records
+            cap is not None and sum(self.tracker.in_flight(t) for t in bulk_topics) >= cap
         )
         return {key for key in member.assignment if bulk_yields and key[0] == member.topics.batch}
 
