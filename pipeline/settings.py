@@ -450,12 +450,12 @@ class WorkerSettings(_Section):
     max_in_flight_bulk_records: int = Field(default=512, ge=1)
     """Of those, how many may come from batch-job topics: enough to keep the backend busy,
     few enough that real-time requests never queue behind a batch job's backlog."""
-    realtime_reserved_batches: int = Field(default=0, ge=0)
+    realtime_reserved_batches: int = Field(default=1, ge=0)
     """Backend call slots (of ``max_in_flight_batches``) that batches holding only batch-job
     records may not take while no real-time traffic flows, so the first real-time request
-    after a quiet spell never waits for a bulk call to finish. 0 by default: a batch job alone
-    then gets every slot (the cost of holding one back is measured in ``docs/worker.md``);
-    while real-time traffic flows, ``bulk_batches_beside_realtime`` applies instead."""
+    after a quiet spell never waits for a bulk call to finish (0 gives a batch job alone every
+    slot, and the real-time p99 beside a batch job suffers: ``docs/worker.md``); while
+    real-time traffic flows, ``bulk_batches_beside_realtime`` applies instead."""
     realtime_latency_target_ms: float = Field(default=30.0, gt=0)
     """While real-time requests keep arriving, batch-job work is paced so that about 99 % of
     them take no longer than this from publish to outcome (``pipeline/batching/governor.py``).
