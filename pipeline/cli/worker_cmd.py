@@ -59,15 +59,7 @@ def _serve_here(args: argparse.Namespace, settings: Settings) -> int:
         from workers.supervisor import die_with_parent
 
         die_with_parent(args.supervisor_pid)
-        # A stable id per slot: a restarted child takes over its predecessor's transactional
-        # id (exactly-once mode fences the one that died), and no two children share one.
-        base = settings.workers.worker_id or f"{socket.gethostname()}-{args.supervisor_pid}"
-        slot_ids: dict[str, str] = {"worker_id": f"{base}-{args.slot}"}
-        if settings.workers.group_instance_id:
-            # Static membership: two members with one instance id would fence each other.
-            slot_ids["group_instance_id"] = f"{settings.workers.group_instance_id}-{args.slot}"
-        workers = settings.workers.model_copy(update=slot_ids)
-        settings = settings.model_copy(update={"workers": workers})
+        settings = child_settings(settings, args.supervisor_pid, args.slot)
     stats = asyncio.run(run_worker(settings, args.model, serve_metrics=not supervised))
     counters = {
         name: value
@@ -78,6 +70,20 @@ def _serve_here(args: argparse.Namespace, settings: Settings) -> int:
         args.stats_file.write_text(json.dumps(counters))
     print(stopped_line(counters), flush=True)
     return 0
+
+
+def child_settings(settings: Settings, supervisor_pid: int, slot: int) -> Settings:
+    """A supervised child's settings: ids of its own, stable per slot.
+
+    A restarted child takes over its predecessor's transactional id (exactly-once mode fences
+    the one that died) and, with static membership, its group instance id; no two children
+    share either, as two members with one instance id would fence each other.
+    """
+    base = settings.workers.worker_id or f"{socket.gethostname()}-{supervisor_pid}"
+    ids: dict[str, str] = {"worker_id": f"{base}-{slot}"}
+    if settings.workers.group_instance_id:
+        ids["group_instance_id"] = f"{settings.workers.group_instance_id}-{slot}"
+    return settings.model_copy(update={"workers": settings.workers.model_copy(update=ids)})
 
 
 def _supervise(args: argparse.Namespace, settings: Settings, count: int) -> int:

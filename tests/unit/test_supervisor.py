@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser
-from pipeline.cli.worker_cmd import process_count
+from pipeline.cli.worker_cmd import child_settings, process_count
 from pipeline.settings import Settings, WorkerSettings
 from tests.integration.waiting import wait_until
 from tests.unit.fakes import FakeClock
@@ -121,9 +121,12 @@ def test_a_child_that_dies_is_restarted_and_sigterm_drains_all(tmp_path: Path) -
             timeout_s=20,
             what="both children running (one of them restarted)",
         )
+        assert supervisor.health.liveness().ok
+        assert supervisor.health.readiness().ok
     finally:
         supervisor.stop()
         runner.join(30)
+    assert "stopping" in supervisor.health.readiness().reasons
     status, counters = outcome[0]
     assert status == 0
     assert supervisor.restarts == 1
@@ -151,3 +154,15 @@ def test_the_process_count_comes_from_the_flag_then_the_setting_then_the_cores(
 ) -> None:
     settings = Settings(workers=WorkerSettings(processes=setting))
     assert process_count(flag, settings) == expected
+
+
+def test_each_child_has_ids_of_its_own_stable_per_slot() -> None:
+    static = Settings(workers=WorkerSettings(worker_id="pod-7", group_instance_id="pod-7"))
+    first, second = (child_settings(static, 4242, slot).workers for slot in (0, 1))
+    assert (first.worker_id, first.group_instance_id) == ("pod-7-0", "pod-7-0")
+    assert (second.worker_id, second.group_instance_id) == ("pod-7-1", "pod-7-1")
+    assert child_settings(static, 999, 1).workers == second  # a restarted child: the same ids
+
+    dynamic = child_settings(Settings(), 4242, 2).workers
+    assert dynamic.worker_id.endswith("-4242-2")
+    assert not dynamic.group_instance_id
