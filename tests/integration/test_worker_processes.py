@@ -5,10 +5,8 @@ nothing is lost or answered twice; SIGTERM drains both children and commits thei
 from __future__ import annotations
 
 import contextlib
-import random
 import re
 import signal
-import socket
 import subprocess
 import urllib.request
 from collections import Counter
@@ -19,12 +17,12 @@ import pytest
 from confluent_kafka import ConsumerGroupState, KafkaException
 
 from pipeline.kafka import clients
-from pipeline.kafka.admin import control_topic_spec, ensure_topics, model_topic_specs
 from pipeline.settings import Settings
-from pipeline.storage.client import ensure_bucket, make_client
 from pipeline.topics import ModelTopics
 from schemas.models import ResultStatus
 from tests.integration import traffic
+from tests.integration.local_ports import free_port
+from tests.integration.test_worker import topics  # noqa: F401 (a fixture)
 from tests.integration.waiting import wait_until
 from workers.inference.worker import worker_group_id
 
@@ -33,29 +31,8 @@ STARTED = re.compile(r'child="(\d+)" pid="(\d+)" started')
 
 
 @pytest.fixture
-def topics(settings: Settings) -> ModelTopics:
-    model_topics = ModelTopics(settings.namespace, "scaler")
-    ensure_topics(
-        settings.kafka,
-        [control_topic_spec(settings.namespace), *model_topic_specs(model_topics)],
-    )
-    ensure_bucket(make_client(settings.object_store), settings.object_store.bucket)
-    return model_topics
-
-
-def _port_below_ephemeral_range() -> int:
-    chooser = random.Random()
-    for _ in range(100):
-        port = chooser.randrange(20_000, 32_000)
-        with socket.socket() as probe, contextlib.suppress(OSError):
-            probe.bind(("127.0.0.1", port))
-            return port
-    raise RuntimeError("no free port below 32000")
-
-
-@pytest.fixture
 def supervisor(settings: Settings, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = _port_below_ephemeral_range()
+    port = free_port()
     process = traffic.start_worker(
         settings,
         tmp_path / "worker.log",
@@ -97,7 +74,7 @@ def _results_counted(port: int) -> float:
 
 def test_two_processes_serve_once_survive_a_killed_child_and_drain_on_sigterm(
     settings: Settings,
-    topics: ModelTopics,
+    topics: ModelTopics,  # noqa: F811 (the fixture imported above)
     supervisor: tuple[subprocess.Popen[bytes], int],
     tmp_path: Path,
 ) -> None:
