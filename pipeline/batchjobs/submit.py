@@ -24,6 +24,8 @@ from pipeline.settings import Settings
 from schemas.models import BatchCounts, BatchInputFormat, BatchJob, BatchJobStatus
 
 ERRORS_SHOWN = 20
+JOB_ID_PATTERN = r"job-\d{8}-[0-9a-f]{12}"
+"""What :func:`new_job_id` makes: the creation date and 48 random bits."""
 """How many invalid records a refusal names (the count covers all of them)."""
 
 
@@ -176,6 +178,10 @@ def submit(
     return Submission(store.save(stored), report)
 
 
+def new_job_id(created: datetime) -> str:
+    return f"job-{created:%Y%m%d}-{uuid.uuid4().hex[:12]}"
+
+
 def create_job(
     settings: Settings,
     store: JobStore,
@@ -197,7 +203,7 @@ def create_job(
     store.ensure_bucket()
     return store.save(
         BatchJob(
-            job_id=f"job-{created:%Y%m%d}-{uuid.uuid4().hex[:12]}",
+            job_id=new_job_id(created),
             model=model,
             model_version=model_version,
             status=BatchJobStatus.VALIDATING,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pipeline.batchjobs.submit import JOB_ID_PATTERN
 from pipeline.settings import ModelSettings
 from schemas.models import BatchJob, BatchJobStatus
 
@@ -40,9 +41,9 @@ ATTR_WINDOW = "openai.completion_window"
 ATTR_METADATA = "openai.metadata"
 ATTR_ERRORS = "openai.errors"
 
-_JOB_ID = re.compile(r"^job-\d{8}-[0-9a-f]{12}$")
+_JOB_ID = re.compile(f"^{JOB_ID_PATTERN}$")
 _UPLOADED_FILE_ID = re.compile(r"^file-[0-9a-f]{32}$")
-_JOB_FILE_ID = re.compile(r"^file-(job-\d{8}-[0-9a-f]{12})-(output|errors)$")
+_JOB_FILE_ID = re.compile(f"^file-({JOB_ID_PATTERN})-(output|errors)$")
 _WINDOW = re.compile(r"^([1-9][0-9]{0,2})h$")
 _MAX_WINDOW_HOURS = 168
 
