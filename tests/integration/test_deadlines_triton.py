@@ -25,7 +25,9 @@ MODEL = "slow_echo"
 SLEEP_S = 0.5
 """What one execution of the model takes."""
 CEILING_S = 10.0
-MARGIN_S = 1.0
+MARGIN_S = 2.0
+"""How late a cut-short call may end: as in test_deadlines.py, wide enough for a loaded
+machine and far below the ceiling a call without its deadline would wait for."""
 GATED = -1.0
 """An input whose first value is this waits for the gate instead of sleeping."""
 
