@@ -145,6 +145,11 @@ class PayloadLogger:
         self.logged = 0
         self.failed = 0
 
+    def logs(self, model: str) -> bool:
+        """Whether ``model`` has a payload log (asked before a batch's pairs are gathered)."""
+        settings = self._models.get(model)
+        return settings is not None and settings.payload_log_sink is not None
+
     async def served(
         self,
         model: str,

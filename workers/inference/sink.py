@@ -243,9 +243,10 @@ class OutcomeSink:
             {"sluiceway.status": "ok", "sluiceway.records": len(answers)},
         )
         self._count(model, "ok", len(answers))
-        await self._payload_log.served(
-            model, served_version, [r.request for r, _ in served], full, policy
-        )
+        if self._payload_log.logs(model):
+            await self._payload_log.served(
+                model, served_version, [r.request for r, _ in served], full, policy
+            )
 
     async def expired(self, records: Sequence[Record]) -> None:
         by_model: dict[str, list[_Answer]] = {}
