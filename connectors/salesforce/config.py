@@ -24,8 +24,15 @@ from uuid import UUID
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from connectors.common.correlation import CorrelationSigner, Rejected, Verified
+from connectors.common.retries import (
+    UNBOUNDED_ATTEMPTS,
+    UNBOUNDED_ELAPSED_S,
+    RetryBudget,
+    RetrySettings,
+)
 from connectors.common.mapping import Mapping
 from connectors.salesforce.exceptions import ConfigurationError
 from schemas.models import InferenceResult, ResultStatus, TensorDatatype
@@ -69,6 +76,36 @@ class WritebackConfig(_Section):
                     f"{name}: {source!r} is none of tensor:<name>, text, model_version, request_id"
                 )
         return value
+
+
+class SalesforceRetries(RetrySettings):
+    """The connector's retry budgets; each one from the environment, e.g.
+    ``SLUICEWAY_SALESFORCE_RETRIES_REST__MAX_ATTEMPTS=4`` (docs/connectors.md)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICEWAY_SALESFORCE_RETRIES_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    resubscribe: RetryBudget = RetryBudget(
+        max_attempts=10, base_delay_s=0.5, max_delay_s=30.0, max_elapsed_s=600.0
+    )
+    """A broken Pub/Sub stream (or a broker that did not ack) is resubscribed after the
+    checkpoint; past this budget the ingest stops with the error."""
+    writeback: RetryBudget = RetryBudget(
+        max_attempts=UNBOUNDED_ATTEMPTS,
+        base_delay_s=0.5,
+        max_delay_s=30.0,
+        max_elapsed_s=UNBOUNDED_ELAPSED_S,
+    )
+    """A batch of results that met a transient REST failure is read again after a wait: the
+    partition holds until Salesforce takes it, so no score is skipped."""
+    rest: RetryBudget = RetryBudget(
+        max_attempts=8, base_delay_s=0.2, max_delay_s=10.0, max_elapsed_s=120.0
+    )
+    """One REST call (5xx, ``UNABLE_TO_LOCK_ROW`` records) before it fails as transient."""
 
 
 def salesforce_sections(mapping: Mapping) -> tuple[SourceConfig, WritebackConfig | None]:

@@ -49,6 +49,7 @@ from connectors.common.exceptions import UnmappableRecord
 from connectors.common.mapping import Mapping
 from connectors.salesforce import cdc
 from connectors.salesforce.config import (
+    SalesforceRetries,
     SourceConfig,
     WritebackConfig,
     correlation_id,
@@ -239,9 +240,7 @@ class IngestLoop:
         self.checkpoints = checkpoints
         self.dead_letter = dead_letter
         self.memory = memory or RecentKeys(max_keys=100_000, max_age_s=7 * 24 * 3600.0)
-        self.retry = retry or RetryPolicy(
-            max_attempts=10, base_delay_s=0.5, max_delay_s=30.0, max_elapsed_s=600.0
-        )
+        self.retry = retry or SalesforceRetries().resubscribe.policy()
         self._sleep = sleep
         self._clock = clock
         self.stats = IngestStats()
@@ -629,9 +628,7 @@ class WritebackLoop:
         self.consumer = consumer
         self.rest = rest
         self.dead_letter = dead_letter
-        self.retry = retry or RetryPolicy(
-            max_attempts=1_000_000, base_delay_s=0.5, max_delay_s=30.0, max_elapsed_s=1e9
-        )
+        self.retry = retry or SalesforceRetries().writeback.policy()
         self.poll_timeout_s = poll_timeout_s
         self.stats = WritebackStats()
         self._stopping = threading.Event()

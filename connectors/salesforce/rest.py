@@ -35,6 +35,7 @@ from urllib.parse import quote
 import httpx2
 
 from connectors.salesforce.auth import Authenticator
+from connectors.salesforce.config import SalesforceRetries
 from connectors.salesforce.exceptions import (
     AuthenticationError,
     PermanentRestError,
@@ -181,9 +182,7 @@ class SalesforceRest:
         self._http = http
         self.api_version = api_version
         self.client_id = client_id
-        self.retry = retry or RetryPolicy(
-            max_attempts=8, base_delay_s=0.2, max_delay_s=10.0, max_elapsed_s=120.0
-        )
+        self.retry = retry or SalesforceRetries().rest.policy()
         self._sleep = sleep
         self._clock = clock
 

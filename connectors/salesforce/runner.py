@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from collections.abc import Mapping as EnvMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -36,6 +36,7 @@ from connectors.common.mapping import load_mapping
 from connectors.salesforce import cdc
 from connectors.salesforce.auth import Authenticator, flow_from_env
 from connectors.salesforce.config import (
+    SalesforceRetries,
     SourceConfig,
     input_fields,
     salesforce_sections,
@@ -104,6 +105,8 @@ class ConnectorOptions:
     """How long a key is kept: Pub/Sub API keeps events 72 hours, so no redelivery is older."""
     dedupe_metrics: DedupeMetrics | None = None
     """Where the memory's size and evictions are reported (Prometheus), if anywhere."""
+    retries: SalesforceRetries = field(default_factory=SalesforceRetries)
+    """The retry budgets (from ``SLUICEWAY_SALESFORCE_RETRIES_*``, else the defaults)."""
 
     @property
     def mapping_paths(self) -> tuple[Path, ...]:
@@ -266,6 +269,7 @@ class SalesforceConnector:
             self.http,
             api_version=options.api_version,
             client_id=options.tag,
+            retry=options.retries.rest.policy(),
             limits=self.limits,
         )
         models = list(dict.fromkeys(route.model for route in routes))
@@ -353,6 +357,7 @@ class SalesforceConnector:
                 checkpoints=self.checkpoints,
                 dead_letter=dead_letter,
                 memory=memory,
+                retry=options.retries.resubscribe.policy(),
             )
         if options.writeback and targets:
             consumer = clients.consumer(
@@ -371,6 +376,7 @@ class SalesforceConnector:
                 consumer=consumer,
                 rest=self.rest,
                 dead_letter=dead_letter,
+                retry=options.retries.writeback.policy(),
             )
 
     @property

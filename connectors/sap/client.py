@@ -46,6 +46,7 @@ from connectors.sap.odata import (
     resolve_link,
     retry_after_s,
 )
+from connectors.sap.systems import SapRetries
 from connectors.sap.writeback import WritebackCall
 from pipeline.resilience.retry import RetryPolicy
 
@@ -120,9 +121,7 @@ class ODataClient:
     ) -> None:
         self.source = source
         self._credentials = credentials
-        self._retry = retry or RetryPolicy(
-            max_attempts=6, base_delay_s=0.2, max_delay_s=5.0, max_elapsed_s=60.0
-        )
+        self._retry = retry or SapRetries().odata.policy()
         self._sleep = sleep
         self._clock = clock
         self._http = httpx2.AsyncClient(

@@ -23,6 +23,9 @@ share an event source (an event would be ambiguous), and two mappings of one sys
 share an event type. ``--mapping FILE --base-url URL`` is the one-system, one-mapping form of
 the same thing, with credentials in ``SAP_USERNAME``/``SAP_PASSWORD`` (or ``SAP_CLIENT_*``).
 Parsing is pure; secrets are read from the environment by the caller, never from the file.
+
+The retry budgets (:class:`SapRetries`) are settings of the connector process, read from
+``SLUICEWAY_SAP_RETRIES_<BUDGET>__<FIELD>`` environment variables.
 """
 
 from __future__ import annotations
@@ -32,8 +35,42 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import SettingsConfigDict
 
+from connectors.common.retries import (
+    UNBOUNDED_ATTEMPTS,
+    UNBOUNDED_ELAPSED_S,
+    RetryBudget,
+    RetrySettings,
+)
 from connectors.sap.exceptions import SapConfigError
+
+
+class SapRetries(RetrySettings):
+    """The connector's retry budgets; each one from the environment, e.g.
+    ``SLUICEWAY_SAP_RETRIES_ODATA__MAX_ATTEMPTS=3`` (docs/connectors.md)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICEWAY_SAP_RETRIES_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    odata: RetryBudget = RetryBudget(
+        max_attempts=6, base_delay_s=0.2, max_delay_s=5.0, max_elapsed_s=60.0
+    )
+    """One OData call answered 429/502/503/504 or lost in transport (never sooner than the
+    server's ``Retry-After``); past it the call fails as transient (503 to the sender, the
+    next poll, or a writeback retry)."""
+    writeback: RetryBudget = RetryBudget(
+        max_attempts=UNBOUNDED_ATTEMPTS,
+        base_delay_s=1.0,
+        max_delay_s=30.0,
+        max_elapsed_s=UNBOUNDED_ELAPSED_S,
+    )
+    """A result whose write failed transiently is written again after the budget's doubling
+    wait (no jitter: one entity's results wait in order); the partition holds meanwhile."""
 
 
 class SystemConfig(BaseModel):
