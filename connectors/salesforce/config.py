@@ -27,13 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import SettingsConfigDict
 
 from connectors.common.correlation import CorrelationSigner, Rejected, Verified
+from connectors.common.mapping import Mapping
 from connectors.common.retries import (
     UNBOUNDED_ATTEMPTS,
     UNBOUNDED_ELAPSED_S,
     RetryBudget,
     RetrySettings,
 )
-from connectors.common.mapping import Mapping
 from connectors.salesforce.exceptions import ConfigurationError
 from schemas.models import InferenceResult, ResultStatus, TensorDatatype
 
