@@ -83,8 +83,8 @@ from connectors.salesforce.rest import (
     soql_datetime,
 )
 from pipeline.client import BrokerUnavailableError
+from pipeline.kafka.events import decode_records
 from pipeline.resilience.retry import RetryPolicy
-from schemas.exceptions import DecodeError
 from schemas.models import InferenceRequest, InferenceResult
 
 log = logging.getLogger("sluiceway.connectors.salesforce")
@@ -674,13 +674,7 @@ class WritebackLoop:
         """PATCH the values of this connector's ``ok`` results among ``messages``."""
         updates: list[RecordUpdate] = []
         results: dict[tuple[str, str], InferenceResult] = {}
-        for message in messages:
-            if message.error() is not None or not message.value():
-                continue
-            try:
-                result = schemas.decode(message.value() or b"", InferenceResult)
-            except DecodeError:
-                continue
+        for result in decode_records(messages, InferenceResult)[0]:
             target = record_of(result, self.signer)
             if isinstance(target, Rejected):
                 if target.reason != "not_ours":

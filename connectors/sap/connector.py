@@ -98,6 +98,7 @@ from pipeline.client import request_id_for
 from pipeline.kafka import clients
 from pipeline.kafka.admin import ensure_topics, invalidation_topic_spec, model_topic_specs
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
+from pipeline.kafka.events import decode_records
 from pipeline.kafka.producer import AsyncProducer, DeliveryError, OutgoingMessage
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
@@ -861,11 +862,7 @@ class SapConnector:
         # One entity's results in offset order (an older score never overwrites a newer one);
         # different entities in parallel.
         by_entity: dict[tuple[str, str], list[InferenceResult]] = defaultdict(list)
-        for message in messages:
-            try:
-                result = schemas.decode(message.value() or b"", InferenceResult)
-            except DecodeError:
-                continue
+        for result in decode_records(messages, InferenceResult)[0]:
             named = entity_of(self.signer, result)
             if isinstance(named, Rejected):
                 if named.reason != "not_ours":

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
@@ -47,6 +47,33 @@ def send_events(
         raise KafkaError(f"events to {topic} not acknowledged: {failures or 'timeout'}")
 
 
+class Record(Protocol):
+    """What :func:`decode_records` reads of a consumed message (a confluent-kafka
+    ``Message``, or a test's stand-in)."""
+
+    def error(self) -> object | None: ...
+
+    def value(self) -> bytes | None: ...
+
+
+def decode_records(records: Iterable[Record], kind: type[E]) -> tuple[list[E], int]:
+    """The events of contract ``kind`` among consumed ``records``, in order, and how many
+    records did not decode as one. Errors and empty values (tombstones) are neither: they
+    carry no event. A record that does not decode is skipped, never raised: a reader of a
+    results topic must not stop on one bad record that any producer could have written."""
+    events: list[E] = []
+    undecodable = 0
+    for record in records:
+        value = record.value()
+        if record.error() is not None or not value:
+            continue
+        try:
+            events.append(schemas.decode(value, kind))
+        except DecodeError:
+            undecodable += 1
+    return events, undecodable
+
+
 class TopicTail(Generic[E]):
     """Follows a topic in a background thread, decoding every event of one contract.
 
@@ -77,13 +104,9 @@ class TopicTail(Generic[E]):
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for message in self._consumer.consume(100, 0.2):
-                if message.error() is not None or not message.value():
-                    continue
-                try:
-                    self.events.append(schemas.decode(message.value() or b"", self._kind))
-                except DecodeError:
-                    self.undecodable += 1
+            events, undecodable = decode_records(self._consumer.consume(100, 0.2), self._kind)
+            self.events.extend(events)
+            self.undecodable += undecodable
 
     def close(self) -> None:
         self._stop.set()
