@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
-from connectors.common.exceptions import UnmappableRecord
+from schemas.errors import UnservableRecord
 
 ENV_VARIABLE = "SLUICEWAY_CONNECTOR_SECRET"
 """Comma-separated secrets of every connector, the signing one first."""
@@ -105,14 +105,14 @@ class CorrelationSigner:
     def sign(self, subject: str, request_id: UUID | str) -> str:
         """The correlation id of the request ``request_id`` about ``subject``.
 
-        Raises :class:`UnmappableRecord` (``subject_too_long``) when the id would not fit the
+        Raises :class:`UnservableRecord` (``subject_too_long``) when the id would not fit the
         schema's limit: the record is dead-lettered rather than published unsigned."""
         if not subject:
-            raise UnmappableRecord("invalid_subject", "the record names no subject to write to")
+            raise UnservableRecord("invalid_subject", "the record names no subject to write to")
         signed = f"{self._head}{subject}{SEPARATOR}{UUID(str(request_id))}"
         correlation = f"{signed}{SEPARATOR}{_mac(self._secrets[0], signed)}"
         if len(correlation) > MAX_CORRELATION_CHARS:
-            raise UnmappableRecord(
+            raise UnservableRecord(
                 "subject_too_long",
                 f"the signed correlation id would be {len(correlation)} characters, "
                 f"over the limit of {MAX_CORRELATION_CHARS}",

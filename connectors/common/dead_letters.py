@@ -51,6 +51,8 @@ from schemas.headers import connect_error_headers, dead_letter_headers
 from schemas.models import DeadLetter, Header
 
 UNMAPPABLE_ERROR_CLASS = "UnmappableRecord"
+"""The error-class header of a connector's letter: the name letters have always carried (the
+type is now ``UnservableRecord``), kept so that what filters on it goes on finding them."""
 WITHHELD = "(detail withheld: it may quote the record)"
 """A personal model's letter text when the record's values cannot be found to remove them."""
 _NOT_A_VALUE = re.compile(r"[\s\"'`{}\[\](),;:=&<>|]+")

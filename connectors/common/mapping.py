@@ -23,7 +23,7 @@ composed, and one entry per model feature::
     writeback: {...}   # connector-specific: where results go (kept as given)
 
 Applying a mapping is pure (the clock is a parameter), so it is unit-tested without I/O. A
-record that cannot be mapped raises :class:`UnmappableRecord` naming the field path; the
+record that cannot be mapped raises :class:`UnservableRecord` naming the field path; the
 connector dead-letters it with its source payload.
 """
 
@@ -40,7 +40,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from connectors.common.dates import parse_datetime
-from connectors.common.exceptions import MappingFileError, UnmappableRecord
+from connectors.common.exceptions import MappingFileError
+from schemas.errors import UnservableRecord
 from schemas.identity import request_id_for
 from schemas.models import InferenceRequest, Inputs, Source
 
@@ -152,15 +153,15 @@ def _number(value: Any, path: str) -> float:
         try:
             number = float(value.strip())
         except ValueError:
-            raise UnmappableRecord(
+            raise UnservableRecord(
                 "invalid_field", f"field {path!r}: {_described(value)} that is not a number"
             ) from None
     else:
-        raise UnmappableRecord(
+        raise UnservableRecord(
             "invalid_field", f"field {path!r}: {_described(value)}, not a number"
         )
     if not math.isfinite(number):
-        raise UnmappableRecord("invalid_field", f"field {path!r}: a number that is not finite")
+        raise UnservableRecord("invalid_field", f"field {path!r}: a number that is not finite")
     return number
 
 
@@ -186,7 +187,7 @@ def _convert(value: Any, kind: FeatureType, path: str) -> Scalar:
     if kind == "int":
         number = _number(value, path)
         if not number.is_integer():
-            raise UnmappableRecord("invalid_field", f"field {path!r}: a number that is not whole")
+            raise UnservableRecord("invalid_field", f"field {path!r}: a number that is not whole")
         return int(number)
     if kind == "bool":
         if isinstance(value, bool):
@@ -196,11 +197,11 @@ def _convert(value: Any, kind: FeatureType, path: str) -> Scalar:
             return True
         if text in _FALSE_TEXT:
             return False
-        raise UnmappableRecord(
+        raise UnservableRecord(
             "invalid_field", f"field {path!r}: {_described(value)} that is not a boolean"
         )
     if isinstance(value, dict | list):
-        raise UnmappableRecord("invalid_field", f"field {path!r}: a structure, not a text")
+        raise UnservableRecord("invalid_field", f"field {path!r}: a structure, not a text")
     return value if isinstance(value, str) else str(value)
 
 
@@ -236,21 +237,21 @@ class Mapping:
         return [name for name in feature_order if name not in self.spec.features]
 
     def entity_id(self, entity: dict[str, Any]) -> str:
-        """The entity id from the template; raises :class:`UnmappableRecord` if a key is missing."""
+        """The entity id from the template; raises :class:`UnservableRecord` if a key is missing."""
 
         def fill(match: re.Match[str]) -> str:
             path = match.group(1).strip()
             value = field_value(entity, path)
             if value is None or value == "":
-                raise UnmappableRecord("missing_key", f"key field {path!r} is missing")
+                raise UnservableRecord("missing_key", f"key field {path!r} is missing")
             if isinstance(value, dict | list):
-                raise UnmappableRecord("invalid_key", f"key field {path!r} is not a value")
+                raise UnservableRecord("invalid_key", f"key field {path!r} is not a value")
             return str(value)
 
         return _PLACEHOLDER.sub(fill, self.spec.entity_id)
 
     def features(self, entity: dict[str, Any], *, now: datetime | None = None) -> dict[str, Scalar]:
-        """The feature record of ``entity``; raises :class:`UnmappableRecord` naming the path."""
+        """The feature record of ``entity``; raises :class:`UnservableRecord` naming the path."""
         moment = now or self._clock()
         return {
             name: self._feature(entity, name, spec, moment)
@@ -287,7 +288,7 @@ class Mapping:
         raw = field_value(entity, spec.path)
         if raw is None:
             if spec.default is None:
-                raise UnmappableRecord(
+                raise UnservableRecord(
                     "missing_field", f"field {spec.path!r} (feature {name!r}) is missing"
                 )
             return _convert(spec.default, spec.type, spec.path)
@@ -309,13 +310,13 @@ class Mapping:
                 return transform.map[code]
             if transform.map_default is not None:
                 return transform.map_default
-            raise UnmappableRecord(
+            raise UnservableRecord(
                 "unknown_code", f"field {path!r}: a code that is not in the mapping's table"
             )
         try:
             moment = parse_datetime(raw)
         except ValueError:
-            raise UnmappableRecord(
+            raise UnservableRecord(
                 "invalid_field", f"field {path!r}: {_described(raw)} that is no date"
             ) from None
         extra_days = 0.0

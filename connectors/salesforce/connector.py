@@ -45,7 +45,6 @@ from connectors.common.checkpoint import CheckpointStore, position_bytes
 from connectors.common.correlation import CorrelationSigner, Rejected
 from connectors.common.dead_letters import source_event_key
 from connectors.common.dedupe import RecentKeys
-from connectors.common.exceptions import UnmappableRecord
 from connectors.common.mapping import Mapping
 from connectors.salesforce import cdc
 from connectors.salesforce.config import (
@@ -63,9 +62,8 @@ from connectors.salesforce.exceptions import (
     PubSubError,
     RateLimitedError,
     ReplayIdRejectedError,
+    RestError,
     SalesforceError,
-    TransientPubSubError,
-    TransientRestError,
 )
 from connectors.salesforce.pubsub import (
     CreditWindow,
@@ -85,6 +83,7 @@ from connectors.salesforce.rest import (
 from pipeline.client import BrokerUnavailableError
 from pipeline.kafka.events import decode_records
 from pipeline.resilience.retry import RetryPolicy
+from schemas.errors import SluicewayError, UnservableRecord
 from schemas.models import InferenceRequest, InferenceResult
 
 log = logging.getLogger("sluiceway.connectors.salesforce")
@@ -101,11 +100,17 @@ class Publisher(Protocol):
     def publish_many(self, requests: Sequence[InferenceRequest], timeout_s: float = ...) -> Any: ...
 
 
-DeadLetterSink = Callable[[str, bytes, UnmappableRecord, str | None, str | None], None]
+DeadLetterSink = Callable[[str, bytes, UnservableRecord, str | None, str | None], None]
 """``(model, source payload, why, record id, source event key)``: writes one dead letter to
 the model's DLQ and waits for its ack. The key (:func:`letter_key`; ``None`` for a letter
 about no source event, such as a refused writeback) goes into the letter's headers, where a
 restarted connector finds it."""
+
+
+def retriable(failure: SluicewayError) -> bool:
+    """Whether resubscribing after the checkpoint may get past ``failure``: a transient
+    Pub/Sub or REST failure, or a broker that did not acknowledge the requests."""
+    return failure.transient or isinstance(failure, BrokerUnavailableError)
 
 
 def letter_key(received: ReceivedEvent, record_id: str | None) -> str:
@@ -283,7 +288,9 @@ class IngestLoop:
                     exc.error_code,
                 )
                 raise
-            except (TransientPubSubError, TransientRestError, BrokerUnavailableError) as exc:
+            except SluicewayError as exc:
+                if not retriable(exc):
+                    raise
                 # The batch in hand was not checkpointed: resubscribing after the checkpoint
                 # reads it again, and its requests keep their ids.
                 if self._stopping.is_set():
@@ -350,7 +357,7 @@ class IngestLoop:
         for index, received in enumerate(batch.events):
             self.stats.events += 1
             if received.payload is None:
-                why = UnmappableRecord("undecodable_event", received.error or "undecodable")
+                why = UnservableRecord("undecodable_event", received.error or "undecodable")
                 self._dead_letter_event(received, why, outcomes[index])
                 continue
             try:
@@ -358,7 +365,7 @@ class IngestLoop:
                     received.payload, received.schema.document, received.replay_id
                 )
             except (ValueError, KeyError, TypeError) as exc:
-                why = UnmappableRecord("not_a_change_event", str(exc))
+                why = UnservableRecord("not_a_change_event", str(exc))
                 self._dead_letter_event(received, why, outcomes[index])
                 continue
             entity = event.header.entity_name
@@ -390,7 +397,7 @@ class IngestLoop:
                 signed = correlation_id(
                     self.signer, unit.entity, unit.record_id, request.request_id
                 )
-            except UnmappableRecord as exc:
+            except UnservableRecord as exc:
                 self._dead_letter_event(
                     received,
                     exc,
@@ -517,7 +524,7 @@ class IngestLoop:
     def _dead_letter_event(
         self,
         received: ReceivedEvent,
-        why: UnmappableRecord,
+        why: UnservableRecord,
         event_outcomes: set[str],
         *,
         record_id: str | None = None,
@@ -644,7 +651,9 @@ class WritebackLoop:
                 continue
             try:
                 self.write(messages)
-            except TransientRestError as exc:
+            except RestError as exc:
+                if not exc.transient:
+                    raise
                 failures += 1
                 self._rewind(messages)
                 delay = self.retry.next_delay(failures, 0.0) or self.retry.max_delay_s
@@ -717,10 +726,11 @@ class WritebackLoop:
                     continue
                 code = outcome.error_code or "UNKNOWN"
                 if outcome.transient:
-                    raise TransientRestError(
+                    raise RestError(
                         f"{outcome.update.record_id}: {code} {outcome.message}",
                         status=200,
                         error_code=code,
+                        transient=True,
                     )
                 self.stats.failed[code] = self.stats.failed.get(code, 0) + 1
                 log.warning(
@@ -749,7 +759,7 @@ class WritebackLoop:
             "result": json.loads(result.model_dump_json(exclude={"outputs"})),
             "result_base64": base64.b64encode(schemas.encode(result)).decode("ascii"),
         }
-        why = UnmappableRecord(
+        why = UnservableRecord(
             "writeback_refused", f"Salesforce refused the write: {code} {list(outcome.fields)}"
         )
         model = self.targets[outcome.update.sobject].model

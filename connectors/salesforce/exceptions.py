@@ -19,17 +19,18 @@ class AuthenticationError(SalesforceError):
 
 class PubSubError(SalesforceError):
     """A Pub/Sub API call failed; ``code`` is the gRPC status name, ``error_code`` the
-    ``error-code`` trailer Salesforce adds (e.g. ``sfdc.platform.eventbus...``)."""
+    ``error-code`` trailer Salesforce adds (e.g. ``sfdc.platform.eventbus...``).
 
-    def __init__(self, message: str, *, code: str, error_code: str | None = None) -> None:
+    ``transient``: the stream broke for a reason that goes away (UNAVAILABLE, a reset), so the
+    connector resubscribes from the last checkpointed replay id."""
+
+    def __init__(
+        self, message: str, *, code: str, error_code: str | None = None, transient: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.error_code = error_code
-
-
-class TransientPubSubError(PubSubError):
-    """The stream broke for a reason that goes away (UNAVAILABLE, a reset): resubscribe from
-    the last checkpointed replay id."""
+        self.transient = transient
 
 
 class ReplayIdRejectedError(PubSubError):
@@ -43,7 +44,10 @@ class UndecodableEventError(SalesforceError):
 
 
 class RestError(SalesforceError):
-    """A REST call failed; ``status`` and ``error_code`` are Salesforce's answer."""
+    """A REST call failed; ``status`` and ``error_code`` are Salesforce's answer.
+
+    ``transient``: 503s, 5xx and ``UNABLE_TO_LOCK_ROW`` that outlasted the retry budget (the
+    writeback reads its batch again later)."""
 
     def __init__(
         self,
@@ -52,21 +56,23 @@ class RestError(SalesforceError):
         status: int,
         error_code: str | None = None,
         fields: tuple[str, ...] = (),
+        transient: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.error_code = error_code
         self.fields = fields
         """The fields Salesforce's error names (``[{"errorCode", "message", "fields"}]``)."""
+        if transient is not None:
+            self.transient = transient
 
 
-class TransientRestError(RestError):
-    """503s, 5xx and ``REQUEST_LIMIT_EXCEEDED`` that outlasted the retry budget."""
-
-
-class RateLimitedError(TransientRestError):
+class RateLimitedError(RestError):
     """``403 REQUEST_LIMIT_EXCEEDED``: the org's API allowance is spent. The org's breaker is
-    open; every call waits for it to close (at least the configured floor)."""
+    open; every call waits for it to close (at least the configured floor). A type of its
+    own because the writeback waits for the breaker rather than its backoff."""
+
+    transient = True
 
 
 class PermanentRestError(RestError):

@@ -33,7 +33,6 @@ import grpc
 from connectors.salesforce.exceptions import (
     PubSubError,
     ReplayIdRejectedError,
-    TransientPubSubError,
 )
 from connectors.salesforce.proto import pubsub_api_pb2 as pb
 
@@ -128,7 +127,7 @@ def error_from_rpc(error: grpc.RpcError, what: str) -> PubSubError:
     if error_code is not None and error_code in REPLAY_ERROR_CODES:
         return ReplayIdRejectedError(message, code=code.name, error_code=error_code)
     if code in _TRANSIENT_CODES:
-        return TransientPubSubError(message, code=code.name, error_code=error_code)
+        return PubSubError(message, code=code.name, error_code=error_code, transient=True)
     return PubSubError(message, code=code.name, error_code=error_code)
 
 

@@ -41,7 +41,6 @@ from connectors.salesforce.exceptions import (
     PermanentRestError,
     RateLimitedError,
     RestError,
-    TransientRestError,
 )
 from connectors.salesforce.limits import OrgLimitBreaker
 from pipeline.resilience.retry import RetryPolicy
@@ -123,9 +122,10 @@ def save_outcomes(updates: Sequence[RecordUpdate], results: Any) -> list[RecordO
     """Pair each update with its SaveResult (same order, as Salesforce documents)."""
     if not isinstance(results, list) or len(results) != len(updates):
         count = len(results) if isinstance(results, list) else "no list of"
-        raise TransientRestError(
+        raise RestError(
             f"sObject Collections answered {count} results for {len(updates)} records",
             status=200,
+            transient=True,
         )
     outcomes = []
     for update, result in zip(updates, results, strict=True):
@@ -305,8 +305,11 @@ class SalesforceRest:
                 )
             delay = self.retry.next_delay(attempts, self._clock() - started)
             if delay is None:
-                raise TransientRestError(
-                    f"{what} (gave up after {attempts} attempts)", status=status, error_code=code
+                raise RestError(
+                    f"{what} (gave up after {attempts} attempts)",
+                    status=status,
+                    error_code=code,
+                    transient=True,
                 )
             self._sleep(delay)
 

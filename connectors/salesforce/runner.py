@@ -30,7 +30,6 @@ from connectors.common.dead_letters import (
     send_unmappable,
 )
 from connectors.common.dedupe import DedupeMetrics, RecentKeys
-from connectors.common.exceptions import UnmappableRecord
 from connectors.common.invalidation import invalidation_message
 from connectors.common.mapping import load_mapping
 from connectors.salesforce import cdc
@@ -67,6 +66,7 @@ from pipeline.kafka.admin import (
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
+from schemas.errors import UnservableRecord
 from schemas.exceptions import DecodeError
 from schemas.identity import request_id_for
 from schemas.models import InferenceRequest, Invalidation, InvalidationKind
@@ -153,7 +153,7 @@ def _routes(
             )
         try:
             mapping.entity_id({"Id": "001000000000000AAA"})
-        except UnmappableRecord:
+        except UnservableRecord:
             raise ConfigurationError(
                 f"{path}: entity_id must be built from {{Id}} alone (a delete carries nothing else)"
             ) from None
@@ -299,7 +299,7 @@ class SalesforceConnector:
         def dead_letter(
             model: str,
             payload: bytes,
-            why: UnmappableRecord,
+            why: UnservableRecord,
             record_id: str | None,
             source_event: str | None,
         ) -> None:

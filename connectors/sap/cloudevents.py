@@ -13,7 +13,7 @@ Three content modes (CloudEvents HTTP protocol binding):
 An SAP business event (type like ``sap.s4.beh.supplierinvoice.v1.SupplierInvoice.Created.v1``)
 carries the entity's keys in ``data``, not the entity: the connector reads the entity over
 OData before mapping it. ``id`` (unique per ``source``) is what deduplicates redeliveries.
-Parsing is pure; an invalid event raises :class:`InvalidCloudEvent` naming what is wrong.
+Parsing is pure; an invalid event raises :class:`UnservableRecord` naming what is wrong.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from connectors.sap.exceptions import InvalidCloudEvent
+from schemas.errors import UnservableRecord
 
 STRUCTURED = "application/cloudevents+json"
 BATCHED = "application/cloudevents-batch+json"
@@ -80,11 +80,11 @@ def _check_required(attributes: Mapping[str, Any]) -> None:
     for name in _REQUIRED:
         value = attributes.get(name)
         if not isinstance(value, str) or not value:
-            raise InvalidCloudEvent(
+            raise UnservableRecord(
                 "invalid_cloudevent", f"CloudEvent attribute {name!r} is missing or empty"
             )
     if attributes["specversion"] != "1.0":
-        raise InvalidCloudEvent(
+        raise UnservableRecord(
             "invalid_cloudevent",
             f"CloudEvent specversion {attributes['specversion']!r} is not supported (only 1.0)",
         )
@@ -93,7 +93,7 @@ def _check_required(attributes: Mapping[str, Any]) -> None:
 def from_structured(document: Any) -> CloudEvent:
     """One event from its structured JSON form (already parsed)."""
     if not isinstance(document, dict):
-        raise InvalidCloudEvent("invalid_cloudevent", "a structured CloudEvent must be an object")
+        raise UnservableRecord("invalid_cloudevent", "a structured CloudEvent must be an object")
     _check_required(document)
     media_type = _media_type(document.get("datacontenttype"))
     data: Any = document.get("data")
@@ -101,7 +101,7 @@ def from_structured(document: Any) -> CloudEvent:
         try:
             raw = base64.b64decode(str(document["data_base64"]), validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidCloudEvent("invalid_cloudevent", "data_base64 is not base64") from None
+            raise UnservableRecord("invalid_cloudevent", "data_base64 is not base64") from None
         data = _decode_data(raw, media_type)
     elif isinstance(data, str) and _is_json(media_type) and media_type:
         # Some senders put JSON data as a string; a JSON content type says it is JSON.
@@ -136,7 +136,7 @@ def _decode_data(raw: bytes, media_type: str) -> Any:
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidCloudEvent("invalid_cloudevent", f"data is not valid JSON: {exc}") from None
+        raise UnservableRecord("invalid_cloudevent", f"data is not valid JSON: {exc}") from None
 
 
 def from_binary(headers: Mapping[str, str], body: bytes) -> CloudEvent:
@@ -164,7 +164,7 @@ def from_binary(headers: Mapping[str, str], body: bytes) -> CloudEvent:
 def parse_http(headers: Mapping[str, str], body: bytes) -> list[CloudEvent]:
     """The events of one HTTP request, in any of the three modes.
 
-    Raises :class:`InvalidCloudEvent` when the request is none of them or breaks the spec.
+    Raises :class:`UnservableRecord` when the request is none of them or breaks the spec.
     """
     lowered = {name.lower(): value for name, value in headers.items()}
     media_type = _media_type(lowered.get("content-type"))
@@ -172,12 +172,12 @@ def parse_http(headers: Mapping[str, str], body: bytes) -> list[CloudEvent]:
         try:
             document = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidCloudEvent(
+            raise UnservableRecord(
                 "invalid_cloudevent", f"the body is not valid JSON: {exc}"
             ) from None
         if media_type == BATCHED:
             if not isinstance(document, list):
-                raise InvalidCloudEvent("invalid_cloudevent", "a batch must be a JSON array")
+                raise UnservableRecord("invalid_cloudevent", "a batch must be a JSON array")
             return [from_structured(item) for item in document]
         return [from_structured(document)]
     if "ce-id" in lowered or "ce-specversion" in lowered:
@@ -188,12 +188,12 @@ def parse_http(headers: Mapping[str, str], body: bytes) -> list[CloudEvent]:
         try:
             document = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidCloudEvent(
+            raise UnservableRecord(
                 "invalid_cloudevent", f"the body is not valid JSON: {exc}"
             ) from None
         if isinstance(document, dict) and "specversion" in document:
             return [from_structured(document)]
-    raise InvalidCloudEvent(
+    raise UnservableRecord(
         "invalid_cloudevent",
         f"neither a structured CloudEvent ({STRUCTURED}) nor binary mode (ce-* headers); "
         f"content type {media_type or 'none'!r}",

@@ -68,14 +68,12 @@ from connectors.common.dead_letters import (
     source_event_key,
 )
 from connectors.common.dedupe import RecentKeys
-from connectors.common.exceptions import UnmappableRecord
 from connectors.common.invalidation import invalidation_message
 from connectors.common.mapping import Mapping
 from connectors.sap.client import ODataClient
 from connectors.sap.cloudevents import CloudEvent, parse_http
 from connectors.sap.exceptions import (
     EntityNotFound,
-    InvalidCloudEvent,
     ODataError,
     PreconditionFailed,
 )
@@ -101,6 +99,7 @@ from pipeline.kafka.events import decode_records
 from pipeline.kafka.producer import AsyncProducer, DeliveryError, OutgoingMessage
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
+from schemas.errors import UnservableRecord
 from schemas.exceptions import DecodeError
 from schemas.identity import message_key, request_id_for
 from schemas.models import InferenceRequest, InferenceResult, Invalidation, InvalidationKind
@@ -417,7 +416,7 @@ class SapConnector:
         again), 413 (nothing published) when a batch holds more than ``max_events`` events."""
         try:
             events = parse_http(headers, body)
-        except InvalidCloudEvent as invalid:
+        except UnservableRecord as invalid:
             return 200, await self._malformed_delivery(headers, body, invalid)
         if max_events is not None and len(events) > max_events:
             self.stats.too_many_events += 1
@@ -438,7 +437,7 @@ class SapConnector:
         return 200, {"outcomes": outcomes}
 
     async def _malformed_delivery(
-        self, headers: dict[str, str], body: bytes, invalid: InvalidCloudEvent
+        self, headers: dict[str, str], body: bytes, invalid: UnservableRecord
     ) -> dict[str, Any]:
         """Dead-letter a body that is no CloudEvent, once: a broker redelivers what it sent,
         and a second dead letter would be a second task for a person, about nothing new."""
@@ -507,15 +506,15 @@ class SapConnector:
         kind = event_kind(event.type)
         try:
             if not isinstance(event.data, dict):
-                raise UnmappableRecord("missing_key", "the event's data carries no entity keys")
+                raise UnservableRecord("missing_key", "the event's data carries no entity keys")
             try:
                 predicate = key_predicate(route.source, event.data)
             except KeyError as missing:
-                raise UnmappableRecord(
+                raise UnservableRecord(
                     "missing_key", f"the event's data lacks key field {missing.args[0]!r}"
                 ) from None
             except ValueError as invalid:
-                raise UnmappableRecord("invalid_key", str(invalid)) from None
+                raise UnservableRecord("invalid_key", str(invalid)) from None
             entity = route_subject(route.name, predicate)
             if kind is not EventKind.SCORE:
                 await self._invalidate(route, event, predicate, kind, request_id)
@@ -525,7 +524,7 @@ class SapConnector:
             try:
                 record = await route.odata.read_entity(predicate)
             except EntityNotFound as gone:
-                raise UnmappableRecord("entity_not_found", str(gone)) from None
+                raise UnservableRecord("entity_not_found", str(gone)) from None
             if await self._is_own_change(entity, record):
                 self.stats.own_changes += 1
                 self.stats.skipped_events["own_change"] += 1
@@ -541,7 +540,7 @@ class SapConnector:
                 self.stats.skipped_events["cancelled"] += 1
                 self._published.add(request_id)
                 return "skipped"
-        except UnmappableRecord as unmappable:
+        except UnservableRecord as unmappable:
             await self._dead_letter(
                 route,
                 payload,
@@ -582,7 +581,7 @@ class SapConnector:
         except ValidationError as invalid:
             # Hostile or oversized attributes (an id longer than the contract allows):
             # the event is unusable as sent, like a missing key.
-            raise UnmappableRecord(
+            raise UnservableRecord(
                 "invalid_event", f"the cancellation does not fit the contract: {invalid}"
             ) from None
         self._cancelled.add(
@@ -611,16 +610,16 @@ class SapConnector:
     async def _entity_id(self, route: Route, keys: dict[str, Any], predicate: str) -> str:
         """The entity id (the Kafka key of its requests) of a cancelled entity: from the
         event's keys when the template needs no more, else from the entity as SAP still
-        serves it (a cancelled document stays readable). ``UnmappableRecord`` when neither
+        serves it (a cancelled document stays readable). ``UnservableRecord`` when neither
         names it: an invalidation that no consumer could match is no invalidation."""
         try:
             return route.mapping.entity_id(keys)
-        except UnmappableRecord:
+        except UnservableRecord:
             pass
         try:
             record = await route.odata.read_entity(predicate)
         except EntityNotFound:
-            raise UnmappableRecord(
+            raise UnservableRecord(
                 "missing_key",
                 "the cancelled entity is gone and the event's keys do not fill the entity id",
             ) from None
@@ -687,11 +686,11 @@ class SapConnector:
                 changed = delta_value(record, route.source)
                 predicate = key_predicate(route.source, record.properties)
             except KeyError as missing:
-                raise UnmappableRecord(
+                raise UnservableRecord(
                     "missing_key", f"key field {missing.args[0]!r} is missing"
                 ) from None
             except ValueError as invalid:
-                raise UnmappableRecord("invalid_field", str(invalid)) from None
+                raise UnservableRecord("invalid_field", str(invalid)) from None
             entity = route_subject(route.name, predicate)
             if await self._is_own_change(entity, record):
                 self.stats.own_changes += 1
@@ -706,7 +705,7 @@ class SapConnector:
             )
             if self._is_cancelled(request):
                 return None, changed
-        except UnmappableRecord as unmappable:
+        except UnservableRecord as unmappable:
             if self._letter_written(letter):
                 self.stats.polled_letters_repeated += 1
                 return None, changed

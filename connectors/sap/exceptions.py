@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from connectors.common.exceptions import ConnectorError, UnmappableRecord
+from connectors.common.exceptions import ConnectorError
 
 
 class SapError(ConnectorError):
@@ -13,10 +13,6 @@ class SapConfigError(SapError):
     """The mapping's ``source`` or ``writeback`` section, or the auth settings, are invalid."""
 
 
-class InvalidCloudEvent(UnmappableRecord):
-    """An HTTP request that is not a valid CloudEvent (it is dead-lettered, not retried)."""
-
-
 class ODataError(SapError):
     """An OData call failed; ``status`` is the HTTP status (0 when none came back)."""
 
@@ -24,6 +20,7 @@ class ODataError(SapError):
         super().__init__(message)
         self.status = status
         self.transient = transient
+        """Whether the same call later may succeed (429, 5xx, transport): from the answer."""
 
 
 class EntityNotFound(ODataError):

@@ -18,11 +18,11 @@ from connectors.common.correlation import (
     secret_env_name,
     secrets_from_env,
 )
-from connectors.common.exceptions import UnmappableRecord
 from connectors.salesforce.exceptions import ConfigurationError
 from connectors.salesforce.runner import ConnectorOptions, SalesforceConnector
 from pipeline.cli import main as cli_main
 from pipeline.settings import Settings
+from schemas.errors import UnservableRecord
 
 SECRET = b"s" * 32
 OLD_SECRET = b"o" * 32
@@ -138,10 +138,10 @@ def test_hostile_correlation_ids_never_verify_nor_raise() -> None:
 
 
 def test_subjects_that_cannot_be_signed_are_unmappable() -> None:
-    with pytest.raises(UnmappableRecord) as too_long:
+    with pytest.raises(UnservableRecord) as too_long:
         _signer().sign("(" + "x" * MAX_CORRELATION_CHARS + ")", REQUEST)
     assert too_long.value.reason_code == "subject_too_long"
-    with pytest.raises(UnmappableRecord) as empty:
+    with pytest.raises(UnservableRecord) as empty:
         _signer().sign("", REQUEST)
     assert empty.value.reason_code == "invalid_subject"
     with pytest.raises(ValueError, match="badly formed"):

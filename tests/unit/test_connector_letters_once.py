@@ -22,7 +22,6 @@ from connectors.common.dead_letters import (
     unmappable_letter,
 )
 from connectors.common.dedupe import RecentKeys
-from connectors.common.exceptions import UnmappableRecord
 from connectors.common.mapping import load_mapping, parse_mapping
 from connectors.salesforce import cdc
 from connectors.salesforce.config import SourceConfig, input_fields
@@ -38,6 +37,7 @@ from connectors.sap.connector import (
 )
 from connectors.sap.odata import EntityRecord, EntitySource, Page
 from pipeline.settings import ModelSettings, Settings
+from schemas.errors import UnservableRecord
 from tests.unit.fakes import FakeClock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -170,7 +170,7 @@ class _Letters:
         self,
         model: str,
         payload: bytes,
-        why: UnmappableRecord,
+        why: UnservableRecord,
         record_id: str | None,
         source_event: str | None,
     ) -> None:

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from connectors.common.exceptions import MappingFileError, UnmappableRecord
+from connectors.common.exceptions import MappingFileError
 from connectors.common.mapping import Mapping, field_value, load_mapping, parse_mapping
 from pipeline.settings import Settings
+from schemas.errors import UnservableRecord
 from schemas.identity import request_id_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "connectors/sap/mappings/supplier_invoice.yaml"
@@ -95,7 +96,7 @@ def test_defaults_fill_missing_fields() -> None:
 
 
 def test_a_missing_field_names_its_path() -> None:
-    with pytest.raises(UnmappableRecord) as failure:
+    with pytest.raises(UnservableRecord) as failure:
         load_mapping(EXAMPLE).to_request(_invoice(InvoiceGrossAmount=None), source_event_id="e")
     assert failure.value.reason_code == "missing_field"
     assert "'InvoiceGrossAmount'" in failure.value.message
@@ -103,7 +104,7 @@ def test_a_missing_field_names_its_path() -> None:
 
 
 def test_a_missing_key_field_is_unmappable() -> None:
-    with pytest.raises(UnmappableRecord) as failure:
+    with pytest.raises(UnservableRecord) as failure:
         load_mapping(EXAMPLE).to_request(_invoice(CompanyCode=""), source_event_id="e")
     assert failure.value.reason_code == "missing_key"
     assert "CompanyCode" in failure.value.message
@@ -136,7 +137,7 @@ def test_values_convert_to_the_declared_type(value: object, kind: str, expected:
 )
 def test_wrong_types_are_unmappable(value: object, kind: str) -> None:
     mapping = _mapping(features={"x": {"path": "x", "type": kind}})
-    with pytest.raises(UnmappableRecord) as failure:
+    with pytest.raises(UnservableRecord) as failure:
         mapping.features({"x": value})
     assert failure.value.reason_code == "invalid_field"
     assert "'x'" in failure.value.message
@@ -156,7 +157,7 @@ def test_code_tables_with_and_without_a_default() -> None:
     lenient = _mapping(features={"x": {"path": "c", "transform": {**table, "map_default": 1}}})
     assert strict.features({"c": "AT"}) == {"x": 0.0}
     assert lenient.features({"c": "FR"}) == {"x": 1.0}
-    with pytest.raises(UnmappableRecord) as failure:
+    with pytest.raises(UnservableRecord) as failure:
         strict.features({"c": "FR"})
     assert failure.value.reason_code == "unknown_code"
 
@@ -177,7 +178,7 @@ def test_scale_and_date_transforms() -> None:
         now=NOW,
     )
     assert features == {"cents": 150.0, "age": 10.0, "due_in": 13.0}
-    with pytest.raises(UnmappableRecord, match="no date"):
+    with pytest.raises(UnservableRecord, match="no date"):
         mapping.features({"amount": 1, "created": "soon", "base": "2024-04-30"}, now=NOW)
 
 

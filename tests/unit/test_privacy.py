@@ -554,8 +554,8 @@ CONNECTOR_CANARY = "canary-7f3e9b@example.com"
 def test_a_connector_mapping_error_names_the_field_and_never_the_value(
     value: Any, spec: dict[str, Any]
 ) -> None:
-    from connectors.common.exceptions import UnmappableRecord
     from connectors.common.mapping import parse_mapping
+    from schemas.errors import UnservableRecord
 
     mapping = parse_mapping(
         {
@@ -566,7 +566,7 @@ def test_a_connector_mapping_error_names_the_field_and_never_the_value(
             "features": {"x": {"path": "x", **spec}},
         }
     )
-    with pytest.raises(UnmappableRecord) as failure:
+    with pytest.raises(UnservableRecord) as failure:
         mapping.features({"x": value}, now=NOW)
     assert "'x'" in failure.value.message
     assert "48213" not in failure.value.message

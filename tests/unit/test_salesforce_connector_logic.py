@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from connectors.common.exceptions import UnmappableRecord
 from connectors.common.mapping import parse_mapping
 from connectors.salesforce.config import entity_values, input_fields
 from connectors.salesforce.limits import OrgLimitBreaker
+from schemas.errors import UnservableRecord
 
 
 class _Clock:
@@ -83,5 +83,5 @@ def test_a_null_without_a_configured_value_or_default_is_unmappable_not_defaulte
     fields = input_fields(MAPPING)
     values = {"AnnualRevenue": None, "NumberOfEmployees": 12, "BillingAddress.City": None}
     entity = entity_values(values, fields, {})
-    with pytest.raises(UnmappableRecord, match="AnnualRevenue"):
+    with pytest.raises(UnservableRecord, match="AnnualRevenue"):
         MAPPING.features({**entity, "Id": "001A"})

@@ -35,8 +35,7 @@ from connectors.salesforce.exceptions import (
     ConfigurationError,
     PubSubError,
     ReplayIdRejectedError,
-    TransientPubSubError,
-    TransientRestError,
+    RestError,
 )
 from connectors.salesforce.pubsub import (
     REPLAY_ERROR_CODES,
@@ -147,12 +146,13 @@ def test_a_rejected_replay_id_is_its_own_error_never_a_transient_one() -> None:
 
 def test_rpc_errors_map_to_transient_or_permanent() -> None:
     unavailable = error_from_rpc(_RpcFailure(grpc.StatusCode.UNAVAILABLE, ()), "Subscribe")
-    assert isinstance(unavailable, TransientPubSubError)
+    assert unavailable.transient
     expired = error_from_rpc(_RpcFailure(grpc.StatusCode.UNAUTHENTICATED, ()), "GetTopic")
-    assert isinstance(expired, TransientPubSubError)
+    assert expired.transient
     assert expired.code == "UNAUTHENTICATED"
     denied = error_from_rpc(_RpcFailure(grpc.StatusCode.PERMISSION_DENIED, ()), "GetTopic")
     assert type(denied) is PubSubError
+    assert not denied.transient
 
 
 # ---------------------------------------------------------------------------- REST
@@ -225,8 +225,9 @@ def test_per_record_failures_are_paired_in_order_and_only_lock_errors_retry() ->
 
 
 def test_a_result_count_that_does_not_match_is_not_trusted() -> None:
-    with pytest.raises(TransientRestError, match="2 results for 3"):
+    with pytest.raises(RestError, match="2 results for 3") as mismatch:
         save_outcomes(_updates(3), [{"success": True}, {"success": True}])
+    assert mismatch.value.transient
 
 
 def test_soql_datetimes_are_utc_literals() -> None:

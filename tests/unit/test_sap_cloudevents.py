@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from connectors.sap.cloudevents import CloudEvent, from_structured, parse_http
-from connectors.sap.exceptions import InvalidCloudEvent
+from schemas.errors import UnservableRecord
 
 CREATED = "sap.s4.beh.supplierinvoice.v1.SupplierInvoice.Created.v1"
 
@@ -112,7 +112,7 @@ def test_the_structured_form_round_trips() -> None:
     ],
 )
 def test_invalid_requests_say_why(headers: dict[str, str], body: bytes, message: str) -> None:
-    with pytest.raises(InvalidCloudEvent, match=message) as failure:
+    with pytest.raises(UnservableRecord, match=message) as failure:
         parse_http(headers, body)
     assert failure.value.reason_code == "invalid_cloudevent"
 
@@ -135,5 +135,5 @@ def test_a_structured_event_sent_as_plain_json_is_accepted() -> None:
     ],
 )
 def test_plain_json_that_is_no_cloudevent_is_refused(body: bytes, message: str) -> None:
-    with pytest.raises(InvalidCloudEvent, match=message):
+    with pytest.raises(UnservableRecord, match=message):
         parse_http({"Content-Type": "application/json"}, body)
