@@ -24,14 +24,10 @@ from confluent_kafka import Message, TopicPartition
 import schemas
 from connectors.common.checkpoint import CheckpointStore
 from connectors.common.correlation import MissingSecretError, secrets_from_env
-from connectors.common.dead_letters import (
-    letter_privacy,
-    letter_source_event,
-    send_unmappable,
-)
+from connectors.common.dead_letters import letter_privacy, letter_source_event
 from connectors.common.dedupe import DedupeMetrics, RecentKeys
-from connectors.common.invalidation import invalidation_message
 from connectors.common.mapping import load_mapping
+from connectors.common.publishing import ConnectorPublisher
 from connectors.salesforce import cdc
 from connectors.salesforce.auth import Authenticator, flow_from_env
 from connectors.salesforce.config import (
@@ -55,7 +51,6 @@ from connectors.salesforce.exceptions import ConfigurationError
 from connectors.salesforce.limits import OrgLimitBreaker
 from connectors.salesforce.pubsub import PubSubClient
 from connectors.salesforce.rest import DEFAULT_API_VERSION, SalesforceRest
-from pipeline.client import BrokerUnavailableError, SluicewayClient
 from pipeline.kafka import clients
 from pipeline.kafka.admin import (
     end_offsets,
@@ -63,7 +58,7 @@ from pipeline.kafka.admin import (
     invalidation_topic_spec,
     model_topic_specs,
 )
-from pipeline.kafka.clients import ConsumerRole, ProducerRole
+from pipeline.kafka.clients import ConsumerRole
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.errors import UnservableRecord
@@ -282,9 +277,8 @@ class SalesforceConnector:
                     invalidation_topic_spec(ModelTopics(settings.namespace, model)),
                 ],
             )
-        self.client = SluicewayClient(settings, client_id=f"salesforce-{options.name}")
+        self.publisher = ConnectorPublisher(settings, f"salesforce-{options.name}")
         self.checkpoints = CheckpointStore(settings, f"salesforce-{options.name}")
-        self._producer = clients.producer(settings.kafka, role=ProducerRole.RELIABLE)
         self.ingest: IngestLoop | None = None
         self.writeback: WritebackLoop | None = None
         if options.reset_checkpoint:
@@ -303,17 +297,13 @@ class SalesforceConnector:
             record_id: str | None,
             source_event: str | None,
         ) -> None:
-            send_unmappable(
-                settings,
+            self.publisher.dead_letter(
                 model=model,
-                source_payload=payload,
-                reason_code=why.reason_code,
-                message=why.message,
+                payload=payload,
+                why=why,
                 source_system=SOURCE_SYSTEM,
-                producer=self._producer,
-                source_key=record_id,
-                connector=f"salesforce-{options.name}",
                 privacy=privacy.get(model),
+                source_key=record_id,
                 source_event=source_event,
             )
 
@@ -353,7 +343,7 @@ class SalesforceConnector:
                 batch_size=channel.batch_size,
                 pubsub=pubsub,
                 rest=self.rest,
-                publisher=self.client,
+                publisher=self.publisher.client,
                 invalidations=self._publish_invalidations,
                 checkpoints=self.checkpoints,
                 dead_letter=dead_letter,
@@ -387,34 +377,24 @@ class SalesforceConnector:
 
     def _publish_invalidations(self, notices: Sequence[InvalidationNotice]) -> None:
         """Write the invalidations, keyed by entity, and wait for every ack."""
-        failures: list[str] = []
-        for notice in notices:
-            invalidation = Invalidation(
-                event_id=request_id_for(SOURCE_SYSTEM, f"invalidation:{notice.source_event_id}"),
-                model=notice.model,
-                entity_key=notice.entity_key,
-                kind=InvalidationKind.DELETED,
-                source_system=SOURCE_SYSTEM,
-                source_event_id=notice.source_event_id,
-                occurred_at=datetime.fromtimestamp(notice.occurred_at_ms / 1000, UTC),
-                connector=f"salesforce-{self.options.name}",
-                reason=notice.reason,
-            )
-            key, value, headers = invalidation_message(invalidation)
-            kafka_headers: list[tuple[str, str | bytes | None]] = list(headers)
-            self._producer.produce(
-                ModelTopics(self.settings.namespace, notice.model).invalidations,
-                value,
-                key=key,
-                headers=kafka_headers,
-                on_delivery=lambda error, _message: (
-                    failures.append(error.str()) if error is not None else None
-                ),
-            )
-        if self._producer.flush(15.0) or failures:
-            raise BrokerUnavailableError(
-                f"invalidations not acknowledged: {failures[0] if failures else 'timeout'}"
-            )
+        self.publisher.invalidations(
+            [
+                Invalidation(
+                    event_id=request_id_for(
+                        SOURCE_SYSTEM, f"invalidation:{notice.source_event_id}"
+                    ),
+                    model=notice.model,
+                    entity_key=notice.entity_key,
+                    kind=InvalidationKind.DELETED,
+                    source_system=SOURCE_SYSTEM,
+                    source_event_id=notice.source_event_id,
+                    occurred_at=datetime.fromtimestamp(notice.occurred_at_ms / 1000, UTC),
+                    connector=f"salesforce-{self.options.name}",
+                    reason=notice.reason,
+                )
+                for notice in notices
+            ]
+        )
 
     def stop(self) -> None:
         if self.ingest is not None:
@@ -456,9 +436,8 @@ class SalesforceConnector:
             self.writeback.consumer.close()
         if self.ingest is not None:
             self.ingest.pubsub.close()
-        self.client.close()
+        self.publisher.close()
         self.checkpoints.close()
-        self._producer.flush(10)
         self.http.close()
 
 
