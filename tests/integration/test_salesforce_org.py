@@ -24,7 +24,7 @@ from connectors.salesforce.config import correlation_id, signer
 from connectors.salesforce.connector import IngestStats
 from connectors.salesforce.exceptions import ConfigurationError
 from connectors.salesforce.runner import ConnectorOptions, SalesforceConnector
-from connectors.sap.connector import dead_lettered_events
+from connectors.sap.history import dead_lettered_events
 from pipeline.kafka.admin import ensure_topics, model_topic_specs
 from pipeline.settings import ModelSettings, Settings
 from pipeline.topics import ModelTopics

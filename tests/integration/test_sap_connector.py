@@ -40,8 +40,8 @@ from connectors.sap.client import (
     OAuthClientCredentials,
     ODataClient,
 )
-from connectors.sap.connector import EVENTS_STREAM
 from connectors.sap.exceptions import EntityNotFound, ODataError, PreconditionFailed
+from connectors.sap.intake import EVENTS_STREAM
 from connectors.sap.odata import EntitySource
 from connectors.sap.writeback import WritebackCall, correlation_id, signer
 from pipeline.kafka.admin import describe_topics, end_offsets

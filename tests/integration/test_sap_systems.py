@@ -31,15 +31,9 @@ import schemas
 from connectors.common.correlation import ENV_VARIABLE
 from connectors.common.mapping import parse_mapping
 from connectors.sap.client import BasicCredentials, ODataClient
-from connectors.sap.connector import (
-    OUTCOMES,
-    ConnectorStats,
-    SapConnector,
-    build_route,
-    dead_lettered_events,
-    malformed_letter_key,
-    serve,
-)
+from connectors.sap.connector import ConnectorStats, SapConnector, build_route, serve
+from connectors.sap.core import OUTCOMES, malformed_letter_key
+from connectors.sap.history import dead_lettered_events
 from connectors.sap.odata import EntitySource
 from connectors.sap.webhook import SECRET_VAR, WebhookSecurity, security_from_options
 from pipeline.modeling.invoices import generate

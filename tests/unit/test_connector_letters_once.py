@@ -29,12 +29,8 @@ from connectors.salesforce.connector import IngestLoop, Route, letter_key
 from connectors.salesforce.pubsub import EventSchema, FetchBatch, ReceivedEvent
 from connectors.sap.client import BasicCredentials, ODataClient
 from connectors.sap.cloudevents import CloudEvent
-from connectors.sap.connector import (
-    SapConnector,
-    event_letter_key,
-    malformed_letter_key,
-    remember_letters,
-)
+from connectors.sap.connector import SapConnector
+from connectors.sap.core import event_letter_key, malformed_letter_key, remember_letters
 from connectors.sap.odata import EntityRecord, EntitySource, Page
 from pipeline.settings import ModelSettings, Settings
 from schemas.errors import UnservableRecord
@@ -332,11 +328,13 @@ def test_sap_dead_letters_an_event_and_a_malformed_body_once_and_names_them() ->
         body, headers = MALFORMED
         answers: list[Any] = []
         for _ in range(2):
-            answers.append(await connector.handle_http(headers, body))
-            answers.append(await connector.ingest_event(_keyless_event("e-1")))
+            answers.append(await connector.intake.handle_http(headers, body))
+            answers.append(await connector.intake.ingest_event(_keyless_event("e-1")))
         # Another system's event with the same id is another event.
-        answers.append(await connector.ingest_event(_keyless_event("e-1", "/default/sap.s4/Q4H")))
-        await connector.odata.close()
+        answers.append(
+            await connector.intake.ingest_event(_keyless_event("e-1", "/default/sap.s4/Q4H"))
+        )
+        await connector.routes[0].odata.close()
         return answers
 
     answers = asyncio.run(main())
@@ -356,9 +354,9 @@ def test_a_restarted_sap_connector_writes_no_letter_the_dlq_already_holds() -> N
 
     async def dead_letter_both(connector: SapConnector) -> list[str]:
         body, headers = MALFORMED
-        malformed = await connector.handle_http(headers, body)
-        event = await connector.ingest_event(_keyless_event("e-1"))
-        await connector.odata.close()
+        malformed = await connector.intake.handle_http(headers, body)
+        event = await connector.intake.ingest_event(_keyless_event("e-1"))
+        await connector.routes[0].odata.close()
         return [malformed[1]["outcome"], event]
 
     assert asyncio.run(dead_letter_both(_sap(first, FakeClock()))) == ["dead_letter"] * 2
@@ -367,7 +365,9 @@ def test_a_restarted_sap_connector_writes_no_letter_the_dlq_already_holds() -> N
     # What start() does with the DLQ's headers (dead_lettered_events), without a broker.
     keys = [key for key in first.source_events() if key is not None]
     assert remember_letters(
-        [*keys, "letter:uuid-1:-", "digest:00"], restarted._published, restarted._malformed
+        [*keys, "letter:uuid-1:-", "digest:00"],
+        restarted.core.memory.published,
+        restarted.core.memory.malformed,
     ) == (1, 1)
     assert asyncio.run(dead_letter_both(restarted)) == ["duplicate"] * 2
     assert second.sent == []
@@ -428,7 +428,7 @@ def _polling_sap(producer: FakeLetterProducer) -> tuple[SapConnector, _ChangesOn
         monotonic=FakeClock(),
         letter_producer=producer,  # type: ignore[arg-type]
     )
-    connector.checkpoints = _Checkpoints()  # type: ignore[assignment]
+    connector.core.checkpoints = _Checkpoints()  # type: ignore[assignment]
     return connector, odata
 
 
@@ -436,7 +436,7 @@ def test_polling_dead_letters_an_unmappable_change_once_however_often_it_is_read
     first = FakeLetterProducer()
     connector, odata = _polling_sap(first)
     for _ in range(3):
-        assert asyncio.run(connector.poll_once()) == 0
+        assert asyncio.run(connector.polling.poll_once()) == 0
     # The first poll reads twice (the second from the new position), each later one once.
     assert odata.reads == 4
     keys = first.source_events()
@@ -446,7 +446,11 @@ def test_polling_dead_letters_an_unmappable_change_once_however_often_it_is_read
 
     second = FakeLetterProducer()
     restarted, _ = _polling_sap(second)
-    remember_letters([key for key in keys if key], restarted._published, restarted._malformed)
-    assert asyncio.run(restarted.poll_once()) == 0
+    remember_letters(
+        [key for key in keys if key],
+        restarted.core.memory.published,
+        restarted.core.memory.malformed,
+    )
+    assert asyncio.run(restarted.polling.poll_once()) == 0
     assert second.sent == []
     assert restarted.stats.dead_lettered == 0

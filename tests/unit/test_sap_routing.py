@@ -11,9 +11,10 @@ import yaml
 
 from connectors.common.mapping import load_mapping
 from connectors.sap.cloudevents import CloudEvent
-from connectors.sap.connector import ConnectorStats, handshake_headers
+from connectors.sap.core import ConnectorStats
 from connectors.sap.exceptions import SapConfigError
 from connectors.sap.odata import EntitySource
+from connectors.sap.receiver import handshake_headers
 from connectors.sap.routing import (
     EventKind,
     RouteRule,
