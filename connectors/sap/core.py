@@ -41,7 +41,7 @@ from pipeline.topics import ModelTopics
 from schemas.errors import UnservableRecord
 from schemas.models import InferenceRequest, Invalidation
 
-log = logging.getLogger("connectors.sap.connector")
+log = logging.getLogger(__name__)
 
 OUTCOMES = ("request", "invalidation", "duplicate", "skipped", "dead_letter")
 """What became of an input event; each event has exactly one."""

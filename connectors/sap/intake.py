@@ -51,7 +51,7 @@ from schemas.errors import UnservableRecord
 from schemas.identity import request_id_for
 from schemas.models import Invalidation, InvalidationKind
 
-log = logging.getLogger("connectors.sap.connector")
+log = logging.getLogger(__name__)
 
 EVENTS_STREAM = "events"
 """Checkpoint stream of push mode: the id of the newest event whose request was acked."""

@@ -29,7 +29,7 @@ from schemas.errors import UnservableRecord
 from schemas.identity import request_id_for
 from schemas.models import InferenceRequest
 
-log = logging.getLogger("connectors.sap.connector")
+log = logging.getLogger(__name__)
 
 
 class DeltaPolling:

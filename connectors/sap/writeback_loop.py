@@ -30,7 +30,7 @@ from pipeline.resilience.retry import RetryPolicy
 from schemas.errors import UnservableRecord
 from schemas.models import InferenceResult
 
-log = logging.getLogger("connectors.sap.connector")
+log = logging.getLogger(__name__)
 
 PERMANENT_WRITE_STATUSES = frozenset({400, 404, 405, 409, 410, 422, 428})
 """Answers that no retry changes (the entity is gone, the field is not updatable): the result
