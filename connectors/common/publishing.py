@@ -11,6 +11,7 @@ call them on their threads, the SAP connector from asyncio through ``asyncio.to_
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 from confluent_kafka import Producer
@@ -37,8 +38,18 @@ class ConnectorPublisher:
     ) -> None:
         self.settings = settings
         self.connector = connector
-        self.client = SluicewayClient(settings, client_id=connector)
         self.producer = letters or clients.producer(settings.kafka, role=ProducerRole.RELIABLE)
+        self._client: SluicewayClient | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> SluicewayClient:
+        """The SDK client, made at first use: a connector that only dead-letters (or has not
+        published yet) holds no request producer."""
+        with self._lock:
+            if self._client is None:
+                self._client = SluicewayClient(self.settings, client_id=self.connector)
+            return self._client
 
     def requests(self, requests: Sequence[InferenceRequest], timeout_s: float = 30.0) -> None:
         """Publish requests to their models' requests topics; raises the SDK's errors."""
@@ -99,5 +110,6 @@ class ConnectorPublisher:
         )
 
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
         self.producer.flush(10)
