@@ -46,6 +46,7 @@ from connectors.common.correlation import CorrelationSigner, Rejected
 from connectors.common.dead_letters import source_event_key
 from connectors.common.dedupe import RecentKeys
 from connectors.common.mapping import Mapping
+from connectors.common.outcomes import OUTCOMES
 from connectors.salesforce import cdc
 from connectors.salesforce.config import (
     SalesforceRetries,
@@ -122,10 +123,6 @@ def letter_key(received: ReceivedEvent, record_id: str | None) -> str:
     return source_event_key(f"letter:{event}:{record_id or '-'}")
 
 
-OUTCOMES = ("request", "invalidation", "duplicate", "skipped", "dead_letter")
-"""Every input event ends with exactly one of these, in this order of precedence when the
-records of one event fare differently (an event naming two records, one dead-lettered and
-one requested, is a ``dead_letter``): the table adds up to the events read."""
 
 
 @dataclass(frozen=True)
@@ -572,6 +569,8 @@ class IngestLoop:
 
 
 _PRECEDENCE = ("dead_letter", "request", "invalidation", "duplicate", "skipped")
+"""Which outcome an event has when its records fare differently (an event naming two
+records, one dead-lettered and one requested, is a ``dead_letter``)."""
 
 
 # ---------------------------------------------------------------------------- writeback

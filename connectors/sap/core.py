@@ -30,6 +30,7 @@ from connectors.common.correlation import CorrelationSigner
 from connectors.common.dead_letters import LetterPrivacy, letter_privacy, source_event_key
 from connectors.common.dedupe import RecentKeys
 from connectors.common.mapping import Mapping
+from connectors.common.outcomes import OUTCOMES
 from connectors.common.publishing import ConnectorPublisher
 from connectors.sap.client import ODataClient
 from connectors.sap.cloudevents import CloudEvent
@@ -43,8 +44,6 @@ from schemas.models import InferenceRequest, Invalidation
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("request", "invalidation", "duplicate", "skipped", "dead_letter")
-"""What became of an input event; each event has exactly one."""
 MALFORMED_ROUTE = "(malformed)"
 """Where a delivery that is no CloudEvent is counted: it names no route."""
 

@@ -30,9 +30,10 @@ from pydantic import BaseModel, SecretStr
 import schemas
 from connectors.common.correlation import ENV_VARIABLE
 from connectors.common.mapping import parse_mapping
+from connectors.common.outcomes import OUTCOMES
 from connectors.sap.client import BasicCredentials, ODataClient
 from connectors.sap.connector import ConnectorStats, SapConnector, build_route, serve
-from connectors.sap.core import OUTCOMES, malformed_letter_key
+from connectors.sap.core import malformed_letter_key
 from connectors.sap.history import dead_lettered_events
 from connectors.sap.odata import EntitySource
 from connectors.sap.webhook import SECRET_VAR, WebhookSecurity, security_from_options
