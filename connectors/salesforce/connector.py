@@ -123,8 +123,6 @@ def letter_key(received: ReceivedEvent, record_id: str | None) -> str:
     return source_event_key(f"letter:{event}:{record_id or '-'}")
 
 
-
-
 @dataclass(frozen=True)
 class Route:
     """One mapping of the connector: the entity it serves and how."""
