@@ -11,7 +11,7 @@ transiently does :meth:`VllmBackend.infer` raise, so that the worker retries the
 its circuit breaker counts the failure.
 
 Request building and response parsing are pure functions below the I/O class and are unit
-tested on their own; the adapter is verified against ``tests/openai_server.py``, a protocol
+tested on their own; the adapter is verified against ``devkit/servers/openai_server.py``, a protocol
 test server built from vLLM's documented responses (see ``docs/vllm.md``).
 """
 

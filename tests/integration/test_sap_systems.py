@@ -42,7 +42,7 @@ from connectors.sap.connector import (
 )
 from connectors.sap.odata import EntitySource
 from connectors.sap.webhook import SECRET_VAR, WebhookSecurity, security_from_options
-from pipeline.modeling.invoices import generate
+from devkit.modeling.invoices import generate
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.models import (

@@ -1,4 +1,4 @@
-"""The vLLM backend against the OpenAI protocol test server (tests/openai_server.py).
+"""The vLLM backend against the OpenAI protocol test server (devkit/servers/openai_server.py).
 
 No real vLLM runs here (no GPU, no model hub): the server answers the way vLLM's documented
 OpenAI-compatible server does, with fake deterministic generation. These tests do not use the
@@ -21,6 +21,7 @@ import httpx2
 import pytest
 from pydantic import SecretStr
 
+from devkit.servers.openai_server import OpenAIProtocolServer
 from pipeline.backends.base import RowInput, RowOutput, TextPrompt
 from pipeline.backends.exceptions import BackendError, PermanentBackendError
 from pipeline.backends.vllm import (
@@ -31,7 +32,6 @@ from pipeline.backends.vllm import (
     VllmTransientError,
 )
 from pipeline.settings import VllmSettings
-from tests.openai_server import OpenAIProtocolServer
 
 MODEL = "sluiceway-llm"
 LORA = "summarizer-lora-v2"
@@ -323,7 +323,15 @@ def test_the_server_answers_health_and_models(server: OpenAIProtocolServer) -> N
 
 
 def test_the_server_runs_as_a_process_until_sigterm() -> None:
-    command = [sys.executable, "-m", "tests.openai_server", "--port", "0", "--model", "demo-llm"]
+    command = [
+        sys.executable,
+        "-m",
+        "devkit.servers.openai_server",
+        "--port",
+        "0",
+        "--model",
+        "demo-llm",
+    ]
     with subprocess.Popen(
         command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as proc:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.batchjobs.examples import invoice_records, write_example
+from devkit.demo.examples import invoice_records, write_example
+from devkit.modeling.invoices import FEATURES as INVOICE_RISK_FEATURES
+from devkit.settings import load_demo_settings
 from pipeline.batchjobs.formats import (
     InputFormatError,
     SourceRecord,
@@ -24,7 +26,7 @@ from pipeline.batchjobs.lifecycle import (
 )
 from pipeline.batchjobs.records import BatchItem, RecordError, RecordParser
 from pipeline.batchjobs.submit import validate
-from pipeline.settings import INVOICE_RISK_FEATURES, ModelSettings, Settings
+from pipeline.settings import ModelSettings
 from schemas.models import BatchCounts, BatchInputFormat, BatchJob, BatchJobStatus
 
 FEATURE_MODEL = ModelSettings(backend="triton", feature_order=INVOICE_RISK_FEATURES)
@@ -161,7 +163,7 @@ def test_validation_reports_duplicates_with_both_lines(tmp_path: Path) -> None:
     records = list(invoice_records(5))
     records[3]["custom_id"] = records[1]["custom_id"]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    report = validate(path, BatchInputFormat.JSONL, Settings(), "invoice_risk")
+    report = validate(path, BatchInputFormat.JSONL, load_demo_settings(), "invoice_risk")
     assert report.records == 5
     assert report.invalid == 1
     error = report.first_errors[0]

@@ -10,7 +10,7 @@ import pytest
 
 from connectors.common.exceptions import MappingFileError, UnmappableRecord
 from connectors.common.mapping import Mapping, field_value, load_mapping, parse_mapping
-from pipeline.settings import Settings
+from devkit.settings import load_demo_settings
 from schemas.identity import request_id_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "connectors/sap/mappings/supplier_invoice.yaml"
@@ -50,7 +50,7 @@ def _mapping(**changes: Any) -> Mapping:
 def test_the_example_fills_every_feature_of_the_demo_model() -> None:
     mapping = load_mapping(EXAMPLE)
     assert mapping.model == "invoice_risk"
-    assert mapping.missing_features(Settings().models["invoice_risk"].feature_order) == []
+    assert mapping.missing_features(load_demo_settings().models["invoice_risk"].feature_order) == []
 
 
 def test_the_example_maps_an_sap_invoice() -> None:

@@ -10,11 +10,11 @@ import subprocess
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.settings import Settings
-from pipeline.stack.exceptions import HealthTimeoutError, PortInUseError, StackError
-from pipeline.stack.installers import Progress
-from pipeline.stack.process import port_open, wait_until
-from pipeline.stack.services import Service, all_services
+from devkit.settings import LocalSettings
+from devkit.stack.exceptions import HealthTimeoutError, PortInUseError, StackError
+from devkit.stack.installers import Progress
+from devkit.stack.process import port_open, wait_until
+from devkit.stack.services import Service, all_services
 
 State = Literal["healthy", "starting", "unhealthy", "stopped"]
 
@@ -70,7 +70,7 @@ def _await_healthy(service: Service, timeout_s: float) -> None:
     )
 
 
-def up(settings: Settings, progress: Progress = print) -> list[ServiceStatus]:
+def up(settings: LocalSettings, progress: Progress = print) -> list[ServiceStatus]:
     """Bring every service up (reusing healthy ones) and return their status.
 
     1. Install what the cache lacks (Kafka jars, MinIO binary, Triton venv).
@@ -99,7 +99,7 @@ def up(settings: Settings, progress: Progress = print) -> list[ServiceStatus]:
     return [_status_of(service, reused=service.name in reused) for service in services]
 
 
-def down(settings: Settings, progress: Progress = print) -> list[str]:
+def down(settings: LocalSettings, progress: Progress = print) -> list[str]:
     """Stop the processes this stack started, last started first; return their names."""
     stopped = []
     for service in reversed(all_services(settings)):
@@ -109,11 +109,11 @@ def down(settings: Settings, progress: Progress = print) -> list[str]:
     return stopped
 
 
-def status(settings: Settings) -> list[ServiceStatus]:
+def status(settings: LocalSettings) -> list[ServiceStatus]:
     return [_status_of(service) for service in all_services(settings)]
 
 
-def logs(settings: Settings, service_name: str | None, lines: int) -> dict[str, str]:
+def logs(settings: LocalSettings, service_name: str | None, lines: int) -> dict[str, str]:
     """Return the last ``lines`` of each service's log (or of one service's)."""
     services = all_services(settings)
     names = [service.name for service in services]

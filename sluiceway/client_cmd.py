@@ -92,7 +92,7 @@ def publish_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _example_invoice() -> dict[str, Any]:
-    from pipeline.modeling.invoices import FEATURES, generate
+    from devkit.modeling.invoices import FEATURES, generate
 
     row = generate(1, seed=42).x[0]
     return {

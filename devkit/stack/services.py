@@ -1,8 +1,8 @@
 """The three servers of the native stack: how each is installed, configured, started and probed.
 
-Each service is a small object over the settings; :mod:`pipeline.stack.manager` drives them.
+Each service is a small object over the settings; :mod:`devkit.stack.manager` drives them.
 Every service's command line contains the absolute state folder, which is how a pidfile's
-process is recognised as ours (see :class:`~pipeline.stack.process.ManagedProcess`).
+process is recognised as ours (see :class:`~devkit.stack.process.ManagedProcess`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.settings import KafkaSettings, ObjectStoreSettings, Settings
-from pipeline.stack.exceptions import StackError
-from pipeline.stack.installers import (
+from devkit.settings import LocalSettings
+from devkit.stack.exceptions import StackError
+from devkit.stack.installers import (
     PROJECT_ROOT,
     Progress,
     install_kafka,
@@ -30,8 +30,9 @@ from pipeline.stack.installers import (
     install_triton,
     triton_paths,
 )
-from pipeline.stack.minio_security import ensure_kms_key, prepare_certs_dir
-from pipeline.stack.process import ManagedProcess, port_open
+from devkit.stack.minio_security import ensure_kms_key, prepare_certs_dir
+from devkit.stack.process import ManagedProcess, port_open
+from pipeline.settings import KafkaSettings, ObjectStoreSettings
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class Service(ABC):
 
     name: str
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: LocalSettings) -> None:
         self.settings = settings
         self.stack = settings.stack
         self.state_dir = resolve(self.stack.state_dir)
@@ -198,7 +199,7 @@ class KafkaService(Service):
         }
 
     def _secured_properties(self) -> dict[str, str]:
-        from pipeline.stack.kafka_security import secured_listener_properties
+        from devkit.stack.kafka_security import secured_listener_properties
 
         return secured_listener_properties(self.settings)
 
@@ -219,7 +220,7 @@ class KafkaService(Service):
         classpath = f"{self._libs}/*"
         java = ["java", f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
         if self.secured:
-            from pipeline.stack.oauth import ensure_issuer
+            from devkit.stack.oauth import ensure_issuer
 
             # Kafka 4 reads an OAuth URL only when this system property allows it.
             jwks_url = ensure_issuer(self.state_dir).jwks_file.as_uri()
@@ -264,8 +265,8 @@ class KafkaService(Service):
         command += ["-c", str(properties)]
         secret: str | None = None
         if self.secured:
+            from devkit.stack.secrets import KafkaSecrets
             from pipeline.principals import ADMIN
-            from pipeline.stack.secrets import KafkaSecrets
 
             # Only the admin at format time (its password is on this command line for the
             # second it runs); every other user is added through the admin client.
@@ -289,7 +290,7 @@ class KafkaService(Service):
         stale bindings are reported, not removed."""
         if not self.secured:
             return
-        from pipeline.stack.kafka_security import apply_stack_acls
+        from devkit.stack.kafka_security import apply_stack_acls
 
         report = apply_stack_acls(self.settings)
         added = report.users_created
@@ -308,7 +309,7 @@ class KafkaService(Service):
         if not self.secured:
             # The local broker listens in plaintext whatever the deployment's security settings.
             return KafkaSettings(bootstrap_servers=self.endpoint())
-        from pipeline.stack.kafka_security import admin_kafka_settings
+        from devkit.stack.kafka_security import admin_kafka_settings
 
         return admin_kafka_settings(self.settings)
 
@@ -441,7 +442,7 @@ class TritonService(Service):
         )
         # The demo model's weights are build outputs, not committed: train them before Triton
         # loads the repository (deterministic, a few seconds).
-        from pipeline.modeling.training import ensure_trained
+        from devkit.modeling.training import ensure_trained
 
         ensure_trained(resolve(self.stack.model_repository), progress)
 
@@ -492,7 +493,7 @@ class TritonService(Service):
         return f"127.0.0.1:{self.stack.triton_grpc_port}"
 
 
-def all_services(settings: Settings) -> list[Service]:
+def all_services(settings: LocalSettings) -> list[Service]:
     return [KafkaService(settings), MinioService(settings), TritonService(settings)]
 
 

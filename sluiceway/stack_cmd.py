@@ -8,13 +8,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.settings import Settings
-from pipeline.stack import manager
-from pipeline.stack.exceptions import StackError
-from pipeline.stack.kafka_security import MECHANISMS, credential_environment
-from pipeline.stack.oauth import ensure_issuer
-from pipeline.stack.secrets import check_principal
-from pipeline.stack.services import resolve
+from devkit.settings import LocalSettings
+from devkit.stack import manager
+from devkit.stack.exceptions import StackError
+from devkit.stack.kafka_security import MECHANISMS, credential_environment
+from devkit.stack.oauth import ensure_issuer
+from devkit.stack.secrets import check_principal
+from devkit.stack.services import resolve
 
 
 def register(subparsers: Any) -> None:
@@ -40,7 +40,7 @@ def register(subparsers: Any) -> None:
     )
     token.add_argument("principal")
     token.add_argument("--lifetime-s", type=float, default=3600.0)
-    parser.set_defaults(handler=run_stack)
+    parser.set_defaults(handler=run_stack, local_stack=True)
 
 
 def format_table(rows: Sequence[manager.ServiceStatus]) -> str:
@@ -62,7 +62,7 @@ def format_table(rows: Sequence[manager.ServiceStatus]) -> str:
     )
 
 
-def run_stack(args: argparse.Namespace, settings: Settings) -> int:
+def run_stack(args: argparse.Namespace, settings: LocalSettings) -> int:
     action: str = args.stack_action
     if action == "up":
         started = time.monotonic()

@@ -14,7 +14,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from pipeline.stack.tls import ensure_authority
+from devkit.stack.tls import ensure_authority
 
 KMS_KEY_NAME = "sluiceway-stack"
 KMS_KEY_FILE = "minio-kms.key"

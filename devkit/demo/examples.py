@@ -13,7 +13,7 @@ from typing import Any
 
 import fastavro
 
-from pipeline.modeling.invoices import FEATURES, generate
+from devkit.modeling.invoices import FEATURES, generate
 from schemas.models import BatchInputFormat
 
 _CHUNK = 50_000

@@ -53,13 +53,17 @@ def plan_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def grant_command(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.stack.services import MinioService
+    from devkit.settings import load_local_settings
+    from devkit.stack.services import MinioService
     from pipeline.storage.client import ensure_encrypted_bucket, make_client
     from pipeline.storage.grants import apply_grants
     from pipeline.storage.policies import plan_grants
 
     grants = plan_grants(settings)
-    folder: Path = args.credentials_dir or MinioService(settings).credentials_dir
+    # The default folder is the local stack's; a deployment names its own.
+    folder: Path = (
+        args.credentials_dir or MinioService(load_local_settings(args.config)).credentials_dir
+    )
     store = settings.object_store
     ensure_encrypted_bucket(make_client(store), store.bucket)
     files = apply_grants(store, grants, folder)

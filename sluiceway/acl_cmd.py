@@ -1,15 +1,17 @@
 """``sluiceway acl plan|apply``: least-privilege Kafka ACLs derived from the settings.
 
-Which models a connector serves comes from ``stack.kafka_connectors`` (name -> models), or,
-when given, from ``--connector NAME=MODEL[,MODEL...]`` flags, which then replace it whole.
-``apply`` against the secured local stack (``stack.secured``) runs as the stack's ``admin``
-and also creates the principals' SCRAM users; otherwise it runs with the ``kafka`` settings,
-which must then be an administrator's (users are the identity provider's business there).
+Which models a connector serves comes from ``--connector NAME=MODEL[,MODEL...]`` flags; with
+``--local-stack``, from the local stack's ``stack.kafka_connectors`` unless flags replace it
+whole. ``apply`` with ``--local-stack`` against the secured local stack (``stack.secured``)
+runs as the stack's ``admin`` and also creates the principals' SCRAM users; otherwise it runs
+with the ``kafka`` settings, which must then be an administrator's (users are the identity
+provider's business there).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
 from pipeline.kafka import acl_admin, acls
@@ -38,12 +40,20 @@ def register(subparsers: Any) -> None:
             help="a connector and the models it serves (repeatable; replaces "
             "stack.kafka_connectors)",
         )
+        sub.add_argument(
+            "--local-stack",
+            action="store_true",
+            help="the local stack's settings: its connectors and demo models, and on the "
+            "secured stack, apply as its admin (creating SCRAM users)",
+        )
     parser.set_defaults(handler=run_acl)
 
 
-def parse_connectors(values: list[str] | None, settings: Settings) -> dict[str, tuple[str, ...]]:
+def parse_connectors(
+    values: list[str] | None, defaults: Mapping[str, tuple[str, ...]]
+) -> dict[str, tuple[str, ...]]:
     if values is None:
-        return dict(settings.stack.kafka_connectors)
+        return dict(defaults)
     connectors: dict[str, tuple[str, ...]] = {}
     for value in values:
         name, separator, models = value.partition("=")
@@ -57,17 +67,25 @@ def parse_connectors(values: list[str] | None, settings: Settings) -> dict[str, 
 
 
 def run_acl(args: argparse.Namespace, settings: Settings) -> int:
-    connectors = parse_connectors(args.connector, settings)
+    local = None
+    if args.local_stack:
+        from devkit.settings import LocalSettings
+
+        assert isinstance(settings, LocalSettings)  # what main() loads for --local-stack
+        local = settings
+    connectors = parse_connectors(
+        args.connector, {} if local is None else local.stack.kafka_connectors
+    )
     grants = acls.plan(settings, connectors)
     if args.acl_action == "plan":
         for grant in grants:
             print(grant.line())
         print(f"{len(grants)} ACLs for {len(acls.principals(settings, connectors))} principals")
         return 0
-    if settings.stack.secured:
-        from pipeline.stack.kafka_security import apply_stack_acls
+    if local is not None and local.stack.secured:
+        from devkit.stack.kafka_security import apply_stack_acls
 
-        report = apply_stack_acls(settings, connectors, prune=args.prune)
+        report = apply_stack_acls(local, connectors, prune=args.prune)
     else:
         report = acl_admin.apply(
             settings.kafka, grants, prune=args.prune, namespace=settings.namespace

@@ -20,7 +20,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from pipeline.stack.secrets import secrets_dir, write_secret_once
+from devkit.stack.secrets import secrets_dir, write_secret_once
 
 ISSUER = "sluiceway-local-stack"
 AUDIENCE = "sluiceway-kafka"

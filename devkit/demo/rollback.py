@@ -18,16 +18,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from devkit.demo.feeds import LabelledFeed
+from devkit.modeling.cases import CASE_MODEL
+from devkit.modeling.training import DEMO_MODEL
+from devkit.settings import LocalSettings
+from devkit.stack.services import resolve
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, monitor_topic_specs
 from pipeline.kafka.events import TopicTail, send_control
-from pipeline.modeling.cases import CASE_MODEL
-from pipeline.modeling.training import DEMO_MODEL
-from pipeline.settings import Settings
-from pipeline.stack.services import resolve
+from pipeline.settings import AnySettings, Settings
 from pipeline.storage.client import make_client
 from pipeline.topics import ModelTopics, control_topic, drift_topic
 from schemas.models import ControlAction, ControlEvent, DriftDecision, DriftReport
-from workers.feeds import LabelledFeed
 from workers.inference.runner import prepare_topics_and_bucket
 from workers.processes import Principals, ServiceProcess, as_principal
 
@@ -60,7 +61,7 @@ class RollbackStory:
         )
 
 
-def _demo_settings(settings: Settings, window_s: float, rate: float) -> Settings:
+def _demo_settings(settings: AnySettings, window_s: float, rate: float) -> AnySettings:
     monitor = settings.monitor.model_copy(
         update={
             "window_s": window_s,
@@ -96,7 +97,7 @@ def _wait(
 
 
 @contextlib.contextmanager
-def _services(settings: Settings, principals: Principals | None) -> Iterator[None]:
+def _services(settings: LocalSettings, principals: Principals | None) -> Iterator[None]:
     logs = resolve(settings.stack.state_dir) / "logs"
     models = [DEMO_MODEL, CASE_MODEL]
     with contextlib.ExitStack() as stack:
@@ -118,7 +119,7 @@ def _services(settings: Settings, principals: Principals | None) -> Iterator[Non
 
 
 def run_rollback_story(
-    settings: Settings,
+    settings: LocalSettings,
     progress: Progress = print,
     *,
     window_s: float = 3.0,

@@ -25,9 +25,16 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.settings import INVOICE_RISK_FEATURES
-
-FEATURES: tuple[str, ...] = INVOICE_RISK_FEATURES
+FEATURES: tuple[str, ...] = (
+    "amount_eur",
+    "vendor_tenure_days",
+    "payment_terms_days",
+    "days_to_due",
+    "past_late_payments",
+    "new_bank_account",
+    "foreign_vendor",
+    "manual_entry",
+)
 """Column order of ``Dataset.x``; the Triton model's input tensor uses the same order."""
 
 Shift = Literal["amount_cents", "young_vendors"]

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from pipeline.stack.exceptions import InstallError, ToolMissingError
+from devkit.stack.exceptions import InstallError, ToolMissingError
 
 Progress = Callable[[str], None]
 

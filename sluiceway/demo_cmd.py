@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from pipeline.settings import Settings
+from devkit.settings import LocalSettings
 
 if TYPE_CHECKING:
     from workers.processes import Principals as PrincipalsType
@@ -43,12 +43,12 @@ def register(subparsers: Any) -> None:
         help="a real vLLM server's /v1 URL for the case route (default: the protocol test "
         "server from tests/, started for the run)",
     )
-    parser.set_defaults(handler=run_demo_command)
+    parser.set_defaults(handler=run_demo_command, local_stack=True)
 
 
-def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
+def run_demo_command(args: argparse.Namespace, settings: LocalSettings) -> int:
     # The demo lives with the workers; importing it lazily keeps `sluiceway --help` fast.
-    from workers.demo import render_report, run_demo
+    from devkit.demo.run import render_report, run_demo
 
     principals = None
     if settings.stack.secured:
@@ -67,14 +67,14 @@ def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.ok else 1
 
 
-def _secured_local_stack(settings: Settings) -> tuple[Settings, PrincipalsType]:
+def _secured_local_stack(settings: LocalSettings) -> tuple[LocalSettings, PrincipalsType]:
     """On the secured local stack every process of the demo signs in as its own principal
     (SCRAM over TLS; the stack's ``admin`` for the operator's actions) and reaches MinIO over
     https trusting the stack's CA."""
+    from devkit.demo.run import MODEL, TEXT_MODEL
+    from devkit.stack.kafka_security import admin_kafka_settings, principal_kafka_settings
+    from devkit.stack.services import MinioService
     from pipeline.principals import CLIENT, MONITOR, worker_principal
-    from pipeline.stack.kafka_security import admin_kafka_settings, principal_kafka_settings
-    from pipeline.stack.services import MinioService
-    from workers.demo import MODEL, TEXT_MODEL
     from workers.processes import Principals
 
     admin = admin_kafka_settings(settings)

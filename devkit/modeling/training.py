@@ -16,20 +16,20 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.modeling.invoices import FEATURES, Shift, generate
-from pipeline.modeling.logistic import LinearModel, train, write_npz
-from pipeline.modeling.metrics import (
+from devkit.modeling.invoices import FEATURES, Shift, generate
+from devkit.modeling.logistic import LinearModel, train, write_npz
+from devkit.modeling.metrics import (
     calibration_table,
     expected_calibration_error,
     log_loss,
     roc_auc,
 )
+from workers.monitor.references import REFERENCE_SAMPLE
 
 DEMO_MODEL = "invoice_risk"
 VERSIONS: dict[str, Shift | None] = {"1": None, "2": "amount_cents"}
 """Version -> the distribution shift of its training extract."""
 REFERENCE_VERSION = "1"
-REFERENCE_SAMPLE = "reference_sample.npz"
 """Reference-distribution invoices the drift monitor compares live traffic against."""
 REFERENCE_SAMPLE_ROWS = 5_000
 L2 = 1.0

@@ -30,7 +30,7 @@ work is provably unfinished, whatever the machine's speed); ``requests_total``, 
 ``max_concurrency`` count what was observed; ``requests`` records what was received.
 
 Use it as a context manager (``with OpenAIProtocolServer() as server: server.base_url``) or
-as a process: ``python -m tests.openai_server --port 8080 --model NAME``.
+as a process: ``python -m devkit.servers.openai_server --port 8080 --model NAME``.
 """
 
 from __future__ import annotations
@@ -666,7 +666,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.openai_server",
+        prog="python -m devkit.servers.openai_server",
         description="Protocol test server answering like vLLM's OpenAI-compatible API "
         "(fake, deterministic generation; not vLLM).",
     )

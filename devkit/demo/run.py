@@ -1,7 +1,7 @@
 """The end-to-end job ``make demo`` runs: SAP invoices and Salesforce cases through Sluiceway.
 
 It starts one inference worker serving two routes. ``invoice_risk`` (the trained demo model in
-Triton, see ``pipeline/modeling``) scores supplier invoices published the way the SAP connector
+Triton, see ``devkit/modeling``) scores supplier invoices published the way the SAP connector
 would, every fourth asking for an explanation. ``case_summary`` (vLLM's OpenAI-compatible API)
 summarises Salesforce support cases, every fourth with token log-probabilities. No real vLLM can
 run on these machines, so unless ``vllm_url`` names one, the route is served by the vLLM protocol
@@ -36,17 +36,19 @@ import tritonclient.grpc as triton_grpc
 from confluent_kafka import ConsumerGroupState, KafkaException, TopicPartition
 
 import schemas
+from devkit.demo.rollback import RollbackStory, render_story, run_rollback_story
+from devkit.modeling.cases import CASE_MODEL, generate_cases
+from devkit.modeling.invoices import FEATURES, generate
+from devkit.modeling.logistic import LinearModel
+from devkit.modeling.training import DEMO_MODEL
+from devkit.settings import LocalSettings
+from devkit.stack import manager
+from devkit.stack.services import resolve
 from pipeline.console import ProgressBar
 from pipeline.kafka import clients
 from pipeline.kafka.admin import end_offsets
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
-from pipeline.modeling.cases import CASE_MODEL, generate_cases
-from pipeline.modeling.invoices import FEATURES, generate
-from pipeline.modeling.logistic import LinearModel
-from pipeline.modeling.training import DEMO_MODEL
-from pipeline.settings import Settings
-from pipeline.stack import manager
-from pipeline.stack.services import resolve
+from pipeline.settings import AnySettings, Settings
 from pipeline.storage.client import make_client
 from pipeline.topics import ModelTopics
 from schemas.models import (
@@ -59,7 +61,6 @@ from schemas.models import (
     TextInput,
 )
 from schemas.rendering import readable
-from workers.demo_rollback import RollbackStory, render_story, run_rollback_story
 from workers.inference.contracts import TOP_K_ATTRIBUTIONS as TOP_K
 from workers.inference.runner import prepare_topics_and_bucket
 from workers.inference.worker import worker_group_id
@@ -299,7 +300,7 @@ def _triton_counts(settings: Settings) -> tuple[int, int]:
         client.close()
 
 
-def _model(settings: Settings, version: str) -> LinearModel:
+def _model(settings: LocalSettings, version: str) -> LinearModel:
     folder = resolve(settings.stack.model_repository) / MODEL / version
     return LinearModel.load(folder / "weights.npz")
 
@@ -330,7 +331,7 @@ def _check_invoices(
     requests: list[InferenceRequest],
     found: dict[str, tuple[InferenceResult, float]],
     sent_at: dict[str, float],
-    settings: Settings,
+    settings: LocalSettings,
 ) -> None:
     models: dict[str, LinearModel] = {}
     for request in requests:
@@ -409,7 +410,9 @@ def _check_cases(
 
 
 @contextlib.contextmanager
-def _vllm_endpoint(settings: Settings, vllm_url: str | None) -> Iterator[tuple[Settings, str]]:
+def _vllm_endpoint(
+    settings: AnySettings, vllm_url: str | None
+) -> Iterator[tuple[AnySettings, str]]:
     """Settings whose vLLM backend is ``vllm_url``, or the protocol test server started here."""
     if vllm_url is not None:
         yield _with_vllm_url(settings, vllm_url), f"vLLM at {vllm_url}"
@@ -421,23 +424,17 @@ def _vllm_endpoint(settings: Settings, vllm_url: str | None) -> Iterator[tuple[S
 
 @contextlib.contextmanager
 def _protocol_server() -> Iterator[str]:
-    """Run ``tests/openai_server.py`` as a process for the demo's text route (no vLLM runs
-    on these machines); it ships with the source tree, not with the package."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "tests" / "openai_server.py").is_file():
-        raise RuntimeError(
-            "the vLLM protocol test server (tests/openai_server.py) is not in this install; "
-            "run the demo from a source checkout or pass --vllm-url"
-        )
+    """Run ``devkit/servers/openai_server.py`` as a process for the demo's text route (no vLLM
+    runs on these machines)."""
     command = [
         sys.executable,
         "-m",
-        "tests.openai_server",
+        "devkit.servers.openai_server",
         "--port=0",
         f"--model={TEXT_MODEL}",
         f"--latency-s={PROTOCOL_SERVER_LATENCY_S}",
     ]
-    process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         first_line = process.stdout.readline()  # printed once the socket is bound
@@ -452,7 +449,7 @@ def _protocol_server() -> Iterator[str]:
             process.stdout.close()
 
 
-def _with_vllm_url(settings: Settings, url: str) -> Settings:
+def _with_vllm_url(settings: AnySettings, url: str) -> AnySettings:
     vllm = settings.backends.vllm.model_copy(update={"base_url": url})
     backends = settings.backends.model_copy(update={"vllm": vllm})
     return settings.model_copy(update={"backends": backends})
@@ -545,7 +542,7 @@ def _dead_letters(settings: Settings, models: list[str]) -> int:
 
 
 async def _run(
-    settings: Settings,
+    settings: LocalSettings,
     count: int,
     cases: int,
     rate: float,
@@ -613,7 +610,7 @@ async def _run(
 
 
 def run_demo(
-    settings: Settings,
+    settings: LocalSettings,
     count: int = DEFAULT_REQUESTS,
     progress: Progress = print,
     *,

@@ -1,12 +1,12 @@
 """The secured stack's secrets: generated once per state folder, kept under ``<state>/secrets``.
 
-* ``ca.pem`` / ``ca-key.pem``: the stack's CA (:mod:`pipeline.stack.tls`); ``kafka.pem`` and
+* ``ca.pem`` / ``ca-key.pem``: the stack's CA (:mod:`devkit.stack.tls`); ``kafka.pem`` and
   ``kafka-key.pem`` the broker's server certificate, ``clients/<principal>.pem`` client
   certificates for mTLS (CN = principal).
 * ``kafka-users/<principal>``: each Kafka principal's SCRAM password
   (``secrets.token_urlsafe``), mode 0600. Printed only by ``sluiceway stack credentials``.
 * ``oauth-issuer-key.pem`` and ``oauth-jwks.json``: the local token issuer
-  (:mod:`pipeline.stack.oauth`).
+  (:mod:`devkit.stack.oauth`).
 
 Every file is created with ``O_EXCL``: two processes racing to create a secret agree on the
 first one written, and a secret, once handed out, never changes under its holder.
@@ -20,10 +20,10 @@ import secrets
 import time
 from pathlib import Path
 
+from devkit.stack.exceptions import StackError
+from devkit.stack.tls import Authority, KeyPair, ensure_authority
 from pipeline.kafka.acls import PRINCIPAL_NAME
 from pipeline.principals import ADMIN
-from pipeline.stack.exceptions import StackError
-from pipeline.stack.tls import Authority, KeyPair, ensure_authority
 
 SECRETS_FOLDER = "secrets"
 PASSWORD_BYTES = 32

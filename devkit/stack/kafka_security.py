@@ -11,14 +11,15 @@ from typing import Literal
 
 from pydantic import SecretStr
 
+from devkit.settings import LocalSettings
+from devkit.stack.exceptions import StackError
+from devkit.stack.oauth import AUDIENCE, ISSUER, ensure_issuer
+from devkit.stack.secrets import KafkaSecrets, check_principal
+from devkit.stack.services import resolve
 from pipeline.kafka import acl_admin, acls
 from pipeline.kafka.acl_admin import ApplyReport
 from pipeline.principals import ADMIN
-from pipeline.settings import KafkaSettings, Settings
-from pipeline.stack.exceptions import StackError
-from pipeline.stack.oauth import AUDIENCE, ISSUER, ensure_issuer
-from pipeline.stack.secrets import KafkaSecrets, check_principal
-from pipeline.stack.services import resolve
+from pipeline.settings import KafkaSettings
 
 Mechanism = Literal["scram", "mtls", "oauth"]
 MECHANISMS: tuple[Mechanism, ...] = ("scram", "mtls", "oauth")
@@ -33,7 +34,7 @@ def _jaas(module: str, **options: str) -> str:
     return f"{module} required {rendered};"
 
 
-def secured_listener_properties(settings: Settings) -> dict[str, str]:
+def secured_listener_properties(settings: LocalSettings) -> dict[str, str]:
     """The ``server.properties`` entries that secure the local broker (they replace the
     plaintext listeners)."""
     stack = settings.stack
@@ -115,11 +116,11 @@ def secured_listener_properties(settings: Settings) -> dict[str, str]:
     }
 
 
-def _state_dir(settings: Settings) -> Path:
+def _state_dir(settings: LocalSettings) -> Path:
     return resolve(settings.stack.state_dir)
 
 
-def admin_kafka_settings(settings: Settings) -> KafkaSettings:
+def admin_kafka_settings(settings: LocalSettings) -> KafkaSettings:
     """The secured stack's ``admin`` over SCRAM: what the stack's own admin calls use."""
     secrets = KafkaSecrets(_state_dir(settings))
     return KafkaSettings(
@@ -134,7 +135,7 @@ def admin_kafka_settings(settings: Settings) -> KafkaSettings:
 
 
 def credential_environment(
-    settings: Settings, principal: str, mechanism: Mechanism
+    settings: LocalSettings, principal: str, mechanism: Mechanism
 ) -> dict[str, str]:
     """``SLUICEWAY_KAFKA__*`` variables that make a process connect as ``principal``.
 
@@ -174,7 +175,7 @@ def credential_environment(
 
 
 def principal_kafka_settings(
-    settings: Settings, principal: str, mechanism: Mechanism = "scram"
+    settings: LocalSettings, principal: str, mechanism: Mechanism = "scram"
 ) -> KafkaSettings:
     """The Kafka settings that connect a process of the secured local stack as ``principal``
     (what ``credential_environment`` prints, as settings)."""
@@ -189,7 +190,7 @@ def principal_kafka_settings(
 
 
 def apply_stack_acls(
-    settings: Settings,
+    settings: LocalSettings,
     connectors: Mapping[str, Sequence[str]] | None = None,
     *,
     prune: bool = False,

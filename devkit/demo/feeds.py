@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import schemas
+from devkit.modeling.invoices import FEATURES, Shift, generate
 from pipeline.kafka import clients
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
-from pipeline.modeling.invoices import FEATURES, Shift, generate
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.models import Feedback, InferenceRequest, InferenceResult, Inputs, Source

@@ -273,7 +273,7 @@ def results_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def example_command(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.batchjobs.examples import write_example
+    from devkit.demo.examples import write_example
     from pipeline.batchjobs.formats import detect_format
 
     input_format = detect_format(str(args.output))

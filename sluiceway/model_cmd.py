@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pipeline.modeling.training import DEMO_MODEL, train_versions
-from pipeline.settings import Settings
-from pipeline.stack.services import resolve
+from devkit.modeling.training import DEMO_MODEL, train_versions
+from devkit.settings import LocalSettings
+from devkit.stack.services import resolve
 
 
 def register(subparsers: Any) -> None:
@@ -27,10 +27,10 @@ def register(subparsers: Any) -> None:
         default=None,
         help=f"model folder (default: <stack.model_repository>/{DEMO_MODEL})",
     )
-    train.set_defaults(handler=train_command)
+    train.set_defaults(handler=train_command, local_stack=True)
 
 
-def train_command(args: argparse.Namespace, settings: Settings) -> int:
+def train_command(args: argparse.Namespace, settings: LocalSettings) -> int:
     out = args.out or resolve(settings.stack.model_repository) / DEMO_MODEL
     metrics = train_versions(out, seed=args.seed, n=args.rows)
     print(f"trained {DEMO_MODEL} into {out} (seed {args.seed}, {args.rows} rows per version)")
