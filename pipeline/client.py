@@ -22,9 +22,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
 
-import numpy as np
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -36,14 +34,31 @@ from confluent_kafka import (
 
 import schemas
 from pipeline import tracing
-from pipeline.errors import SluicewayError
 from pipeline.kafka import clients
 from pipeline.kafka.admin import TopicSpec, ensure_topics
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
+from schemas.errors import SluicewayError
 from schemas.exceptions import DecodeError
+from schemas.identity import message_key, request_id_for
 from schemas.models import InferenceRequest, InferenceResult, ResultStatus
+from schemas.rendering import readable
+
+__all__ = [
+    "AsyncSluicewayClient",
+    "BrokerUnavailableError",
+    "ClientError",
+    "DeliveryError",
+    "InferTimeoutError",
+    "Receipt",
+    "RequestFailedError",
+    "SluicewayClient",
+    # The request identity and result rendering live with the contracts (schemas/); the SDK
+    # offers them too, since a publisher needs both.
+    "readable",
+    "request_id_for",
+]
 
 REPLY_RETENTION_MS = 60 * 60 * 1000
 """Replies are for the client that waits now; an hour is plenty."""
@@ -92,36 +107,6 @@ class Receipt:
     offset: int
 
 
-_NUMPY_DTYPES = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4"}
-
-
-def readable(result: InferenceResult) -> dict[str, Any]:
-    """The result as a person (or a JSON tool) reads it: tensors as nested lists of numbers."""
-    data: dict[str, Any] = result.model_dump(mode="json", exclude_none=True, exclude={"outputs"})
-    outputs = result.outputs
-    if outputs is not None and outputs.tensors:
-        data["outputs"] = {
-            t.name: np.frombuffer(t.data, dtype=_NUMPY_DTYPES[t.datatype.value])
-            .reshape(t.shape)
-            .tolist()
-            for t in outputs.tensors
-            if t.datatype.value in _NUMPY_DTYPES
-        }
-    elif outputs is not None and outputs.text is not None:
-        data["outputs"] = outputs.text.model_dump(mode="json", exclude_none=True)
-    return data
-
-
-def request_id_for(source_system: str, source_event_id: str) -> uuid.UUID:
-    """A request id derived from the source event, so a redelivered event is the same request."""
-    return uuid.uuid5(uuid.NAMESPACE_URL, f"sluiceway:{source_system}:{source_event_id}")
-
-
-def _message_key(request: InferenceRequest) -> str:
-    # The business entity keeps one entity's requests in order on one partition.
-    return request.source.entity_id if request.source else str(request.request_id)
-
-
 class SluicewayClient:
     def __init__(self, settings: Settings, *, client_id: str | None = None) -> None:
         self.settings = settings
@@ -167,7 +152,7 @@ class SluicewayClient:
                     self._producer.produce(
                         topics[request.model],
                         schemas.encode(request),
-                        key=_message_key(request),
+                        key=message_key(request),
                         headers=list(schemas.message_headers(request.AVRO_NAME)),
                         on_delivery=delivered(index, str(request.request_id)),
                     )

@@ -25,13 +25,16 @@ import os
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from pipeline.errors import SluicewayError
+from schemas.errors import SluicewayError
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
 Treatment = Literal["drop", "hash", "mask"]
 OriginalMode = Literal["keep", "encrypt", "drop"]
@@ -297,3 +300,12 @@ def withheld(error: BaseException) -> str:
     """An unforeseen error as outgoing text: its type only, since its message may quote
     the record's values."""
     return f"{type(error).__name__} (message withheld: it may quote the record)"
+
+
+def original_policy(settings: Settings) -> OriginalPolicy:
+    """``workers.dead_letter_original`` with its key, ready to apply."""
+    key = settings.workers.dead_letter_key
+    return OriginalPolicy(
+        settings.workers.dead_letter_original,
+        None if key is None else decode_key(key.get_secret_value()),
+    )

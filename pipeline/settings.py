@@ -38,8 +38,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from pipeline.errors import SluicewayError
 from pipeline.privacy import decode_key
+from schemas.errors import SluicewayError
 
 CONFIG_ENV_VAR = "SLUICEWAY_CONFIG"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pipeline.errors import SluicewayError
+from schemas.errors import SluicewayError
 
 
 class DecodeReason(StrEnum):
@@ -72,11 +72,8 @@ class DecodeError(SchemaError):
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
         self.detail = message
-
-    @property
-    def transient(self) -> bool:
-        """True when retrying later may succeed (the message is not poison)."""
-        return self.reason is DecodeReason.REGISTRY_UNAVAILABLE
+        # Only an unreachable registry may answer differently later; the bytes are not poison.
+        self.transient = reason is DecodeReason.REGISTRY_UNAVAILABLE
 
 
 class EncodeError(SchemaError):
@@ -86,8 +83,4 @@ class EncodeError(SchemaError):
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
         self.detail = message
-
-    @property
-    def transient(self) -> bool:
-        """True when retrying later may succeed."""
-        return self.reason is EncodeReason.REGISTRY_UNAVAILABLE
+        self.transient = reason is EncodeReason.REGISTRY_UNAVAILABLE

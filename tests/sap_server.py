@@ -64,7 +64,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 import httpx2
 from aiohttp import web
 
-from pipeline.client import request_id_for
+from schemas.identity import request_id_for
 
 V2_SERVICE = "/sap/opu/odata/sap/API_SUPPLIERINVOICE_PROCESS_SRV"
 V2_ENTITY_SET = "A_SupplierInvoice"

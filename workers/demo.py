@@ -36,7 +36,6 @@ import tritonclient.grpc as triton_grpc
 from confluent_kafka import ConsumerGroupState, KafkaException, TopicPartition
 
 import schemas
-from pipeline.client import readable
 from pipeline.console import ProgressBar
 from pipeline.kafka import clients
 from pipeline.kafka.admin import end_offsets
@@ -59,6 +58,7 @@ from schemas.models import (
     Source,
     TextInput,
 )
+from schemas.rendering import readable
 from workers.demo_rollback import RollbackStory, render_story, run_rollback_story
 from workers.inference.contracts import TOP_K_ATTRIBUTIONS as TOP_K
 from workers.inference.runner import prepare_topics_and_bucket

@@ -25,11 +25,11 @@ from confluent_kafka import (
 )
 
 from connectors.common.exceptions import CheckpointError
-from pipeline.errors import SluicewayError
 from pipeline.kafka import clients
 from pipeline.kafka.admin import TopicSpec, end_offsets, ensure_topics
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import Settings
+from schemas.errors import SluicewayError
 
 
 def checkpoint_topic(namespace: str) -> str:

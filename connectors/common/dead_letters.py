@@ -42,13 +42,13 @@ from pipeline.privacy import (
     FeatureValue,
     OriginalPolicy,
     configuration_problems,
+    original_policy,
     scrub_values,
 )
 from pipeline.settings import Settings, SettingsError
 from pipeline.topics import ModelTopics
+from schemas.headers import connect_error_headers, dead_letter_headers
 from schemas.models import DeadLetter, Header
-from workers.inference.contracts import connect_error_headers, dead_letter_headers
-from workers.inference.sink import original_policy
 
 UNMAPPABLE_ERROR_CLASS = "UnmappableRecord"
 WITHHELD = "(detail withheld: it may quote the record)"

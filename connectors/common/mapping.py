@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from connectors.common.dates import parse_datetime
 from connectors.common.exceptions import MappingFileError, UnmappableRecord
-from pipeline.client import request_id_for
+from schemas.identity import request_id_for
 from schemas.models import InferenceRequest, Inputs, Source
 
 FeatureType = Literal["float", "int", "str", "bool"]

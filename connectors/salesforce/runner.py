@@ -55,7 +55,7 @@ from connectors.salesforce.exceptions import ConfigurationError
 from connectors.salesforce.limits import OrgLimitBreaker
 from connectors.salesforce.pubsub import PubSubClient
 from connectors.salesforce.rest import DEFAULT_API_VERSION, SalesforceRest
-from pipeline.client import BrokerUnavailableError, SluicewayClient, request_id_for
+from pipeline.client import BrokerUnavailableError, SluicewayClient
 from pipeline.kafka import clients
 from pipeline.kafka.admin import (
     end_offsets,
@@ -67,6 +67,7 @@ from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.exceptions import DecodeError
+from schemas.identity import request_id_for
 from schemas.models import InferenceRequest, Invalidation, InvalidationKind
 
 log = logging.getLogger("sluiceway.connectors.salesforce")

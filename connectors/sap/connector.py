@@ -94,7 +94,6 @@ from connectors.sap.writeback import (
     signer,
 )
 from pipeline import tracing
-from pipeline.client import request_id_for
 from pipeline.kafka import clients
 from pipeline.kafka.admin import ensure_topics, invalidation_topic_spec, model_topic_specs
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
@@ -102,6 +101,7 @@ from pipeline.kafka.producer import AsyncProducer, DeliveryError, OutgoingMessag
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.exceptions import DecodeError
+from schemas.identity import message_key, request_id_for
 from schemas.models import InferenceRequest, InferenceResult, Invalidation, InvalidationKind
 
 log = logging.getLogger(__name__)
@@ -762,7 +762,7 @@ class SapConnector:
                     OutgoingMessage(
                         route.topics.requests,
                         schemas.encode(request),
-                        request.source.entity_id if request.source else str(request.request_id),
+                        message_key(request),
                         list(schemas.message_headers(request.AVRO_NAME)),
                     )
                     for request in sent

@@ -49,8 +49,8 @@ from connectors.common.dates import parse_datetime, to_iso_utc
 from connectors.sap.exceptions import SapConfigError
 from connectors.sap.odata import EntitySource, entity_path
 from connectors.sap.routing import split_subject
-from pipeline.client import readable
 from schemas.models import InferenceResult, ResultStatus
+from schemas.rendering import readable
 
 CORRELATION_PREFIX = "sap"
 

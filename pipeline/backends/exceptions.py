@@ -7,7 +7,7 @@ send the affected requests to the dead-letter topic at once.
 
 from __future__ import annotations
 
-from pipeline.errors import SluicewayError
+from schemas.errors import SluicewayError
 
 
 class BackendError(SluicewayError):

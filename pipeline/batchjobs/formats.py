@@ -18,7 +18,7 @@ from typing import Any
 
 import fastavro
 
-from pipeline.errors import SluicewayError
+from schemas.errors import SluicewayError
 from schemas.models import BatchInputFormat
 
 _SUFFIXES = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from pipeline.errors import SluicewayError
+from schemas.errors import SluicewayError
 from schemas.models import BatchCounts, BatchJob, BatchJobStatus
 
 _S = BatchJobStatus

@@ -22,10 +22,10 @@ from minio import Minio
 from minio.commonconfig import CopySource
 from minio.error import S3Error
 
-from pipeline.errors import SluicewayError
 from pipeline.settings import Settings
 from pipeline.storage.client import ensure_bucket, make_client
 from pipeline.storage.exceptions import ObjectStoreError
+from schemas.errors import SluicewayError
 from schemas.models import BatchJob, BatchJobStatus
 
 FINAL_STATUSES = frozenset(

@@ -19,8 +19,8 @@ from pipeline.batchjobs.ledger import Ledger
 from pipeline.batchjobs.lifecycle import advance
 from pipeline.batchjobs.records import BatchItem, RecordError, RecordParser
 from pipeline.batchjobs.store import JobStore
-from pipeline.errors import SluicewayError
 from pipeline.settings import Settings
+from schemas.errors import SluicewayError
 from schemas.models import BatchCounts, BatchInputFormat, BatchJob, BatchJobStatus
 
 ERRORS_SHOWN = 20

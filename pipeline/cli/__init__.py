@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipeline import __version__, tracing
-from pipeline.errors import SluicewayError
 from pipeline.settings import Settings, load_settings
+from schemas.errors import SluicewayError
 
 SUBCOMMAND_MODULES = (
     "pipeline.cli.stack_cmd",

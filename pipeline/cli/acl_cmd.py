@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.errors import SluicewayError
 from pipeline.kafka import acl_admin, acls
 from pipeline.settings import Settings
+from schemas.errors import SluicewayError
 
 
 def register(subparsers: Any) -> None:

@@ -108,8 +108,9 @@ def _example_invoice() -> dict[str, Any]:
 
 
 def infer_command(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.client import ClientError, RequestFailedError, SluicewayClient, readable
+    from pipeline.client import ClientError, RequestFailedError, SluicewayClient
     from schemas.models import InferenceRequest, Inputs, TextInput
+    from schemas.rendering import readable
 
     if args.example:
         request = InferenceRequest.model_validate(
@@ -151,7 +152,8 @@ def _safe_name(text: str) -> str:
 
 
 def subscribe_command(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.client import SluicewayClient, readable
+    from pipeline.client import SluicewayClient
+    from schemas.rendering import readable
 
     shown = 0
     with SluicewayClient(settings) as client:

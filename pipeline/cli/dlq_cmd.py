@@ -35,9 +35,9 @@ from pipeline.deadletters.selection import (
     parse_selector,
     select,
 )
-from pipeline.errors import SluicewayError
 from pipeline.privacy import ORIGINAL_HEADER, associated_data, decode_key, open_original
 from pipeline.settings import Settings
+from schemas.errors import SluicewayError
 from schemas.models import DeadLetter
 
 

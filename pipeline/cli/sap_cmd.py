@@ -32,8 +32,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import SluicewayError
 from pipeline.settings import Settings
+from schemas.errors import SluicewayError
 
 if TYPE_CHECKING:
     from connectors.common.mapping import Mapping

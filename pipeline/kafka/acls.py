@@ -39,7 +39,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from pipeline.errors import SluicewayError
 from pipeline.principals import (
     BATCH,
     CLIENT,
@@ -56,6 +55,7 @@ from pipeline.topics import (
     control_topic,
     drift_topic,
 )
+from schemas.errors import SluicewayError
 
 PRINCIPAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """What a principal name may be: it is a SCRAM user, a certificate CN and a JWT ``sub`` at

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.errors import SluicewayError
+from schemas.errors import SluicewayError
 
 
 class StackError(SluicewayError):

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeline import principals
-from pipeline.errors import SluicewayError
 from pipeline.settings import Settings
 from pipeline.storage.segments import path_segment
 from pipeline.topics import ModelTopics
+from schemas.errors import SluicewayError
 
 POLICY_VERSION = "2012-10-17"
 DEAD_LETTERS_FOLDER = "dead-letters"

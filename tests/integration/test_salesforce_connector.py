@@ -31,7 +31,6 @@ from connectors.salesforce.exceptions import (
 from connectors.salesforce.limits import OrgLimitBreaker
 from connectors.salesforce.rest import RecordUpdate, SalesforceRest
 from connectors.salesforce.runner import ConnectorOptions, SalesforceConnector
-from pipeline.client import request_id_for
 from pipeline.kafka import clients
 from pipeline.kafka.admin import end_offsets
 from pipeline.kafka.clients import ConsumerRole
@@ -39,6 +38,7 @@ from pipeline.modeling.invoices import generate
 from pipeline.resilience.retry import RetryPolicy
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
+from schemas.identity import request_id_for
 from schemas.models import (
     DeadLetter,
     InferenceRequest,

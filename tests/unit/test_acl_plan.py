@@ -10,7 +10,6 @@ from confluent_kafka.admin._acl import AclBinding, AclOperation, AclPermissionTy
 from confluent_kafka.admin._resource import ResourcePatternType, ResourceType
 
 from pipeline.cli.acl_cmd import parse_connectors
-from pipeline.errors import SluicewayError
 from pipeline.kafka import acl_admin
 from pipeline.kafka.acls import (
     AclPlanError,
@@ -23,6 +22,7 @@ from pipeline.kafka.acls import (
 from pipeline.kafka.acls import ResourceType as Resource
 from pipeline.settings import ModelSettings, Settings, load_settings
 from pipeline.topics import ModelTopics
+from schemas.errors import SluicewayError
 
 NS = "inference"
 DEMO_CONNECTORS = {"sap": ("invoice_risk",), "salesforce": ("case_summary",)}

@@ -10,8 +10,8 @@ import pytest
 
 from connectors.common.exceptions import MappingFileError, UnmappableRecord
 from connectors.common.mapping import Mapping, field_value, load_mapping, parse_mapping
-from pipeline.client import request_id_for
 from pipeline.settings import Settings
+from schemas.identity import request_id_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "connectors/sap/mappings/supplier_invoice.yaml"
 NOW = datetime(2024, 5, 1, tzinfo=UTC)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from connectors.common.dead_letters import encode_letter, unmappable_letter
+from schemas.headers import CONNECT_MESSAGE_BYTES
 from tests.unit.fakes import FakeMessage
 from workers.inference import contracts
-from workers.inference.contracts import CONNECT_MESSAGE_BYTES
 
 
 def _worker_headers(detail: str, topic: str = "inference.scaler.requests") -> dict[str, bytes]:

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from pipeline.errors import SluicewayError
 from pipeline.settings import Settings
+from schemas.errors import SluicewayError
 from workers.api.openai_format import ApiError
 from workers.api.paging import page_request
 from workers.api.service import ApiService

@@ -53,8 +53,6 @@ from pipeline.batchjobs.records import (
     generated_custom_id,
 )
 from pipeline.batchjobs.store import ERRORS_FILE, RESULTS_FILE, JobStore
-from pipeline.client import readable, request_id_for
-from pipeline.errors import SluicewayError
 from pipeline.kafka import clients
 from pipeline.kafka.admin import (
     batch_progress_topic_spec,
@@ -67,7 +65,9 @@ from pipeline.settings import Settings
 from pipeline.topics import ModelTopics, batch_progress_topic
 from schemas import default_codec
 from schemas.codec import AvroCodec
+from schemas.errors import SluicewayError
 from schemas.exceptions import DecodeError
+from schemas.identity import request_id_for
 from schemas.models import (
     BatchCounts,
     BatchJob,
@@ -77,6 +77,7 @@ from schemas.models import (
     InferenceResult,
     ResultStatus,
 )
+from schemas.rendering import readable
 
 log = logging.getLogger(__name__)
 

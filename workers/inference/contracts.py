@@ -26,6 +26,7 @@ from pipeline.settings import ModelSettings
 from pipeline.storage.segments import path_segment
 from schemas import AvroCodec, Limits, default_catalog, default_codec, message_headers
 from schemas.exceptions import DecodeError
+from schemas.headers import connect_error_headers, dead_letter_headers
 from schemas.models import (
     NAMESPACE,
     Attribution,
@@ -636,33 +637,3 @@ def rejected_result(
     shown = _scrubbed(policy, message, request.inputs.features)
     record["error_message"] = _clean(shown, 4000) or None
     return record
-
-
-def dead_letter_headers(reason: str, error_class: str, attempts: int) -> list[tuple[str, bytes]]:
-    """Headers of a dead letter: its contract, and why, readable without decoding it."""
-    return [
-        *message_headers(DeadLetter.AVRO_NAME),
-        ("sluiceway-dlq-reason", reason.encode()),
-        ("sluiceway-dlq-error-class", error_class.encode()),
-        ("sluiceway-dlq-attempts", str(attempts).encode()),
-    ]
-
-
-CONNECT_MESSAGE_BYTES = 1024
-"""The most of a letter's reason text its Kafka Connect header carries (the letter has it all)."""
-
-
-def connect_error_headers(
-    topic: str, partition: int, offset: int, error_class: str, message: str
-) -> list[tuple[str, bytes]]:
-    """Kafka Connect's ``__connect.errors.*`` headers, as its dead letter queue reporter writes
-    them (numbers as decimal text), so tools built for Connect DLQs read ours. Bounded: they
-    sit beside the letter's own headers, under the same producer limit."""
-    text = message.encode("utf-8", "backslashreplace")[:CONNECT_MESSAGE_BYTES]
-    return [
-        ("__connect.errors.topic", topic.encode("utf-8", "backslashreplace")[:1024]),
-        ("__connect.errors.partition", str(partition).encode()),
-        ("__connect.errors.offset", str(offset).encode()),
-        ("__connect.errors.exception.class.name", error_class.encode("utf-8", "backslashreplace")),
-        ("__connect.errors.exception.message", text.decode("utf-8", "ignore").encode()),
-    ]

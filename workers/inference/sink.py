@@ -32,7 +32,7 @@ from pipeline.kafka.producer import DeliveryError, OutgoingMessage
 from pipeline.kafka.watermark import OffsetTracker
 from pipeline.metrics import WorkerMetrics
 from pipeline.payload_log import PayloadLogger
-from pipeline.privacy import FeaturePolicy, OriginalPolicy, decode_key
+from pipeline.privacy import FeaturePolicy, original_policy
 from pipeline.resilience import RetryPolicy
 from pipeline.settings import Settings
 from pipeline.storage.exceptions import ObjectKeyRefused, ObjectStoreError
@@ -464,15 +464,6 @@ def feature_policy(settings: Settings, model: str) -> FeaturePolicy:
     return FeaturePolicy(
         dict(settings.models[model].pii),
         None if key is None else key.get_secret_value().encode(),
-    )
-
-
-def original_policy(settings: Settings) -> OriginalPolicy:
-    """``workers.dead_letter_original`` with its key, ready to apply."""
-    key = settings.workers.dead_letter_key
-    return OriginalPolicy(
-        settings.workers.dead_letter_original,
-        None if key is None else decode_key(key.get_secret_value()),
     )
 
 

@@ -14,11 +14,11 @@ import numpy as np
 from minio import Minio
 from minio.error import S3Error
 
-from pipeline.errors import SluicewayError
 from pipeline.modeling.training import REFERENCE_SAMPLE
 from pipeline.monitoring.windows import Reference
 from pipeline.settings import Settings
 from pipeline.stack.services import resolve
+from schemas.errors import SluicewayError
 
 
 class ReferenceMissingError(SluicewayError):
