@@ -37,6 +37,7 @@ from pipeline import tracing
 from pipeline.kafka import clients
 from pipeline.kafka.admin import TopicSpec, ensure_topics
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
+from pipeline.kafka.exceptions import ClientError, DeliveryError
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.errors import SluicewayError
@@ -70,16 +71,8 @@ _UNREACHABLE = {
 }
 
 
-class ClientError(SluicewayError):
-    """Base class of the SDK's errors."""
-
-
 class BrokerUnavailableError(ClientError):
     """Kafka could not be reached (or did not acknowledge) within the timeout."""
-
-
-class DeliveryError(ClientError):
-    """The broker refused the request (too large, not authorised, unknown topic, ...)."""
 
 
 class InferTimeoutError(ClientError, TimeoutError):
@@ -169,8 +162,10 @@ class SluicewayClient:
         for index in range(len(requests)):
             outcome = outcomes[index]
             if isinstance(outcome, KafkaError):
-                kind = BrokerUnavailableError if outcome.code() in _UNREACHABLE else DeliveryError
-                raise kind(f"request {requests[index].request_id}: {outcome.str()}")
+                refused = f"request {requests[index].request_id}"
+                if outcome.code() in _UNREACHABLE:
+                    raise BrokerUnavailableError(f"{refused}: {outcome.str()}")
+                raise DeliveryError.reported(topics[requests[index].model], outcome, refused)
             receipts.append(outcome)
         return receipts
 

@@ -50,7 +50,7 @@ def _stored(
             Header(key="h", value=b"v"),
             Header(key=REPLAYED_FROM_HEADER, value=b"x"),
         ],
-        error_class="RejectedRecord",
+        error_class="UnservableRecord",
         reason_code=reason,
         reason_message="why",
         attempts=1,

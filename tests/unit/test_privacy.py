@@ -262,7 +262,7 @@ def _letter(
         message,
         "invalid_feature",
         detail,
-        "RejectedRecord",
+        "UnservableRecord",
         0,
         1_764_000_000_000,
         model="scaler",
