@@ -15,11 +15,22 @@ from typing import Any
 
 from pydantic import Field
 
-from pipeline.settings import Settings, _Section, load_settings_as
+from pipeline.settings import Settings, _Section, load_settings_as, read_settings_file
 
-DEMO_SETTINGS_FILE = Path(__file__).resolve().parent / "demo" / "settings.yaml"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEMO_SETTINGS_FILE = PROJECT_ROOT / "devkit" / "demo" / "settings.yaml"
 """The demo's models (``invoice_risk``, ``scaler``, ``case_summary``) and where its monitor
 finds references: the base layer of :func:`load_local_settings`."""
+
+
+def _demo_layer() -> tuple[str, dict[str, Any]]:
+    data = read_settings_file(DEMO_SETTINGS_FILE)
+    # The file's folders are the repository's, wherever a command runs from (and a child
+    # process gets them whole).
+    monitor = data.get("monitor")
+    if isinstance(monitor, dict) and isinstance(monitor.get("reference_dir"), str):
+        monitor["reference_dir"] = str(PROJECT_ROOT / monitor["reference_dir"])
+    return str(DEMO_SETTINGS_FILE), data
 
 
 _DEMO_CONNECTORS: dict[str, tuple[str, ...]] = {
@@ -81,12 +92,10 @@ class LocalSettings(Settings):
 def load_local_settings(config_file: Path | str | None = None, **overrides: Any) -> LocalSettings:
     """Settings for the local stack and the demo: the demo's settings file, then the
     configuration file (``--config`` or ``SLUICEWAY_CONFIG``), the environment, ``overrides``."""
-    return load_settings_as(
-        LocalSettings, config_file, base_files=(DEMO_SETTINGS_FILE,), **overrides
-    )
+    return load_settings_as(LocalSettings, config_file, base_layers=(_demo_layer(),), **overrides)
 
 
 def load_demo_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
     """Runtime settings with the demo's models below the configuration file: what a worker,
     monitor or connector on the local stack reads."""
-    return load_settings_as(Settings, config_file, base_files=(DEMO_SETTINGS_FILE,), **overrides)
+    return load_settings_as(Settings, config_file, base_layers=(_demo_layer(),), **overrides)

@@ -713,7 +713,7 @@ def _reveal(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_settings_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -784,21 +784,21 @@ def load_settings_as(
     settings_class: type[AnySettings],
     config_file: Path | str | None = None,
     *,
-    base_files: Sequence[Path] = (),
+    base_layers: Sequence[tuple[str, dict[str, Any]]] = (),
     **overrides: Any,
 ) -> AnySettings:
     """:func:`load_settings` for a settings class that extends :class:`Settings` (the
-    development wing's adds the local stack), with ``base_files``: YAML files below the
-    configuration file, in rising priority (the demo's models)."""
+    development wing's adds the local stack), with ``base_layers``: ``(source, data)`` pairs
+    below the configuration file, in rising priority (the demo's models)."""
     path_text = config_file if config_file is not None else os.environ.get(CONFIG_ENV_VAR)
     env_paths = _env_paths()
     file_data: dict[str, Any] = {}
-    sources = [str(path) for path in base_files]
-    for base in base_files:
-        file_data = _deep_merge(file_data, _drop_paths(_read_yaml(base), env_paths))
+    sources = [source for source, _ in base_layers]
+    for _, data in base_layers:
+        file_data = _deep_merge(file_data, _drop_paths(data, env_paths))
     if path_text:
         path = Path(path_text)
-        file_data = _deep_merge(file_data, _drop_paths(_read_yaml(path), env_paths))
+        file_data = _deep_merge(file_data, _drop_paths(read_settings_file(path), env_paths))
         sources.append(str(path))
     source = f"{' or '.join(sources)} or the environment" if sources else "the environment"
     try:
