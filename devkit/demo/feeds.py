@@ -18,6 +18,7 @@ import schemas
 from devkit.modeling.invoices import FEATURES, Shift, generate
 from pipeline.kafka import clients
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
+from pipeline.kafka.events import follow
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.models import Feedback, InferenceRequest, InferenceResult, Inputs, Source
@@ -101,26 +102,22 @@ class LabelledFeed:
         consumer.subscribe([self.topics.results])
         producer = clients.producer(self.settings.kafka, role=ProducerRole.FEED)
         try:
-            while not self._stop.is_set():
-                for message in consumer.consume(200, 0.2):
-                    if message.error() is not None:
-                        continue
-                    result = schemas.decode(message.value() or b"", InferenceResult)
-                    self.served_by.append((time.monotonic(), result.model_version or ""))
-                    label = self._labels.pop(str(result.request_id), None)
-                    if label is None:
-                        continue
-                    feedback = Feedback(
-                        request_id=result.request_id,
-                        model=self.model,
-                        model_version=result.model_version,
-                        label=label,
-                        observed_at=datetime.now(UTC),
-                        source="accounts-payable",
-                    )
-                    producer.produce(self.topics.feedback, schemas.encode(feedback))
-                    producer.poll(0)
-                    self.labelled += 1
+            for result in follow(consumer, InferenceResult, until=self._stop.is_set, batch=200):
+                self.served_by.append((time.monotonic(), result.model_version or ""))
+                label = self._labels.pop(str(result.request_id), None)
+                if label is None:
+                    continue
+                feedback = Feedback(
+                    request_id=result.request_id,
+                    model=self.model,
+                    model_version=result.model_version,
+                    label=label,
+                    observed_at=datetime.now(UTC),
+                    source="accounts-payable",
+                )
+                producer.produce(self.topics.feedback, schemas.encode(feedback))
+                producer.poll(0)
+                self.labelled += 1
         finally:
             producer.flush(10)
             consumer.close()

@@ -48,9 +48,11 @@ from pipeline.console import ProgressBar
 from pipeline.kafka import clients
 from pipeline.kafka.admin import end_offsets
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
+from pipeline.kafka.events import follow
 from pipeline.settings import AnySettings, Settings
 from pipeline.storage.client import make_client
 from pipeline.topics import ModelTopics
+from schemas.identity import message_key
 from schemas.models import (
     GenerationParams,
     InferenceRequest,
@@ -212,7 +214,7 @@ def _publish(
         producer.produce(
             topic,
             value,
-            key=request.source.entity_id if request.source else None,
+            key=message_key(request),
             headers=headers,
             on_delivery=lambda err, _msg: failures.append(str(err)) if err else None,
         )
@@ -260,26 +262,21 @@ def _read_results(
     )
     consumer.assign(start)
     found: dict[str, tuple[InferenceResult, float]] = {}
-    # Results are decoded only once enough have arrived, so that reading them does not compete
-    # with the worker (same process, same GIL) while the latency is being measured.
-    arrived: list[tuple[bytes, float]] = []
     deadline = time.monotonic() + timeout_s
     bar = ProgressBar("answered", len(wanted))
     try:
-        while len(found) < len(wanted) and time.monotonic() < deadline:
-            # One blocking poll, then what is already there: consume(n, t) alone would hold
-            # results back until n arrived or t passed, and that wait would count as latency.
-            first = consumer.poll(0.2)
-            messages = [] if first is None else [first, *consumer.consume(499, 0)]
-            now = time.monotonic()
-            arrived.extend((m.value() or b"", now) for m in messages if m.error() is None)
-            bar.update(len(found) + len(arrived))
-            if len(found) + len(arrived) >= len(wanted):
-                for value, received_at in arrived:
-                    result = schemas.decode(value, InferenceResult)
-                    if str(result.request_id) in wanted:
-                        found[str(result.request_id)] = (result, received_at)
-                arrived.clear()
+        # One message per read: reading many at once would hold results back until that many
+        # arrived or the poll timed out, and the wait would count as latency. The workers are
+        # processes of their own, so reading here takes nothing from them.
+        for result in follow(
+            consumer,
+            InferenceResult,
+            until=lambda: len(found) >= len(wanted) or time.monotonic() >= deadline,
+            batch=1,
+        ):
+            if str(result.request_id) in wanted:
+                found[str(result.request_id)] = (result, time.monotonic())
+                bar.update(len(found))
     finally:
         bar.close()
         consumer.close()

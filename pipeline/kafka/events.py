@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
 import schemas
 from pipeline.kafka import clients
@@ -21,6 +22,51 @@ from schemas.exceptions import DecodeError
 from schemas.models import ControlAction, ControlEvent, Event
 
 E = TypeVar("E", bound=Event)
+
+
+class MessageSource(Protocol):
+    """What :func:`follow` reads from: a confluent-kafka consumer, or a fake of one."""
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]: ...
+
+
+def follow(
+    source: MessageSource,
+    kind: type[E],
+    *,
+    until: Callable[[], bool],
+    batch: int = 100,
+    poll_timeout_s: float = 0.2,
+    idle_timeout_s: float | None = None,
+    on_undecodable: Callable[[Message], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[E]:
+    """Yield each event of ``kind`` that ``source`` delivers, until ``until()`` is true (asked
+    before every read) or nothing arrived for ``idle_timeout_s``.
+
+    The one way every reader of a result or event topic skips what it cannot use: error
+    messages and empty values (tombstones) are passed over, and a value that does not decode
+    as ``kind`` goes to ``on_undecodable`` (when given), never raises. ``batch=1`` reads one
+    message at a time, for a subscriber whose offsets are stored as it reads them.
+    """
+    idle_since = clock()
+    while not until():
+        messages = source.consume(batch, poll_timeout_s)
+        if messages:
+            idle_since = clock()
+        elif idle_timeout_s is not None and clock() - idle_since >= idle_timeout_s:
+            return
+        for message in messages:
+            value = message.value()
+            if message.error() is not None or not value:
+                continue
+            try:
+                event = schemas.decode(value, kind)
+            except DecodeError:
+                if on_undecodable is not None:
+                    on_undecodable(message)
+                continue
+            yield event
 
 
 def send_events(
@@ -76,14 +122,13 @@ class TopicTail(Generic[E]):
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            for message in self._consumer.consume(100, 0.2):
-                if message.error() is not None or not message.value():
-                    continue
-                try:
-                    self.events.append(schemas.decode(message.value() or b"", self._kind))
-                except DecodeError:
-                    self.undecodable += 1
+        for event in follow(
+            self._consumer, self._kind, until=self._stop.is_set, on_undecodable=self._skip
+        ):
+            self.events.append(event)
+
+    def _skip(self, _message: Message) -> None:
+        self.undecodable += 1
 
     def close(self) -> None:
         self._stop.set()
