@@ -26,7 +26,8 @@ demo-secured: venv
 	$(SECURED_ENV) $(BIN)/sluiceway stack up
 	$(SECURED_ENV) $(BIN)/sluiceway demo
 
-## The whole suite: lint, types, unit tests, then integration tests against the real stack.
+## The whole suite: lint, types, the import floors, unit tests, then integration tests against
+## the real stack.
 test: venv lint
 	$(BIN)/pytest
 
@@ -34,6 +35,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/sluiceway schemas check
 
 unit: venv

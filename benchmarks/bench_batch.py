@@ -30,10 +30,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline.batchjobs.examples import write_example  # noqa: E402
+from devkit.demo.examples import write_example  # noqa: E402
+from devkit.settings import load_local_settings  # noqa: E402
+from devkit.stack import manager  # noqa: E402
 from pipeline.batchjobs.store import JobStore  # noqa: E402
-from pipeline.settings import Settings, load_settings  # noqa: E402
-from pipeline.stack import manager  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 from schemas.models import BatchInputFormat, BatchJobStatus  # noqa: E402
 from workers.inference.runner import prepare_topics_and_bucket  # noqa: E402
 from workers.processes import ServiceProcess  # noqa: E402
@@ -132,8 +133,8 @@ def main() -> int:
     parser.add_argument("--baseline-records", type=int, default=100_000)
     args = parser.parse_args()
 
-    manager.up(load_settings(), progress=progress)
-    settings = load_settings(namespace=f"bench-batch-{uuid.uuid4().hex[:6]}")
+    manager.up(load_local_settings(), progress=progress)
+    settings = load_local_settings(namespace=f"bench-batch-{uuid.uuid4().hex[:6]}")
     prepare_topics_and_bucket(settings, [MODEL])
     workdir = REPO_ROOT / ".sluiceway" / "bench-batch"
     workdir.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import schemas  # noqa: E402
+from devkit.settings import load_local_settings  # noqa: E402
+from devkit.stack import manager  # noqa: E402
 from pipeline.kafka import clients  # noqa: E402
 from pipeline.kafka.admin import (  # noqa: E402
     TopicSpec,
@@ -59,8 +61,7 @@ from pipeline.kafka.admin import (  # noqa: E402
     model_topic_specs,
 )
 from pipeline.kafka.clients import ConsumerRole, ProducerRole  # noqa: E402
-from pipeline.settings import Settings, load_settings  # noqa: E402
-from pipeline.stack import manager  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 from pipeline.storage.client import ensure_bucket, make_client  # noqa: E402
 from pipeline.topics import ModelTopics  # noqa: E402
 from schemas.models import InferenceRequest, InferenceResult, Inputs, ResultStatus  # noqa: E402
@@ -293,7 +294,7 @@ def start_worker(settings: Settings, log: Path, processes: int = 1) -> subproces
     with log.open("wb") as output:
         return subprocess.Popen(
             [
-                *(sys.executable, "-m", "pipeline.cli", "worker", "--model", MODEL),
+                *(sys.executable, "-m", "sluiceway", "worker", "--model", MODEL),
                 *("--processes", str(processes)),
             ],
             cwd=REPO_ROOT,
@@ -439,7 +440,7 @@ def latency_at(
 
 def fresh_namespace(prefix: str) -> tuple[Settings, ModelTopics]:
     """Settings and topics of a namespace of its own: every worker run starts a new group."""
-    settings = load_settings(namespace=f"{prefix}-{uuid.uuid4().hex[:6]}")
+    settings = load_local_settings(namespace=f"{prefix}-{uuid.uuid4().hex[:6]}")
     topics = ModelTopics(settings.namespace, MODEL)
     ensure_topics(
         settings.kafka, [control_topic_spec(settings.namespace), *model_topic_specs(topics)]
@@ -457,7 +458,7 @@ def main() -> int:
     if 1 not in args.processes:
         parser.error("--processes must include 1 (the ratios are against one process)")
 
-    base = load_settings()
+    base = load_local_settings()
     manager.up(base, progress=progress)
     settings, topics = fresh_namespace("bench")
     ensure_bucket(make_client(settings.object_store), settings.object_store.bucket)

@@ -28,11 +28,12 @@ from benchmarks.bench_worker import (  # noqa: E402
     progress,
     publish_all,
 )
+from devkit.settings import load_local_settings  # noqa: E402
+from devkit.stack import manager  # noqa: E402
 from pipeline.kafka import clients  # noqa: E402
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, model_topic_specs  # noqa: E402
 from pipeline.kafka.clients import ProducerRole  # noqa: E402
-from pipeline.settings import Settings, load_settings  # noqa: E402
-from pipeline.stack import manager  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 from pipeline.topics import ModelTopics  # noqa: E402
 from tests.integration.traffic import start_worker  # noqa: E402
 
@@ -74,7 +75,7 @@ def produced_at(settings: Settings, topic: str, count: int) -> dict[int, float]:
 
 
 def measure(rate: float, seconds: float, partial: int, log: Path) -> list[float]:
-    settings = load_settings(namespace=f"bench-{uuid.uuid4().hex[:6]}")
+    settings = load_local_settings(namespace=f"bench-{uuid.uuid4().hex[:6]}")
     topics = ModelTopics(settings.namespace, MODEL)
     ensure_topics(
         settings.kafka, [control_topic_spec(settings.namespace), *model_topic_specs(topics)]
@@ -106,7 +107,7 @@ def main() -> int:
         "--partial", default="4,1", help="comma-separated; the first is the baseline"
     )
     args = parser.parse_args()
-    manager.up(load_settings(), progress=progress)
+    manager.up(load_local_settings(), progress=progress)
     log_dir = REPO_ROOT / ".sluiceway" / "bench"
     log_dir.mkdir(parents=True, exist_ok=True)
     rows = []

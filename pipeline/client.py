@@ -37,10 +37,11 @@ from pipeline import tracing
 from pipeline.kafka import clients
 from pipeline.kafka.admin import TopicSpec, ensure_topics
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
+from pipeline.kafka.events import follow
+from pipeline.kafka.exceptions import ClientError, DeliveryError
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.errors import SluicewayError
-from schemas.exceptions import DecodeError
 from schemas.identity import message_key, request_id_for
 from schemas.models import InferenceRequest, InferenceResult, ResultStatus
 from schemas.rendering import readable
@@ -70,16 +71,8 @@ _UNREACHABLE = {
 }
 
 
-class ClientError(SluicewayError):
-    """Base class of the SDK's errors."""
-
-
 class BrokerUnavailableError(ClientError):
     """Kafka could not be reached (or did not acknowledge) within the timeout."""
-
-
-class DeliveryError(ClientError):
-    """The broker refused the request (too large, not authorised, unknown topic, ...)."""
 
 
 class InferTimeoutError(ClientError, TimeoutError):
@@ -169,8 +162,10 @@ class SluicewayClient:
         for index in range(len(requests)):
             outcome = outcomes[index]
             if isinstance(outcome, KafkaError):
-                kind = BrokerUnavailableError if outcome.code() in _UNREACHABLE else DeliveryError
-                raise kind(f"request {requests[index].request_id}: {outcome.str()}")
+                refused = f"request {requests[index].request_id}"
+                if outcome.code() in _UNREACHABLE:
+                    raise BrokerUnavailableError(f"{refused}: {outcome.str()}")
+                raise DeliveryError.reported(topics[requests[index].model], outcome, refused)
             receipts.append(outcome)
         return receipts
 
@@ -260,18 +255,11 @@ class SluicewayClient:
 
     def _dispatch_replies(self) -> None:
         assert self._replies is not None
-        while not self._closed.is_set():
-            for message in self._replies.consume(100, 0.2):
-                if message.error() is not None or not message.value():
-                    continue
-                try:
-                    result = schemas.decode(message.value() or b"", InferenceResult)
-                except DecodeError:
-                    continue
-                with self._lock:
-                    future = self._waiting.pop(str(result.request_id), None)
-                if future is not None and not future.done():
-                    future.set_result(result)
+        for result in follow(self._replies, InferenceResult, until=self._closed.is_set):
+            with self._lock:
+                future = self._waiting.pop(str(result.request_id), None)
+            if future is not None and not future.done():
+                future.set_result(result)
 
     # ------------------------------------------------------------------ subscribe
 
@@ -297,20 +285,17 @@ class SluicewayClient:
             },
         )
         consumer.subscribe([ModelTopics(self.settings.namespace, model).results])
-        idle = 0.0
         try:
-            while not self._closed.is_set():
-                message = consumer.poll(0.5)
-                if message is None or message.error() is not None or not message.value():
-                    idle += 0.5
-                    if idle_timeout_s is not None and idle >= idle_timeout_s:
-                        return
-                    continue
-                idle = 0.0
-                try:
-                    yield schemas.decode(message.value() or b"", InferenceResult)
-                except DecodeError:
-                    continue
+            # One message at a time: with a group, an offset is stored as its result is read,
+            # so a subscriber that stops has not skipped results it never yielded.
+            yield from follow(
+                consumer,
+                InferenceResult,
+                until=self._closed.is_set,
+                batch=1,
+                poll_timeout_s=0.5,
+                idle_timeout_s=idle_timeout_s,
+            )
         except KafkaException as error:
             raise BrokerUnavailableError(str(error)) from error
         finally:

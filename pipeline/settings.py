@@ -4,9 +4,13 @@ Sources, highest priority first:
 
 1. keyword arguments passed to :func:`load_settings` (the CLI's flags),
 2. environment variables with the prefix ``SLUICEWAY_`` and ``__`` between levels
-   (``SLUICEWAY_KAFKA__BOOTSTRAP_SERVERS``, ``SLUICEWAY_STACK__KAFKA_PORT``),
+   (``SLUICEWAY_KAFKA__BOOTSTRAP_SERVERS``),
 3. an optional YAML file named by ``SLUICEWAY_CONFIG`` or ``--config``,
-4. the defaults below, which describe the native local stack.
+4. the defaults below: endpoints on loopback, and no models (a deployment names the models it
+   serves; the demo's come from ``devkit/demo/settings.yaml``).
+
+Only what a running process needs is here: the local stack's own settings (ports, versions,
+where it installs) live in the development wing (``devkit/settings.py``).
 
 Secrets are :class:`~pydantic.SecretStr` and :meth:`Settings.as_dict` masks them unless asked
 not to, so printing settings never leaks a password.
@@ -18,8 +22,9 @@ import ipaddress
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -372,19 +377,6 @@ class BackendSettings(_Section):
     vllm: VllmSettings = VllmSettings()
 
 
-INVOICE_RISK_FEATURES = (
-    "amount_eur",
-    "vendor_tenure_days",
-    "payment_terms_days",
-    "days_to_due",
-    "past_late_payments",
-    "new_bank_account",
-    "foreign_vendor",
-    "manual_entry",
-)
-"""The demo model's inputs, in column order (``pipeline/modeling/invoices.py`` generates them)."""
-
-
 class ModelSettings(_Section):
     """How one model is served: which backend, and how a request becomes backend inputs."""
 
@@ -558,6 +550,12 @@ class MonitorSettings(_Section):
     """``/metrics``, ``/healthz`` and ``/readyz`` on this port; ``None``: not served."""
     metrics_address: str = "127.0.0.1"
     """Address the metrics port binds (``0.0.0.0`` in a pod)."""
+    reference_dir: Path | None = None
+    """A folder holding ``<model>/reference_sample.npz`` (``sluiceway model train`` writes them
+    into the model repository): a model's reference is published from it to the object store
+    when the store has none. ``None``: the store must have it."""
+    state_dir: Path = Path(".sluiceway/faust")
+    """Where the monitor's faust app keeps its local table state."""
 
 
 class BatchSettings(_Section):
@@ -629,49 +627,6 @@ class ApiSettings(_Section):
         return tenants
 
 
-_DEMO_CONNECTORS: dict[str, tuple[str, ...]] = {
-    "sap": ("invoice_risk",),
-    "salesforce": ("case_summary",),
-}
-
-
-class StackSettings(_Section):
-    """Where and how ``sluiceway stack`` runs the native Kafka, MinIO and Triton."""
-
-    state_dir: Path = Path(".sluiceway")
-    """Project-local folder for data, logs, pidfiles and generated configs."""
-    cache_dir: Path = Path.home() / ".cache" / "sluiceway"
-    """Downloads and builds shared by every checkout: Kafka jars, the MinIO binary, Triton."""
-    kafka_version: str = "4.1.1"
-    kafka_port: int = Field(default=9092, ge=1, le=65535)
-    kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
-    kafka_mtls_port: int = Field(default=9094, ge=1, le=65535)
-    """Secured stack only: TLS with a client certificate (mTLS); the port setting
-    ``kafka_port`` then serves SASL_SSL with SCRAM-SHA-512."""
-    kafka_oauth_port: int = Field(default=9095, ge=1, le=65535)
-    """Secured stack only: SASL_SSL with OAUTHBEARER, JWTs signed by the stack's issuer."""
-    kafka_connectors: dict[str, tuple[str, ...]] = Field(
-        default_factory=lambda: _DEMO_CONNECTORS.copy()
-    )
-    """Secured stack only: connector name (its ``--name``) -> the models it serves, from
-    which ``sluiceway acl plan|apply`` derives the principal ``connector-<name>``."""
-    kafka_heap: str = "768m"
-    minio_version: str = "v0.0.0-20260212201848-7aac2a2c5b7c"
-    minio_port: int = Field(default=9000, ge=1, le=65535)
-    minio_console_port: int = Field(default=9001, ge=1, le=65535)
-    pytriton_version: str = "0.7.0"
-    triton_python: Path = Path("/usr/bin/python3.11")
-    """Interpreter for Triton's venv: the python backend stub links the system libpython3.11."""
-    triton_http_port: int = Field(default=8000, ge=1, le=65535)
-    triton_grpc_port: int = Field(default=8001, ge=1, le=65535)
-    triton_metrics_port: int = Field(default=8002, ge=1, le=65535)
-    model_repository: Path = Path("deploy/triton/models")
-    start_timeout_s: float = Field(default=90.0, gt=0)
-    secured: bool = False
-    """Run the stack as production would: TLS from a CA the stack generates (under
-    ``<state_dir>/secrets``), authenticated users, and authorisation (see docs/security.md)."""
-
-
 class TracingSettings(_Section):
     """OpenTelemetry spans of requests (``docs/tracing.md``); off unless an endpoint is set."""
 
@@ -703,29 +658,11 @@ class Settings(BaseSettings):
     object_store: ObjectStoreSettings = ObjectStoreSettings()
     backends: BackendSettings = BackendSettings()
     workers: WorkerSettings = WorkerSettings()
-    models: dict[str, ModelSettings] = Field(
-        default_factory=lambda: {
-            "scaler": ModelSettings(
-                backend="triton", default_version="1", feature_order=("f0", "f1", "f2", "f3")
-            ),
-            "invoice_risk": ModelSettings(
-                backend="triton",
-                default_version="1",
-                feature_order=INVOICE_RISK_FEATURES,
-                explains=True,
-                echo_features=True,
-            ),
-            # The text route: Salesforce case summaries through vLLM's OpenAI-compatible API.
-            # Serve a model as `case_summary` (vllm serve ... --served-model-name case_summary)
-            # and point backends.vllm.base_url at it; token log-probs are its explanation.
-            "case_summary": ModelSettings(backend="vllm"),
-        }
-    )
+    models: dict[str, ModelSettings] = Field(default_factory=dict)
     """Models this deployment serves, by name (the ``<model>`` in topic names)."""
     monitor: MonitorSettings = MonitorSettings()
     batch: BatchSettings = BatchSettings()
     api: ApiSettings = ApiSettings()
-    stack: StackSettings = StackSettings()
     tracing: TracingSettings = TracingSettings()
 
     @classmethod
@@ -758,6 +695,9 @@ class Settings(BaseSettings):
         }
 
 
+AnySettings = TypeVar("AnySettings", bound=Settings)
+
+
 def _reveal(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
     for name, value in model:
         if isinstance(value, SecretStr):
@@ -773,7 +713,7 @@ def _reveal(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_settings_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -837,14 +777,31 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
 
     Raises :class:`SettingsError` with one line that names the file or setting at fault.
     """
+    return load_settings_as(Settings, config_file, **overrides)
+
+
+def load_settings_as(
+    settings_class: type[AnySettings],
+    config_file: Path | str | None = None,
+    *,
+    base_layers: Sequence[tuple[str, dict[str, Any]]] = (),
+    **overrides: Any,
+) -> AnySettings:
+    """:func:`load_settings` for a settings class that extends :class:`Settings` (the
+    development wing's adds the local stack), with ``base_layers``: ``(source, data)`` pairs
+    below the configuration file, in rising priority (the demo's models)."""
     path_text = config_file if config_file is not None else os.environ.get(CONFIG_ENV_VAR)
+    env_paths = _env_paths()
     file_data: dict[str, Any] = {}
-    source = "the environment"
+    sources = [source for source, _ in base_layers]
+    for _, data in base_layers:
+        file_data = _deep_merge(file_data, _drop_paths(data, env_paths))
     if path_text:
         path = Path(path_text)
-        file_data = _drop_paths(_read_yaml(path), _env_paths())
-        source = f"{path} or the environment"
+        file_data = _deep_merge(file_data, _drop_paths(read_settings_file(path), env_paths))
+        sources.append(str(path))
+    source = f"{' or '.join(sources)} or the environment" if sources else "the environment"
     try:
-        return Settings(**_deep_merge(file_data, overrides))
+        return settings_class(**_deep_merge(file_data, overrides))
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc, source)) from None

@@ -902,7 +902,7 @@ def invoices_from_features(
     first_number: int = 5105600000,
     changed_at: datetime | None = None,
 ) -> list[InvoiceKey]:
-    """Store one invoice per feature row (``pipeline.modeling.invoices`` column order).
+    """Store one invoice per feature row (``devkit.modeling.invoices`` column order).
 
     Invoice i last changed ``i`` milliseconds after a minute ago, or all at ``changed_at``.
     """
@@ -935,7 +935,7 @@ if __name__ == "__main__":  # pragma: no cover - a manual aid
     parser.add_argument("--port", type=int, default=8443)
     parser.add_argument("--invoices", type=int, default=10)
     arguments = parser.parse_args()
-    from pipeline.modeling.invoices import generate
+    from devkit.modeling.invoices import generate
 
     with SapProtocolServer(port=arguments.port) as running:
         invoices_from_features(running, generate(arguments.invoices, seed=1).x)

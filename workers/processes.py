@@ -69,7 +69,7 @@ class ServiceProcess:
         environment.update(self.extra_environment)
         with self.log.open("ab") as output:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", *self.args],
+                [sys.executable, "-m", "sluiceway", *self.args],
                 env=environment,
                 stdout=output,
                 stderr=subprocess.STDOUT,

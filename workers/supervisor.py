@@ -300,7 +300,7 @@ def child_arguments(
     """The command line of child ``slot``: a single worker that reports to this supervisor."""
     served = [argument for model in models for argument in ("--model", model)]
     return [
-        *(sys.executable, "-m", "pipeline.cli", "worker", "--processes", "1", *served),
+        *(sys.executable, "-m", "sluiceway", "worker", "--processes", "1", *served),
         "--log-level",
         log_level,
         "--supervisor-pid",

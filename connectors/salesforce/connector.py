@@ -680,7 +680,7 @@ class WritebackLoop:
         """PATCH the values of this connector's ``ok`` results among ``messages``."""
         updates: list[RecordUpdate] = []
         results: dict[tuple[str, str], InferenceResult] = {}
-        for result in decode_records(messages, InferenceResult)[0]:
+        for result in decode_records(messages, InferenceResult):
             target = record_of(result, self.signer)
             if isinstance(target, Rejected):
                 if target.reason != "not_ours":

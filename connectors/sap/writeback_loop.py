@@ -92,7 +92,7 @@ class WritebackLoop:
         # One entity's results in offset order (an older score never overwrites a newer one);
         # different entities in parallel.
         by_entity: dict[tuple[str, str], list[InferenceResult]] = defaultdict(list)
-        for result in decode_records(messages, InferenceResult)[0]:
+        for result in decode_records(messages, InferenceResult):
             named = entity_of(self.core.signer, result)
             if isinstance(named, Rejected):
                 if named.reason != "not_ours":

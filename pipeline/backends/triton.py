@@ -22,11 +22,7 @@ from pipeline.backends.base import (
     split_rows,
     stack_rows,
 )
-from pipeline.backends.exceptions import (
-    BackendError,
-    PermanentBackendError,
-    TransientBackendError,
-)
+from pipeline.backends.exceptions import BackendError
 from pipeline.backends.signature import ModelSignature, from_kserve_metadata
 from pipeline.deadlines import backend_timeout_s, triton_priority_level, triton_timeout_us
 from pipeline.settings import TritonSettings
@@ -69,10 +65,10 @@ def classify_triton_error(exc: InferenceServerException) -> BackendError:
     message = f"triton: {exc.message() or exc}"
     if status in _TRANSIENT_STATUSES or not status:
         reason = "backend_timeout" if "DEADLINE" in status else "backend_unavailable"
-        return TransientBackendError(message, reason=reason, status=status)
+        return BackendError(message, reason=reason, status=status, transient=True)
     if status in _NOT_FOUND_STATUSES:
-        return PermanentBackendError(message, reason="unknown_model", status=status)
-    return PermanentBackendError(message, reason="backend_bad_request", status=status)
+        return BackendError(message, reason="unknown_model", status=status)
+    return BackendError(message, reason="backend_bad_request", status=status)
 
 
 class TritonBackend:
@@ -175,12 +171,14 @@ class TritonBackend:
         except InferenceServerException as exc:
             raise classify_triton_error(exc) from exc
         except TimeoutError as exc:
-            raise TransientBackendError(
-                f"triton: no answer within {queueing.timeout_s:.3f}s", reason="backend_timeout"
+            raise BackendError(
+                f"triton: no answer within {queueing.timeout_s:.3f}s",
+                reason="backend_timeout",
+                transient=True,
             ) from exc
         except OSError as exc:  # the HTTP client's connection errors
-            raise TransientBackendError(
-                f"triton: {type(exc).__name__}: {exc}", reason="backend_unavailable"
+            raise BackendError(
+                f"triton: {type(exc).__name__}: {exc}", reason="backend_unavailable", transient=True
             ) from exc
         # Only the names: the gRPC response as JSON would base64 every output tensor first.
         names = (
@@ -192,7 +190,7 @@ class TritonBackend:
         try:
             pieces = split_rows(outputs, [row.rows for row in rows])
         except ValueError as exc:
-            raise PermanentBackendError(
+            raise BackendError(
                 f"triton: {model} answered the wrong number of rows: {exc}",
                 reason="backend_bad_response",
             ) from exc
@@ -230,8 +228,8 @@ class TritonBackend:
         except InferenceServerException as exc:
             raise classify_triton_error(exc) from exc
         except (TimeoutError, OSError) as exc:
-            raise TransientBackendError(
-                f"triton: {type(exc).__name__}: {exc}", reason="backend_unavailable"
+            raise BackendError(
+                f"triton: {type(exc).__name__}: {exc}", reason="backend_unavailable", transient=True
             ) from exc
         self._priority_levels[model] = _priority_levels_of(config)
         max_rows = int(config.get("max_batch_size", 0) or 0)

@@ -6,12 +6,12 @@ A row with a ``prompt`` goes to the completions API, a row with ``messages`` to 
 Token log-probabilities (the LLM explanation) are asked for when the row wants an explanation.
 
 Outcomes are per row, as vLLM answers per request: one row's 400 is that row's
-:class:`PermanentBackendError` while the others succeed. Only when every row failed
+:class:`BackendError` (not transient) while the others succeed. Only when every row failed
 transiently does :meth:`VllmBackend.infer` raise, so that the worker retries the whole batch and
 its circuit breaker counts the failure.
 
 Request building and response parsing are pure functions below the I/O class and are unit
-tested on their own; the adapter is verified against ``tests/openai_server.py``, a protocol
+tested on their own; the adapter is verified against ``devkit/servers/openai_server.py``, a protocol
 test server built from vLLM's documented responses (see ``docs/vllm.md``).
 """
 
@@ -27,11 +27,7 @@ from typing import Any
 import httpx2
 
 from pipeline.backends.base import RowInput, RowOutput, TextPrompt, TokenLogprob
-from pipeline.backends.exceptions import (
-    BackendError,
-    PermanentBackendError,
-    TransientBackendError,
-)
+from pipeline.backends.exceptions import BackendError
 from pipeline.backends.signature import ModelSignature
 from pipeline.deadlines import backend_timeout_s
 from pipeline.settings import VllmSettings
@@ -42,10 +38,6 @@ DEFAULT_EXPLAIN_TOP_LOGPROBS = 5
 """Alternatives per token when a row asks for an explanation without naming a count."""
 
 ServedModelNames = Mapping[tuple[str, str | None], str]
-
-
-class VllmTransientError(TransientBackendError):
-    """A transient vLLM failure (429, 503, 5xx, timeouts), with the server's ``Retry-After``."""
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -79,12 +71,12 @@ def wanted_top_logprobs(row: RowInput) -> int | None:
 def build_request(model_name: str, row: RowInput) -> tuple[str, dict[str, Any]]:
     """Return the path (relative to the base URL) and JSON body for one row.
 
-    Raises :class:`PermanentBackendError` (``backend_bad_request``) for a row that has no
+    Raises a :class:`BackendError` (``backend_bad_request``, not transient) for a row that has no
     text, or neither a prompt nor messages: no server could answer it.
     """
     text: TextPrompt | None = row.text
     if text is None:
-        raise PermanentBackendError(
+        raise BackendError(
             "vllm: the row has no text prompt (vLLM serves text, not tensors)",
             reason="backend_bad_request",
         )
@@ -105,7 +97,7 @@ def build_request(model_name: str, row: RowInput) -> tuple[str, dict[str, Any]]:
             body["logprobs"] = top
         return COMPLETIONS_PATH, body
     if not text.messages:
-        raise PermanentBackendError(
+        raise BackendError(
             "vllm: the text prompt has neither a prompt nor messages",
             reason="backend_bad_request",
         )
@@ -116,10 +108,8 @@ def build_request(model_name: str, row: RowInput) -> tuple[str, dict[str, Any]]:
     return CHAT_PATH, body
 
 
-def _bad_response(detail: str) -> PermanentBackendError:
-    return PermanentBackendError(
-        f"vllm: unexpected response: {detail}", reason="backend_bad_response"
-    )
+def _bad_response(detail: str) -> BackendError:
+    return BackendError(f"vllm: unexpected response: {detail}", reason="backend_bad_response")
 
 
 def _first_choice(body: Any) -> Mapping[str, Any]:
@@ -267,26 +257,38 @@ def classify_status(status: int, message: str, retry_after_s: float | None = Non
     """
     text = f"vllm: HTTP {status}: {message}"
     if status == 429:
-        return VllmTransientError(
-            text, reason="backend_rate_limited", status=status, retry_after_s=retry_after_s
+        return BackendError(
+            text,
+            reason="backend_rate_limited",
+            status=status,
+            retry_after_s=retry_after_s,
+            transient=True,
         )
     if status == 408:
-        return VllmTransientError(
-            text, reason="backend_timeout", status=status, retry_after_s=retry_after_s
+        return BackendError(
+            text,
+            reason="backend_timeout",
+            status=status,
+            retry_after_s=retry_after_s,
+            transient=True,
         )
     if status in (401, 403):
-        return VllmTransientError(text, reason="backend_unauthorized", status=status)
+        return BackendError(text, reason="backend_unauthorized", status=status, transient=True)
     if status == 503:
-        return VllmTransientError(
-            text, reason="backend_unavailable", status=status, retry_after_s=retry_after_s
+        return BackendError(
+            text,
+            reason="backend_unavailable",
+            status=status,
+            retry_after_s=retry_after_s,
+            transient=True,
         )
     if status >= 500:
-        return VllmTransientError(
-            text, reason="backend_5xx", status=status, retry_after_s=retry_after_s
+        return BackendError(
+            text, reason="backend_5xx", status=status, retry_after_s=retry_after_s, transient=True
         )
     if status == 404:
-        return PermanentBackendError(text, reason="unknown_model", status=status)
-    return PermanentBackendError(text, reason="backend_bad_request", status=status)
+        return BackendError(text, reason="unknown_model", status=status)
+    return BackendError(text, reason="backend_bad_request", status=status)
 
 
 def settle(outcomes: Sequence[RowOutput | BackendError]) -> list[RowOutput | BackendError]:
@@ -299,13 +301,14 @@ def settle(outcomes: Sequence[RowOutput | BackendError]) -> list[RowOutput | Bac
         return list(outcomes)
     errors = [o for o in outcomes if isinstance(o, BackendError)]
     first = errors[0]
-    hints = [e.retry_after_s for e in errors if isinstance(e, VllmTransientError)]
+    hints = [e.retry_after_s for e in errors]
     known = [h for h in hints if h is not None]
-    raise VllmTransientError(
+    raise BackendError(
         f"vllm: all {len(errors)} requests of the batch failed; first: {first}",
         reason=first.reason,
         status=first.status,
         retry_after_s=max(known) if known else None,
+        transient=True,
     ) from first
 
 
@@ -406,7 +409,7 @@ class VllmBackend:
     ) -> list[RowOutput | BackendError]:
         """Serve one micro-batch as concurrent requests; one outcome per row, in order.
 
-        Raises :class:`VllmTransientError` when every row failed transiently; otherwise a
+        Raises a transient :class:`BackendError` when every row failed transiently; otherwise a
         failed row's error (transient: retry the row; permanent: dead-letter it) is in its slot.
         Each request may take the batch's time left, within the floor and ceiling; the time a
         request waits for the concurrency cap counts. ``priority`` is not sent: vLLM honours a
@@ -434,17 +437,19 @@ class VllmBackend:
                 response = await client.post(path, json=body)
         except (TimeoutError, httpx2.TimeoutException) as exc:
             return _wrapped(
-                VllmTransientError(
+                BackendError(
                     f"vllm: no answer from {self._base_url}{path} within {timeout_s:.3f}s",
                     reason="backend_timeout",
+                    transient=True,
                 ),
                 exc,
             )
         except httpx2.TransportError as exc:
             return _wrapped(
-                VllmTransientError(
+                BackendError(
                     f"vllm: {self._base_url}{path}: {type(exc).__name__}: {exc}",
                     reason="backend_unavailable",
+                    transient=True,
                 ),
                 exc,
             )

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from pipeline.batchjobs.formats import SourceRecord
 from pipeline.settings import ModelSettings
+from schemas.errors import UnservableRecord
 from schemas.limits import DEFAULT_LIMITS
 from schemas.models import Inputs
 
@@ -46,17 +47,24 @@ class BatchItem:
 
 
 @dataclass(frozen=True)
-class RecordError:
-    """An invalid record, with a stable code and a message naming the field."""
+class UnservableLine:
+    """A record of the input that can never be served, and where it stands in the file.
+
+    The refusal itself is an :class:`UnservableRecord`: its ``reason_code`` is the code the
+    job's error file gives the line, its message names the field.
+    """
 
     line: int
     custom_id: str | None
-    code: str
-    message: str
+    refusal: UnservableRecord
+
+    @classmethod
+    def of(cls, line: int, custom_id: str | None, reason_code: str, message: str) -> UnservableLine:
+        return cls(line, custom_id, UnservableRecord(reason_code, message))
 
     def describe(self) -> str:
         named = f" ({self.custom_id})" if self.custom_id else ""
-        return f"line {self.line}{named}: {self.code}: {self.message}"
+        return f"line {self.line}{named}: {self.refusal.reason_code}: {self.refusal.message}"
 
 
 def generated_custom_id(line: int) -> str:
@@ -73,7 +81,7 @@ def custom_id_of(fields: dict[str, Any] | None, line: int) -> str:
 
 
 class RecordParser:
-    """Turns source records into :class:`BatchItem` or :class:`RecordError` for one model."""
+    """Turns source records into :class:`BatchItem` or :class:`UnservableLine` for one model."""
 
     def __init__(
         self, model: ModelSettings, *, values_are_text: bool, max_record_bytes: int
@@ -82,16 +90,16 @@ class RecordParser:
         self.values_are_text = values_are_text
         self.max_record_bytes = max_record_bytes
 
-    def parse(self, source: SourceRecord) -> BatchItem | RecordError:
+    def parse(self, source: SourceRecord) -> BatchItem | UnservableLine:
         line = source.line
         if source.fields is None:
-            return RecordError(line, None, "unreadable", source.error or "unreadable record")
+            return UnservableLine.of(line, None, "unreadable", source.error or "unreadable record")
         fields = source.fields
         custom_id, generated, id_error = _custom_id(fields.get(CUSTOM_ID), line)
         if id_error is not None:
-            return RecordError(line, None, "invalid_custom_id", id_error)
+            return UnservableLine.of(line, None, "invalid_custom_id", id_error)
         if source.size > self.max_record_bytes:
-            return RecordError(
+            return UnservableLine.of(
                 line,
                 custom_id,
                 "too_large",
@@ -99,7 +107,7 @@ class RecordParser:
             )
         explain = _flag(fields.get(EXPLAIN))
         if explain is None:
-            return RecordError(
+            return UnservableLine.of(
                 line,
                 custom_id,
                 "invalid_field",
@@ -112,62 +120,61 @@ class RecordParser:
                 else self._feature_inputs(fields)
             )
             inputs = Inputs.model_validate(raw_inputs)
-        except _Refused as refused:
-            return RecordError(line, custom_id, refused.code, refused.message)
+        except UnservableRecord as refusal:
+            return UnservableLine(line, custom_id, refusal)
         except ValidationError as exc:
-            return RecordError(line, custom_id, "invalid_record", _summary(exc))
+            return UnservableLine.of(line, custom_id, "invalid_record", _summary(exc))
         return BatchItem(line, custom_id, generated, inputs, explain)
 
     def _feature_inputs(self, fields: dict[str, Any]) -> dict[str, Any]:
         nested = fields.get("features")
         if nested is not None and not isinstance(nested, dict):
-            raise _Refused("invalid_field", "features must be an object")
+            raise UnservableRecord("invalid_field", "features must be an object")
         features = (
             dict(nested)
             if nested is not None
             else {name: value for name, value in fields.items() if name not in _RESERVED}
         )
         if not self.model.feature_order:
-            raise _Refused("unsupported_input", "this model takes no feature records")
+            raise UnservableRecord("unsupported_input", "this model takes no feature records")
         for name in self.model.feature_order:
             features[name] = self._number(name, features.get(name))
         return {"features": features}
 
     def _number(self, name: str, value: Any) -> float | int:
         if value is None:
-            raise _Refused("missing_feature", f"feature {name!r} is missing")
+            raise UnservableRecord("missing_feature", f"feature {name!r} is missing")
         if isinstance(value, str) and self.values_are_text:
             try:
                 value = float(value)
             except ValueError:
-                raise _Refused(
+                raise UnservableRecord(
                     "invalid_feature", f"feature {name!r} must be a number, got {value!r}"
                 ) from None
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _Refused("invalid_feature", f"feature {name!r} must be a number, got {value!r}")
+            raise UnservableRecord(
+                "invalid_feature", f"feature {name!r} must be a number, got {value!r}"
+            )
         if isinstance(value, float) and not math.isfinite(value):
-            raise _Refused("invalid_feature", f"feature {name!r} must be finite, got {value!r}")
+            raise UnservableRecord(
+                "invalid_feature", f"feature {name!r} must be finite, got {value!r}"
+            )
         return value
 
     def _text_inputs(self, fields: dict[str, Any]) -> dict[str, Any]:
         text = {name: fields[name] for name in _TEXT_FIELDS if fields.get(name) is not None}
         if "prompt" not in text and "messages" not in text:
-            raise _Refused("missing_field", "a text model needs a prompt or messages")
+            raise UnservableRecord("missing_field", "a text model needs a prompt or messages")
         for name in ("messages", "params"):
             if isinstance(text.get(name), str):
                 # CSV and Parquet carry nested values as JSON text.
                 try:
                     text[name] = json.loads(text[name])
                 except json.JSONDecodeError as exc:
-                    raise _Refused("invalid_field", f"{name} is not valid JSON: {exc}") from None
+                    raise UnservableRecord(
+                        "invalid_field", f"{name} is not valid JSON: {exc}"
+                    ) from None
         return {"text": text}
-
-
-class _Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def _custom_id(value: Any, line: int) -> tuple[str, bool, str | None]:

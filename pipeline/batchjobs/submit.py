@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.batchjobs.formats import detect_format, read_records, values_are_text
 from pipeline.batchjobs.ledger import Ledger
 from pipeline.batchjobs.lifecycle import advance
-from pipeline.batchjobs.records import BatchItem, RecordError, RecordParser
+from pipeline.batchjobs.records import BatchItem, RecordParser, UnservableLine
 from pipeline.batchjobs.store import JobStore
 from pipeline.settings import Settings
 from schemas.errors import SluicewayError
@@ -34,13 +34,13 @@ class Validation:
     records: int = 0
     generated_ids: int = 0
     invalid: int = 0
-    first_errors: list[RecordError] = field(default_factory=list)
+    first_errors: list[UnservableLine] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.invalid == 0
 
-    def add_error(self, error: RecordError) -> None:
+    def add_error(self, error: UnservableLine) -> None:
         self.invalid += 1
         if len(self.first_errors) < ERRORS_SHOWN:
             self.first_errors.append(error)
@@ -75,7 +75,7 @@ def validate(
                     on_record(report.records)
                 if report.records > settings.batch.max_records:
                     report.add_error(
-                        RecordError(
+                        UnservableLine.of(
                             source.line,
                             None,
                             "too_many_records",
@@ -84,7 +84,7 @@ def validate(
                     )
                     break
                 parsed = parser.parse(source)
-                if isinstance(parsed, RecordError):
+                if isinstance(parsed, UnservableLine):
                     report.add_error(parsed)
                     if parsed.custom_id is None:
                         continue
@@ -95,7 +95,7 @@ def validate(
                 duplicate = seen.add_item(position, source.line, custom_id)
                 if duplicate is not None:
                     report.add_error(
-                        RecordError(
+                        UnservableLine.of(
                             source.line,
                             custom_id,
                             "duplicate_custom_id",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Generic, Protocol, TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
 import schemas
 from pipeline.kafka import clients
@@ -21,6 +22,63 @@ from schemas.exceptions import DecodeError
 from schemas.models import ControlAction, ControlEvent, Event
 
 E = TypeVar("E", bound=Event)
+
+
+class MessageSource(Protocol):
+    """What :func:`follow` reads from: a confluent-kafka consumer, or a fake of one."""
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]: ...
+
+
+def follow(
+    source: MessageSource,
+    kind: type[E],
+    *,
+    until: Callable[[], bool],
+    batch: int = 100,
+    poll_timeout_s: float = 0.2,
+    idle_timeout_s: float | None = None,
+    on_undecodable: Callable[[Message], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[E]:
+    """Yield each event of ``kind`` that ``source`` delivers, until ``until()`` is true (asked
+    before every read) or nothing arrived for ``idle_timeout_s``.
+
+    The one way every reader of a result or event topic skips what it cannot use: error
+    messages and empty values (tombstones) are passed over, and a value that does not decode
+    as ``kind`` goes to ``on_undecodable`` (when given), never raises. ``batch=1`` reads one
+    message at a time, for a subscriber whose offsets are stored as it reads them.
+    """
+    idle_since = clock()
+    while not until():
+        messages = source.consume(batch, poll_timeout_s)
+        if messages:
+            idle_since = clock()
+        elif idle_timeout_s is not None and clock() - idle_since >= idle_timeout_s:
+            return
+        yield from decode_records(messages, kind, on_undecodable)
+
+
+def decode_records(
+    messages: Iterable[Message],
+    kind: type[E],
+    on_undecodable: Callable[[Message], None] | None = None,
+) -> list[E]:
+    """The events of ``kind`` among ``messages`` already consumed, in order: :func:`follow`'s
+    skipping for a reader that consumes batches itself (a writeback that commits a batch's
+    offsets after writing it). Errors and tombstones are passed over; a value that does not
+    decode goes to ``on_undecodable`` (when given), never raises."""
+    events: list[E] = []
+    for message in messages:
+        value = message.value()
+        if message.error() is not None or not value:
+            continue
+        try:
+            events.append(schemas.decode(value, kind))
+        except DecodeError:
+            if on_undecodable is not None:
+                on_undecodable(message)
+    return events
 
 
 def send_events(
@@ -45,33 +103,6 @@ def send_events(
         )
     if producer.flush(timeout_s) or failures:
         raise KafkaError(f"events to {topic} not acknowledged: {failures or 'timeout'}")
-
-
-class Record(Protocol):
-    """What :func:`decode_records` reads of a consumed message (a confluent-kafka
-    ``Message``, or a test's stand-in)."""
-
-    def error(self) -> object | None: ...
-
-    def value(self) -> bytes | None: ...
-
-
-def decode_records(records: Iterable[Record], kind: type[E]) -> tuple[list[E], int]:
-    """The events of contract ``kind`` among consumed ``records``, in order, and how many
-    records did not decode as one. Errors and empty values (tombstones) are neither: they
-    carry no event. A record that does not decode is skipped, never raised: a reader of a
-    results topic must not stop on one bad record that any producer could have written."""
-    events: list[E] = []
-    undecodable = 0
-    for record in records:
-        value = record.value()
-        if record.error() is not None or not value:
-            continue
-        try:
-            events.append(schemas.decode(value, kind))
-        except DecodeError:
-            undecodable += 1
-    return events, undecodable
 
 
 class TopicTail(Generic[E]):
@@ -103,10 +134,13 @@ class TopicTail(Generic[E]):
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            events, undecodable = decode_records(self._consumer.consume(100, 0.2), self._kind)
-            self.events.extend(events)
-            self.undecodable += undecodable
+        for event in follow(
+            self._consumer, self._kind, until=self._stop.is_set, on_undecodable=self._skip
+        ):
+            self.events.append(event)
+
+    def _skip(self, _message: Message) -> None:
+        self.undecodable += 1
 
     def close(self) -> None:
         self._stop.set()

@@ -16,18 +16,11 @@ from typing import Any
 from confluent_kafka import KafkaError as RdKafkaError
 from confluent_kafka import KafkaException, Message, Producer, TopicPartition
 
-from pipeline.kafka.exceptions import KafkaError
+from pipeline.kafka.exceptions import DeliveryError
+
+__all__ = ["AsyncProducer", "DeliveryError", "OutgoingMessage"]
 
 Headers = Sequence[tuple[str, bytes]]
-
-
-class DeliveryError(KafkaError):
-    """The broker did not acknowledge a message."""
-
-    def __init__(self, topic: str, error: RdKafkaError) -> None:
-        super().__init__(f"delivery to {topic!r} failed: {error.str()}")
-        self.topic = topic
-        self.retriable = bool(error.retriable())
 
 
 class AsyncProducer:
@@ -165,7 +158,7 @@ class _BatchAcks:
                 return
             if error is not None:
                 self._failed = True
-                outcome: int | DeliveryError = DeliveryError(str(message.topic()), error)
+                outcome: int | DeliveryError = DeliveryError.reported(str(message.topic()), error)
             else:
                 self._remaining -= 1
                 if self._remaining:

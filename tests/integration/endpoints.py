@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.settings import Settings, load_settings
-from pipeline.stack import manager
+from devkit.settings import load_demo_settings, load_local_settings
+from devkit.stack import manager
+from pipeline.settings import Settings
 
 ENV_NAMES = {
     "kafka_bootstrap": "SLUICEWAY_TEST_KAFKA_BOOTSTRAP",
@@ -35,7 +36,8 @@ class Endpoints:
     source: str
 
     def settings(self, **overrides: Any) -> Settings:
-        return load_settings(
+        # The runtime's settings with the demo's models: what the workers under test read.
+        return load_demo_settings(
             kafka={"bootstrap_servers": self.kafka_bootstrap},
             object_store={
                 "endpoint": self.s3_endpoint,
@@ -58,7 +60,7 @@ def endpoints_from_env(environ: Mapping[str, str]) -> Endpoints | None:
 @contextlib.contextmanager
 def native_stack(progress: Callable[[str], None] = print) -> Iterator[Endpoints]:
     """Bring the native stack up; stop it afterwards only if this session started it."""
-    settings = load_settings()
+    settings = load_local_settings()
     rows = manager.up(settings, progress)
     started_here = not any(row.reused for row in rows)
     stack = settings.stack

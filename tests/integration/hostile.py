@@ -30,8 +30,8 @@ from functools import cache
 import numpy as np
 
 import schemas
-from pipeline.modeling.invoices import generate
-from pipeline.settings import INVOICE_RISK_FEATURES
+from devkit.modeling.invoices import FEATURES as INVOICE_RISK_FEATURES
+from devkit.modeling.invoices import generate
 from pipeline.topics import ModelTopics, batch_progress_topic, control_topic
 from schemas.models import FeatureValue, InferenceRequest, Inputs, Tensor, TensorDatatype
 

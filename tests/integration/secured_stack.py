@@ -25,16 +25,17 @@ from typing import Any
 
 import pytest
 
-from pipeline.settings import KafkaSettings, Settings, load_settings
-from pipeline.stack import manager
-from pipeline.stack.kafka_security import (
+from devkit.settings import LocalSettings, load_local_settings
+from devkit.stack import manager
+from devkit.stack.kafka_security import (
     Mechanism,
     admin_kafka_settings,
     apply_stack_acls,
     credential_environment,
 )
-from pipeline.stack.oauth import ensure_issuer
-from pipeline.stack.secrets import KafkaSecrets
+from devkit.stack.oauth import ensure_issuer
+from devkit.stack.secrets import KafkaSecrets
+from pipeline.settings import KafkaSettings, Settings
 
 PORT_BASE_ENV = "SLUICEWAY_TEST_SECURED_PORT_BASE"
 DEFAULT_PORT_BASE = 29000
@@ -57,10 +58,10 @@ def secured_ports(base: int) -> dict[str, int]:
     }
 
 
-def secured_settings(state_dir: Path, base: int, **overrides: Any) -> Settings:
+def secured_settings(state_dir: Path, base: int, **overrides: Any) -> LocalSettings:
     """Settings of a secured stack in ``state_dir`` (its services' endpoints, no Kafka login)."""
     ports = secured_ports(base)
-    return load_settings(
+    return load_local_settings(
         stack={"secured": True, "state_dir": str(state_dir), **ports},
         kafka={"bootstrap_servers": f"127.0.0.1:{ports['kafka_port']}"},
         object_store={

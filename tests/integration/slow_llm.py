@@ -14,6 +14,7 @@ import yaml
 from confluent_kafka import Consumer
 
 import schemas
+from devkit.servers.openai_server import OpenAIProtocolServer
 from pipeline.kafka import clients
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, model_topic_specs
 from pipeline.kafka.clients import ConsumerRole
@@ -24,7 +25,6 @@ from schemas.models import InferenceRequest, InferenceResult, Inputs, TextInput
 from tests.integration import scrape, traffic
 from tests.integration.local_ports import free_port
 from tests.integration.waiting import wait_for
-from tests.openai_server import OpenAIProtocolServer
 
 MODEL = "slowllm"
 

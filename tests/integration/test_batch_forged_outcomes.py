@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import TopicPartition
 
 import schemas
-from pipeline.batchjobs.examples import invoice_records, write_example
+from devkit.demo.examples import invoice_records, write_example
 from pipeline.batchjobs.store import JobStore
 from pipeline.batchjobs.submit import submit
 from pipeline.kafka import clients

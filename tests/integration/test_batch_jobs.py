@@ -22,10 +22,9 @@ import pytest
 from confluent_kafka import TopicPartition
 
 import schemas
-from pipeline.batchjobs.examples import invoice_records, write_example
+from devkit.demo.examples import invoice_records, write_example
 from pipeline.batchjobs.store import JobStore
 from pipeline.batchjobs.submit import submit
-from pipeline.cli import main as cli_main
 from pipeline.kafka import clients
 from pipeline.kafka.admin import end_offsets
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
@@ -40,6 +39,7 @@ from schemas.models import (
     InferenceResult,
     Inputs,
 )
+from sluiceway import main as cli_main
 from tests.integration.waiting import wait_until
 from workers.batch.runner import JobRunner
 from workers.inference.runner import prepare_topics_and_bucket

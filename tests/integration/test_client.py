@@ -143,7 +143,7 @@ def test_request_ids_follow_the_source_event() -> None:
 def _cli(settings: Settings, *args: str) -> str:
     """Run ``sluiceway ARGS`` with exactly these settings; return its output."""
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "sluiceway", *args],
         cwd=REPO_ROOT,
         env={**settings.as_environment(), "PATH": "/usr/bin:/bin"},
         capture_output=True,

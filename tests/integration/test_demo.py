@@ -3,9 +3,7 @@ support case summarised through the vLLM route, everything stored."""
 
 from __future__ import annotations
 
-from pipeline.settings import Settings
-from pipeline.storage.client import make_client
-from workers.demo import (
+from devkit.demo.run import (
     EXPLAIN_EVERY,
     FAITHFULNESS_SAMPLE,
     MODEL,
@@ -13,6 +11,8 @@ from workers.demo import (
     render_report,
     run_demo,
 )
+from pipeline.settings import Settings
+from pipeline.storage.client import make_client
 
 INVOICES = 300
 CASES = 24

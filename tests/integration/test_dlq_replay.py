@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 
-from pipeline.cli import build_parser
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, model_topic_specs
 from pipeline.settings import Settings
 from pipeline.storage.client import ensure_bucket, make_client
 from pipeline.topics import ModelTopics
 from schemas.models import InferenceRequest, Inputs, ResultStatus
+from sluiceway import build_parser
 from tests.integration import traffic
 
 PER_REASON = 6

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.modeling.training import DEMO_MODEL
+from devkit.demo.feeds import LabelledFeed
+from devkit.modeling.training import DEMO_MODEL
 from pipeline.settings import Settings
 from tests.integration import scrape
 from tests.integration.local_ports import free_port
 from tests.integration.test_monitor import Scene, scene  # noqa: F401 (a fixture)
 from tests.integration.waiting import wait_until
-from workers.feeds import LabelledFeed
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "sluiceway.json"
 _IDENTIFIER = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")

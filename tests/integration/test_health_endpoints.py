@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.settings import Settings, load_settings
-from pipeline.stack.services import TritonService
+from devkit.settings import LocalSettings, load_local_settings
+from devkit.stack.services import TritonService
+from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from tests.integration import scrape, traffic
 from tests.integration.local_ports import free_port
@@ -21,7 +22,7 @@ class OwnTriton:
     """A Triton on free ports, with its own state folder: the shared one is never stopped."""
 
     def __init__(self, tmp_path: Path, model_repository: Path | None = None) -> None:
-        stack = load_settings().stack.model_copy(
+        stack = load_local_settings().stack.model_copy(
             update={
                 "state_dir": tmp_path / "own-triton",
                 "triton_http_port": free_port(),
@@ -29,7 +30,7 @@ class OwnTriton:
                 "triton_metrics_port": free_port(),
             }
         )
-        self.service = TritonService(Settings(stack=stack))
+        self.service = TritonService(LocalSettings(stack=stack))
         self.service.install(lambda _line: None)  # trains the demo model in deploy/, as always
         if model_repository is not None:
             self.service.stack = stack.model_copy(update={"model_repository": model_repository})

@@ -11,13 +11,13 @@ from typing import Literal
 import numpy as np
 import pytest
 
+from devkit.modeling.invoices import generate
+from devkit.modeling.logistic import LinearModel
+from devkit.modeling.training import DEMO_MODEL
+from devkit.stack.services import resolve
 from pipeline.backends import BackendError, RowInput, RowOutput
 from pipeline.backends.triton import TritonBackend
-from pipeline.modeling.invoices import generate
-from pipeline.modeling.logistic import LinearModel
-from pipeline.modeling.training import DEMO_MODEL
 from pipeline.settings import Settings
-from pipeline.stack.services import resolve
 from tests.integration.endpoints import Endpoints
 
 SAMPLE_ROWS = 200

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from devkit.demo.feeds import LabelledFeed
+from devkit.modeling.training import DEMO_MODEL
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, monitor_topic_specs
 from pipeline.kafka.events import TopicTail, send_control
-from pipeline.modeling.training import DEMO_MODEL
 from pipeline.settings import Settings
 from pipeline.storage.client import make_client
 from pipeline.topics import ModelTopics, control_topic, drift_topic
@@ -28,7 +29,6 @@ from schemas.models import (
     DriftReport,
 )
 from tests.integration.waiting import wait_until
-from workers.feeds import LabelledFeed
 from workers.inference.runner import prepare_topics_and_bucket
 from workers.monitor.app import FAULT_ENV
 from workers.processes import ServiceProcess

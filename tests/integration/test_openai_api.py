@@ -1,7 +1,7 @@
 """``sluiceway api`` with the official ``openai`` SDK as its client, on the real stack.
 
 One API process, one worker process (``invoice_risk`` on the real Triton, ``case_summary`` on
-the vLLM protocol server, tests/openai_server.py) and one protocol server serve the module;
+the vLLM protocol server, devkit/servers/openai_server.py) and one protocol server serve the module;
 each test runs its batch with the batch-job runner (``JobRunner``, what ``sluiceway batch run``
 runs) in a thread, while the SDK polls, as a user's code would.
 """
@@ -20,13 +20,13 @@ import httpx2
 import openai
 import pytest
 
-from pipeline.cli import main as cli_main
+from devkit.servers.openai_server import OpenAIProtocolServer
+from devkit.stack.process import port_open
 from pipeline.settings import BatchSettings, Settings
-from pipeline.stack.process import port_open
 from schemas.models import BatchJob
+from sluiceway import main as cli_main
 from tests.integration.endpoints import Endpoints
 from tests.integration.waiting import wait_until
-from tests.openai_server import OpenAIProtocolServer
 from workers.batch.runner import JobRunner
 from workers.inference.runner import prepare_topics_and_bucket
 from workers.processes import ServiceProcess

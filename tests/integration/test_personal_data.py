@@ -27,6 +27,8 @@ import pytest
 from pydantic import SecretStr
 
 import schemas
+from devkit.modeling.invoices import FEATURES as INVOICE_RISK_FEATURES
+from devkit.modeling.invoices import generate
 from pipeline.kafka import clients
 from pipeline.kafka.admin import (
     TopicSpec,
@@ -36,9 +38,8 @@ from pipeline.kafka.admin import (
     model_topic_specs,
 )
 from pipeline.kafka.clients import ConsumerRole
-from pipeline.modeling.invoices import generate
 from pipeline.privacy import MASKED, ORIGINAL_HEADER, associated_data, open_original
-from pipeline.settings import INVOICE_RISK_FEATURES, Settings
+from pipeline.settings import Settings
 from pipeline.storage.client import ensure_bucket, make_client
 from pipeline.topics import ModelTopics
 from schemas.models import DeadLetter, InferenceRequest, InferenceResult, Inputs, ResultStatus
@@ -54,8 +55,8 @@ from workers.processes import ServiceProcess
 
 SERVED = 40
 DEAD_LETTERED = 2
-WORKER_COMMAND = (sys.executable, "-m", "pipeline.cli", "worker")
-DLQ_OPEN_COMMAND = (sys.executable, "-m", "pipeline.cli", "dlq", "open", "--model", "invoice_risk")
+WORKER_COMMAND = (sys.executable, "-m", "sluiceway", "worker")
+DLQ_OPEN_COMMAND = (sys.executable, "-m", "sluiceway", "dlq", "open", "--model", "invoice_risk")
 
 
 def _bytes(value: str | bytes | None) -> bytes:

@@ -31,10 +31,10 @@ from connectors.salesforce.exceptions import (
 from connectors.salesforce.limits import OrgLimitBreaker
 from connectors.salesforce.rest import RecordUpdate, SalesforceRest
 from connectors.salesforce.runner import ConnectorOptions, SalesforceConnector
+from devkit.modeling.invoices import generate
 from pipeline.kafka import clients
 from pipeline.kafka.admin import end_offsets
 from pipeline.kafka.clients import ConsumerRole
-from pipeline.modeling.invoices import generate
 from pipeline.resilience.retry import RetryPolicy
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics

@@ -44,8 +44,8 @@ from connectors.sap.exceptions import EntityNotFound, ODataError, PreconditionFa
 from connectors.sap.intake import EVENTS_STREAM
 from connectors.sap.odata import EntitySource
 from connectors.sap.writeback import WritebackCall, correlation_id, signer
+from devkit.modeling.invoices import generate
 from pipeline.kafka.admin import describe_topics, end_offsets
-from pipeline.modeling.invoices import generate
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.models import DeadLetter, InferenceRequest, InferenceResult

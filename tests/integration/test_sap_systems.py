@@ -37,7 +37,7 @@ from connectors.sap.core import malformed_letter_key
 from connectors.sap.history import dead_lettered_events
 from connectors.sap.odata import EntitySource
 from connectors.sap.webhook import SECRET_VAR, WebhookSecurity, security_from_options
-from pipeline.modeling.invoices import generate
+from devkit.modeling.invoices import generate
 from pipeline.settings import Settings
 from pipeline.topics import ModelTopics
 from schemas.models import (

@@ -27,10 +27,10 @@ from connectors.sap.connector import ConnectorStats, SapConnector, serve
 from connectors.sap.odata import EntitySource
 from connectors.sap.webhook import SECRET_VAR, WebhookLimits, WebhookSecurity, security_from_options
 from connectors.sap.webhook_auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, hmac_signature
+from devkit.modeling.invoices import generate
+from devkit.stack.tls import ensure_authority
 from pipeline.kafka.admin import end_offsets
-from pipeline.modeling.invoices import generate
 from pipeline.settings import Settings
-from pipeline.stack.tls import ensure_authority
 from pipeline.topics import ModelTopics
 from schemas.models import InferenceRequest
 from tests.integration.traffic import events_on_topic

@@ -24,19 +24,19 @@ from aiokafka import TopicPartition as AioTopicPartition
 from confluent_kafka import KafkaException
 from pydantic import SecretStr
 
+from devkit.demo.run import MODEL, TEXT_MODEL, render_report, run_demo, worker_assignments
+from devkit.modeling.invoices import FEATURES
+from devkit.stack.oauth import ensure_issuer
 from pipeline.client import InferTimeoutError, SluicewayClient
 from pipeline.kafka import clients
 from pipeline.kafka.acls import CLIENT, MONITOR, monitor_app_id, worker_principal
 from pipeline.kafka.admin import TopicSpec, describe_topics, ensure_topics
 from pipeline.kafka.clients import ProducerRole
-from pipeline.modeling.invoices import FEATURES
 from pipeline.settings import KafkaSettings, Settings
-from pipeline.stack.oauth import ensure_issuer
 from pipeline.storage.client import make_client
 from schemas.models import InferenceRequest, InferenceResult, Inputs, ResultStatus
 from tests.integration.secured_stack import SecuredStack
 from tests.integration.waiting import wait_for
-from workers.demo import MODEL, TEXT_MODEL, render_report, run_demo, worker_assignments
 from workers.inference.runner import prepare_topics_and_bucket
 from workers.processes import Principals, ServiceProcess, as_principal
 

@@ -18,13 +18,13 @@ from confluent_kafka.admin._acl import AclBinding, AclOperation, AclPermissionTy
 from confluent_kafka.admin._resource import ResourcePatternType, ResourceType
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from devkit.stack import manager
+from devkit.stack.kafka_security import apply_stack_acls
+from devkit.stack.oauth import AUDIENCE, ISSUER, ensure_issuer, key_id, mint_token
+from devkit.stack.tls import ensure_authority
 from pipeline.kafka import acl_admin, clients
 from pipeline.kafka.admin import TopicSpec, control_topic_spec, ensure_topics, model_topic_specs
 from pipeline.kafka.exceptions import TopicAdminError
-from pipeline.stack import manager
-from pipeline.stack.kafka_security import apply_stack_acls
-from pipeline.stack.oauth import AUDIENCE, ISSUER, ensure_issuer, key_id, mint_token
-from pipeline.stack.tls import ensure_authority
 from pipeline.topics import ModelTopics, control_topic
 from tests.integration.secured_stack import SecuredStack
 from tests.integration.waiting import wait_for

@@ -23,17 +23,18 @@ from minio import Minio
 from minio.error import MinioException, S3Error
 from pydantic import SecretStr
 
-from pipeline.cli import main
-from pipeline.settings import ModelSettings, ObjectStoreSettings, Settings, load_settings
-from pipeline.stack.process import port_open
-from pipeline.stack.services import MinioService
-from pipeline.stack.tls import ensure_authority
+from devkit.settings import load_local_settings
+from devkit.stack.process import port_open
+from devkit.stack.services import MinioService
+from devkit.stack.tls import ensure_authority
+from pipeline.settings import ModelSettings, ObjectStoreSettings, Settings
 from pipeline.storage.client import ensure_bucket, make_client
 from pipeline.storage.exceptions import ObjectStoreError
 from pipeline.storage.grants import credential_file, read_credential
 from pipeline.storage.policies import BATCH_PRINCIPAL, MONITOR_PRINCIPAL, worker_principal
 from pipeline.storage.segments import build_segment
 from pipeline.storage.store import SegmentStore
+from sluiceway import main
 from tests.integration.waiting import wait_until
 from workers.inference.contracts import dead_letter_offload_key
 
@@ -66,7 +67,7 @@ class SecuredStore:
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredStore]:
     for port in (S3_PORT, CONSOLE_PORT):
         assert not port_open(port), f"port {port} is taken; this module's MinIO needs it"
-    settings = load_settings(
+    settings = load_local_settings(
         stack={
             "state_dir": str(tmp_path_factory.mktemp("secured-minio") / "state"),
             "secured": True,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.settings import load_settings
-from pipeline.stack import manager
+from devkit.settings import load_local_settings
+from devkit.stack import manager
+from sluiceway import main
 from tests.integration.endpoints import Endpoints
 
 
@@ -51,8 +51,8 @@ def test_status_shows_every_service_with_version_and_endpoint(
 
 
 def test_up_reuses_a_healthy_running_stack(endpoints: Endpoints) -> None:
-    before = {row.name: row.pid for row in manager.status(load_settings())}
-    rows = manager.up(load_settings(), progress=lambda _line: None)
+    before = {row.name: row.pid for row in manager.status(load_local_settings())}
+    rows = manager.up(load_local_settings(), progress=lambda _line: None)
     assert all(row.reused and row.state == "healthy" for row in rows)
     assert {row.name: row.pid for row in rows} == before
 

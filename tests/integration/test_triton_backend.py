@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 import pytest
 
-from pipeline.backends import PermanentBackendError, RowInput, TransientBackendError
+from pipeline.backends import BackendError, RowInput
 from pipeline.backends.triton import TritonBackend
 from pipeline.settings import Settings
 
@@ -55,8 +55,9 @@ def test_unknown_model_version_is_permanent(settings: Settings) -> None:
         finally:
             await backend.close()
 
-    with pytest.raises(PermanentBackendError) as caught:
+    with pytest.raises(BackendError) as caught:
         asyncio.run(run())
+    assert not caught.value.transient
     assert caught.value.reason == "unknown_model"
 
 
@@ -68,8 +69,9 @@ def test_wrong_shape_is_permanent(settings: Settings) -> None:
         finally:
             await backend.close()
 
-    with pytest.raises(PermanentBackendError) as caught:
+    with pytest.raises(BackendError) as caught:
         asyncio.run(run())
+    assert not caught.value.transient
     assert caught.value.reason == "backend_bad_request"
 
 
@@ -88,6 +90,7 @@ def test_unreachable_server_is_transient(protocol: Literal["grpc", "http"]) -> N
         finally:
             await backend.close()
 
-    with pytest.raises(TransientBackendError) as caught:
+    with pytest.raises(BackendError) as caught:
         asyncio.run(run())
+    assert caught.value.transient
     assert caught.value.reason == "backend_unavailable"

@@ -1,4 +1,4 @@
-"""The vLLM backend against the OpenAI protocol test server (tests/openai_server.py).
+"""The vLLM backend against the OpenAI protocol test server (devkit/servers/openai_server.py).
 
 No real vLLM runs here (no GPU, no model hub): the server answers the way vLLM's documented
 OpenAI-compatible server does, with fake deterministic generation. These tests do not use the
@@ -21,17 +21,16 @@ import httpx2
 import pytest
 from pydantic import SecretStr
 
+from devkit.servers.openai_server import OpenAIProtocolServer
 from pipeline.backends.base import RowInput, RowOutput, TextPrompt
-from pipeline.backends.exceptions import BackendError, PermanentBackendError
+from pipeline.backends.exceptions import BackendError
 from pipeline.backends.vllm import (
     CHAT_PATH,
     COMPLETIONS_PATH,
     ServedModelNames,
     VllmBackend,
-    VllmTransientError,
 )
 from pipeline.settings import VllmSettings
-from tests.openai_server import OpenAIProtocolServer
 
 MODEL = "sluiceway-llm"
 LORA = "summarizer-lora-v2"
@@ -209,7 +208,8 @@ def test_a_400_fails_only_its_row(server: OpenAIProtocolServer) -> None:
     rows[3] = chat_row(3, max_tokens=1000)  # longer than the model's 256-token context
     outcomes = infer(vllm_settings(server), rows)
     error = outcomes[3]
-    assert isinstance(error, PermanentBackendError)
+    assert isinstance(error, BackendError)
+    assert not error.transient
     assert error.reason == "backend_bad_request"
     assert error.status == 400
     assert "maximum context length is 256 tokens" in str(error)
@@ -225,7 +225,8 @@ def test_an_unknown_model_is_permanent_in_either_error_shape(
         outcomes = infer(vllm_settings(running), mixed_rows(3), model="no-such-model")
     assert len(outcomes) == 3
     for error in outcomes:
-        assert isinstance(error, PermanentBackendError)
+        assert isinstance(error, BackendError)
+        assert not error.transient
         assert error.reason == "unknown_model"
         assert error.status == 404
         assert "The model `no-such-model` does not exist." in str(error)
@@ -234,7 +235,8 @@ def test_an_unknown_model_is_permanent_in_either_error_shape(
 def test_an_unmapped_version_name_is_an_unknown_model(server: OpenAIProtocolServer) -> None:
     outcomes = infer(vllm_settings(server), mixed_rows(2), "summarizer", "3")
     assert all(
-        isinstance(o, PermanentBackendError) and o.reason == "unknown_model" for o in outcomes
+        isinstance(o, BackendError) and not o.transient and o.reason == "unknown_model"
+        for o in outcomes
     )
 
 
@@ -250,7 +252,7 @@ def test_a_whole_batch_rejected_raises_one_transient_error_with_retry_after(
 ) -> None:
     rows = mixed_rows(5)
     server.fail_next(len(rows), status, retry_after=retry_after)
-    with pytest.raises(VllmTransientError) as caught:
+    with pytest.raises(BackendError) as caught:
         infer(vllm_settings(server), rows)
     error = caught.value
     assert error.transient
@@ -270,7 +272,8 @@ def test_some_rows_rejected_come_back_as_per_row_transient_errors(
     assert len(failed) == 3
     for i in failed:
         error = outcomes[i]
-        assert isinstance(error, VllmTransientError)
+        assert isinstance(error, BackendError)
+        assert error.transient
         assert error.reason == "backend_unavailable"
         assert error.retry_after_s == 1.0
     # The worker retries exactly those rows; the server has recovered.
@@ -283,8 +286,9 @@ def test_some_rows_rejected_come_back_as_per_row_transient_errors(
 def test_a_slow_server_is_a_transient_timeout(server: OpenAIProtocolServer) -> None:
     server.latency_s = 30.0  # far beyond the client's timeout; stop() cuts it short
     started = time.monotonic()
-    with pytest.raises(VllmTransientError) as caught:
+    with pytest.raises(BackendError) as caught:
         infer(vllm_settings(server, timeout_s=0.3), mixed_rows(3))
+    assert caught.value.transient
     assert caught.value.reason == "backend_timeout"
     assert time.monotonic() - started < 10.0
 
@@ -292,16 +296,19 @@ def test_a_slow_server_is_a_transient_timeout(server: OpenAIProtocolServer) -> N
 def test_a_server_that_is_down_is_transient() -> None:
     with OpenAIProtocolServer() as gone:
         settings = vllm_settings(gone)
-    with pytest.raises(VllmTransientError) as caught:
+    with pytest.raises(BackendError) as caught:
         infer(settings, mixed_rows(2))
+    assert caught.value.transient
     assert caught.value.reason == "backend_unavailable"
-    assert isinstance(caught.value.__cause__, VllmTransientError)
+    assert isinstance(caught.value.__cause__, BackendError)
+    assert caught.value.__cause__.transient
     assert isinstance(caught.value.__cause__.__cause__, httpx2.TransportError)
 
 
 def test_a_wrong_api_key_is_transient_not_dead_lettered(server: OpenAIProtocolServer) -> None:
-    with pytest.raises(VllmTransientError) as caught:
+    with pytest.raises(BackendError) as caught:
         infer(vllm_settings(server, api_key=SecretStr("wrong")), mixed_rows(2))
+    assert caught.value.transient
     assert caught.value.reason == "backend_unauthorized"
     assert caught.value.status == 401
     assert "wrong" not in str(caught.value)
@@ -323,7 +330,15 @@ def test_the_server_answers_health_and_models(server: OpenAIProtocolServer) -> N
 
 
 def test_the_server_runs_as_a_process_until_sigterm() -> None:
-    command = [sys.executable, "-m", "tests.openai_server", "--port", "0", "--model", "demo-llm"]
+    command = [
+        sys.executable,
+        "-m",
+        "devkit.servers.openai_server",
+        "--port",
+        "0",
+        "--model",
+        "demo-llm",
+    ]
     with subprocess.Popen(
         command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as proc:

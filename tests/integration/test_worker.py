@@ -17,12 +17,14 @@ import pytest
 from confluent_kafka import KafkaException
 
 import schemas
-from pipeline.batchjobs.examples import invoice_records
+from devkit.demo.examples import invoice_records
+from devkit.modeling.invoices import FEATURES as INVOICE_RISK_FEATURES
+from devkit.settings import load_local_settings
+from devkit.stack import manager
+from devkit.stack.services import MinioService, TritonService
 from pipeline.kafka import clients
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, model_topic_specs
-from pipeline.settings import INVOICE_RISK_FEATURES, Settings, load_settings
-from pipeline.stack import manager
-from pipeline.stack.services import MinioService, TritonService
+from pipeline.settings import Settings
 from pipeline.storage.client import ensure_bucket, make_client
 from pipeline.topics import ModelTopics
 from schemas.models import InferenceRequest, Inputs, ResultStatus
@@ -277,7 +279,7 @@ def test_object_store_outage_saturates_then_pauses_and_recovers_without_dlq(
         pytest.fail("the outage test stops and restarts the native stack's MinIO")
     worker, metrics_port, _ = _serving_worker_with_metrics(settings, topics, workers, 500)
 
-    minio = MinioService(load_settings())
+    minio = MinioService(load_local_settings())
     assert minio.process.stop()
     try:
         during = [traffic.scaler_request(i) for i in range(4000)]
@@ -293,7 +295,7 @@ def test_object_store_outage_saturates_then_pauses_and_recovers_without_dlq(
         wait_for(every_partition_paused, 60, "every partition to pause after 5 s saturated")
         in_flight_paused = _metric(metrics_port, "sluiceway_in_flight")
     finally:
-        manager.up(load_settings(), progress=lambda _line: None)
+        manager.up(load_local_settings(), progress=lambda _line: None)
 
     got = traffic.collect(settings, topics.results, topics.dlq, 4500, timeout_s=120)
     # At most one fetch beyond the limit: a saturated worker stops taking records.
@@ -315,7 +317,7 @@ def test_triton_outage_opens_the_breaker_pauses_and_recovers_without_dlq(
         pytest.fail("the outage test stops and restarts the native stack's Triton")
     worker, metrics_port, before = _serving_worker_with_metrics(settings, topics, workers, 1000)
 
-    triton = TritonService(load_settings())
+    triton = TritonService(load_local_settings())
     assert triton.process.stop()
     try:
         during = [traffic.scaler_request(i) for i in range(5000)]
@@ -339,7 +341,7 @@ def test_triton_outage_opens_the_breaker_pauses_and_recovers_without_dlq(
         rss_late = _rss_kib(worker.pid)
         lag_during = sum(_metric_lines(metrics_port, "sluiceway_consumer_lag{"))
     finally:
-        manager.up(load_settings(), progress=lambda _line: None)
+        manager.up(load_local_settings(), progress=lambda _line: None)
 
     got = traffic.collect(settings, topics.results, topics.dlq, 6000, timeout_s=120)
     # The paused partitions' backlog showed as lag, and it is gone once everything is served.

@@ -171,7 +171,7 @@ def start_worker(
     model_args = [arg for model in models for arg in ("--model", model)]
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker", *model_args],
+            [sys.executable, "-m", "sluiceway", "worker", *model_args],
             cwd=REPO_ROOT,
             env=worker_env(settings, **extra_env),
             stdout=log,

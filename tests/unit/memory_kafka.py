@@ -18,6 +18,7 @@ from typing import Any
 from confluent_kafka import TIMESTAMP_CREATE_TIME
 
 from pipeline.backends.signature import ModelSignature
+from pipeline.kafka.exceptions import DeliveryError
 from pipeline.kafka.ports import CommitRefused, PartitionKey, RebalanceListener
 from pipeline.kafka.producer import OutgoingMessage
 from pipeline.storage.segments import Segment
@@ -268,10 +269,6 @@ class MemoryConsumer:
         self._broker._leave(self)
 
 
-class MemoryDeliveryError(Exception):
-    pass
-
-
 class MemoryProducer:
     """A :class:`~pipeline.kafka.ports.ProducerPort`: appends at once, acks on the loop."""
 
@@ -287,7 +284,8 @@ class MemoryProducer:
                     message.topic, message.value, key=message.key, headers=message.headers
                 )
         except KeyError as error:
-            future.set_exception(MemoryDeliveryError(str(error)))
+            # The real producer's error type, so callers handle it as they would in service.
+            future.set_exception(DeliveryError(str(error), topic=message.topic))
             return future
         self.produced += len(messages)
         future.set_result(len(messages))

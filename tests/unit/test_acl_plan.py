@@ -9,7 +9,7 @@ import pytest
 from confluent_kafka.admin._acl import AclBinding, AclOperation, AclPermissionType
 from confluent_kafka.admin._resource import ResourcePatternType, ResourceType
 
-from pipeline.cli.acl_cmd import parse_connectors
+from devkit.settings import load_local_settings
 from pipeline.kafka import acl_admin
 from pipeline.kafka.acls import (
     AclPlanError,
@@ -20,16 +20,17 @@ from pipeline.kafka.acls import (
     principals,
 )
 from pipeline.kafka.acls import ResourceType as Resource
-from pipeline.settings import ModelSettings, Settings, load_settings
+from pipeline.settings import ModelSettings, Settings
 from pipeline.topics import ModelTopics
 from schemas.errors import SluicewayError
+from sluiceway.acl_cmd import parse_connectors
 
 NS = "inference"
 DEMO_CONNECTORS = {"sap": ("invoice_risk",), "salesforce": ("case_summary",)}
 
 
 def _settings(*models: str, exactly_once: bool = False, **overrides: Any) -> Settings:
-    settings = load_settings(workers={"exactly_once": exactly_once}, **overrides)
+    settings = load_local_settings(workers={"exactly_once": exactly_once}, **overrides)
     if models:
         settings = settings.model_copy(update={"models": {m: ModelSettings() for m in models}})
     return settings
@@ -250,14 +251,15 @@ def test_the_namespace_prefixes_every_topic_group_and_transactional_id() -> None
 
 
 def test_connector_flags_replace_the_setting_and_bad_ones_are_refused() -> None:
-    settings = _settings()
-    assert parse_connectors(None, settings) == DEMO_CONNECTORS
-    assert parse_connectors(["erp=scaler,invoice_risk"], settings) == {
+    # The local stack's connectors are the demo's; without flags, they are what is planned.
+    assert load_local_settings().stack.kafka_connectors == DEMO_CONNECTORS
+    assert parse_connectors(None, DEMO_CONNECTORS) == DEMO_CONNECTORS
+    assert parse_connectors(["erp=scaler,invoice_risk"], DEMO_CONNECTORS) == {
         "erp": ("scaler", "invoice_risk")
     }
     for bad in (["erp"], ["=scaler"], ["erp="], ["erp=a", "erp=b"]):
         with pytest.raises(SluicewayError):
-            parse_connectors(bad, settings)
+            parse_connectors(bad, DEMO_CONNECTORS)
 
 
 def _binding(principal: str, name: str = "t") -> AclBinding:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from devkit.settings import load_demo_settings
 from pipeline.batchjobs.formats import SourceRecord
 from pipeline.batchjobs.records import BatchItem, RecordParser
-from pipeline.settings import Settings
 from schemas.models import BatchCounts, BatchInputFormat, BatchJob, BatchJobStatus
 from workers.api import openai_format as fmt
 from workers.api.openai_format import ApiError, LineError, RequestLine
@@ -67,7 +67,7 @@ def test_a_chat_line_becomes_a_record_the_text_model_accepts() -> None:
         "params": {"max_tokens": 12, "stop": ["\n"], "logprobs": 3},
     }
     parser = RecordParser(
-        Settings().models["case_summary"], values_are_text=False, max_record_bytes=10_000
+        load_demo_settings().models["case_summary"], values_are_text=False, max_record_bytes=10_000
     )
     item = parser.parse(SourceRecord(1, record, size=len(raw)))
     assert isinstance(item, BatchItem)
@@ -160,7 +160,7 @@ def test_completions_take_one_prompt_string() -> None:
 
 
 def test_endpoints_route_to_the_backend_that_serves_them() -> None:
-    models = Settings().models
+    models = load_demo_settings().models
     assert fmt.endpoint_serves(fmt.CHAT, models["case_summary"])
     assert fmt.endpoint_serves(fmt.PREDICTIONS, models["invoice_risk"])
     assert not fmt.endpoint_serves(fmt.CHAT, models["invoice_risk"])

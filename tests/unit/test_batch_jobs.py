@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.batchjobs.examples import invoice_records, write_example
+from devkit.demo.examples import invoice_records, write_example
+from devkit.modeling.invoices import FEATURES as INVOICE_RISK_FEATURES
+from devkit.settings import load_demo_settings
 from pipeline.batchjobs.formats import (
     InputFormatError,
     SourceRecord,
@@ -22,9 +24,9 @@ from pipeline.batchjobs.lifecycle import (
     final_status,
     progress,
 )
-from pipeline.batchjobs.records import BatchItem, RecordError, RecordParser
+from pipeline.batchjobs.records import BatchItem, RecordParser, UnservableLine
 from pipeline.batchjobs.submit import validate
-from pipeline.settings import INVOICE_RISK_FEATURES, ModelSettings, Settings
+from pipeline.settings import ModelSettings
 from schemas.models import BatchCounts, BatchInputFormat, BatchJob, BatchJobStatus
 
 FEATURE_MODEL = ModelSettings(backend="triton", feature_order=INVOICE_RISK_FEATURES)
@@ -120,8 +122,8 @@ def test_custom_id_is_generated_from_the_line_when_absent() -> None:
 )
 def test_invalid_records_get_a_typed_reason(overrides: dict[str, object], code: str) -> None:
     parsed = _parser().parse(SourceRecord(3, _invoice(**overrides)))
-    assert isinstance(parsed, RecordError)
-    assert parsed.code == code
+    assert isinstance(parsed, UnservableLine)
+    assert parsed.refusal.reason_code == code
     assert parsed.describe().startswith("line 3")
 
 
@@ -136,8 +138,8 @@ def test_csv_text_values_become_numbers_and_flags() -> None:
 
 def test_oversized_record_is_refused() -> None:
     parsed = _parser().parse(SourceRecord(1, _invoice(), size=10_000))
-    assert isinstance(parsed, RecordError)
-    assert parsed.code == "too_large"
+    assert isinstance(parsed, UnservableLine)
+    assert parsed.refusal.reason_code == "too_large"
 
 
 def test_text_models_take_prompts_or_messages() -> None:
@@ -152,8 +154,8 @@ def test_text_models_take_prompts_or_messages() -> None:
     assert isinstance(chat, BatchItem)
     assert chat.inputs.text is not None
     neither = parser.parse(SourceRecord(3, {"custom_id": "c3", "other": "x"}))
-    assert isinstance(neither, RecordError)
-    assert neither.code == "missing_field"
+    assert isinstance(neither, UnservableLine)
+    assert neither.refusal.reason_code == "missing_field"
 
 
 def test_validation_reports_duplicates_with_both_lines(tmp_path: Path) -> None:
@@ -161,12 +163,12 @@ def test_validation_reports_duplicates_with_both_lines(tmp_path: Path) -> None:
     records = list(invoice_records(5))
     records[3]["custom_id"] = records[1]["custom_id"]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    report = validate(path, BatchInputFormat.JSONL, Settings(), "invoice_risk")
+    report = validate(path, BatchInputFormat.JSONL, load_demo_settings(), "invoice_risk")
     assert report.records == 5
     assert report.invalid == 1
     error = report.first_errors[0]
-    assert (error.code, error.line) == ("duplicate_custom_id", 4)
-    assert "line 2" in error.message
+    assert (error.refusal.reason_code, error.line) == ("duplicate_custom_id", 4)
+    assert "line 2" in error.refusal.message
 
 
 # ------------------------------------------------------------------- ledger

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from devkit.settings import load_local_settings
 from pipeline.settings import load_settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -29,7 +30,7 @@ def _published(service: dict[str, Any]) -> dict[int, tuple[str, int]]:
 
 
 def test_ports_use_the_settings_names_and_defaults() -> None:
-    stack = load_settings().stack
+    stack = load_local_settings().stack
     services = _compose()["services"]
     expected = {
         "kafka": {9092: ("SLUICEWAY_STACK__KAFKA_PORT", stack.kafka_port)},
@@ -48,7 +49,7 @@ def test_ports_use_the_settings_names_and_defaults() -> None:
 
 def test_every_setting_name_in_the_file_exists() -> None:
     text = (DEPLOY / "docker-compose.yml").read_text()
-    settings = load_settings().as_dict()
+    settings = load_local_settings().as_dict()
     for variable in set(re.findall(r"\$\{(SLUICEWAY_[A-Z_]+)", text)):
         node: Any = settings
         for part in variable.removeprefix("SLUICEWAY_").lower().split("__"):
@@ -72,7 +73,7 @@ def test_triton_mounts_the_same_model_repository_as_the_native_stack() -> None:
     triton = _compose()["services"]["triton"]
     host_path, container_path, _mode = triton["volumes"][0].split(":")
     assert (DEPLOY / host_path).resolve() == (
-        Path(__file__).resolve().parents[2] / load_settings().stack.model_repository
+        Path(__file__).resolve().parents[2] / load_local_settings().stack.model_repository
     ).resolve()
     assert f"--model-repository={container_path}" in triton["command"]
     assert (DEPLOY / host_path / "scaler" / "config.pbtxt").is_file()

@@ -20,9 +20,9 @@ from connectors.common.correlation import (
 )
 from connectors.salesforce.exceptions import ConfigurationError
 from connectors.salesforce.runner import ConnectorOptions, SalesforceConnector
-from pipeline.cli import main as cli_main
-from pipeline.settings import Settings
+from devkit.settings import DEMO_SETTINGS_FILE, load_demo_settings
 from schemas.errors import UnservableRecord
+from sluiceway import main as cli_main
 
 SECRET = b"s" * 32
 OLD_SECRET = b"o" * 32
@@ -187,12 +187,13 @@ def test_the_connectors_refuse_to_start_without_a_secret(
     # Salesforce: refused before anything is opened (no mapping read, no broker contacted).
     options = ConnectorOptions(mapping=tmp_path / "never-read.yaml", name="prod")
     with pytest.raises(ConfigurationError, match=ENV_VARIABLE):
-        SalesforceConnector(Settings(), options, {"SALESFORCE_CLIENT_SECRET": "x" * 40})
+        SalesforceConnector(load_demo_settings(), options, {"SALESFORCE_CLIENT_SECRET": "x" * 40})
     with pytest.raises(ConfigurationError, match="shorter"):
-        SalesforceConnector(Settings(), options, {ENV_VARIABLE: "too-short"})
+        SalesforceConnector(load_demo_settings(), options, {ENV_VARIABLE: "too-short"})
     # SAP: the command ends with an error naming the variable, before it listens.
     mapping = Path(__file__).resolve().parents[2] / "connectors/sap/mappings/supplier_invoice.yaml"
-    command = ["connect-sap", "--mapping", str(mapping), "--base-url", "http://127.0.0.1:9"]
+    command = ["--config", str(DEMO_SETTINGS_FILE), "connect-sap", "--mapping", str(mapping)]
+    command += ["--base-url", "http://127.0.0.1:9"]
     code = cli_main([*command, "--auth", "none", "--listen", "off", "--poll-interval", "30"])
     assert code == 2
     assert f"{ENV_VARIABLE}_SAP" in capsys.readouterr().err

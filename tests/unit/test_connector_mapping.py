@@ -10,7 +10,7 @@ import pytest
 
 from connectors.common.exceptions import MappingFileError
 from connectors.common.mapping import Mapping, field_value, load_mapping, parse_mapping
-from pipeline.settings import Settings
+from devkit.settings import load_demo_settings
 from schemas.errors import UnservableRecord
 from schemas.identity import request_id_for
 
@@ -51,7 +51,7 @@ def _mapping(**changes: Any) -> Mapping:
 def test_the_example_fills_every_feature_of_the_demo_model() -> None:
     mapping = load_mapping(EXAMPLE)
     assert mapping.model == "invoice_risk"
-    assert mapping.missing_features(Settings().models["invoice_risk"].feature_order) == []
+    assert mapping.missing_features(load_demo_settings().models["invoice_risk"].feature_order) == []
 
 
 def test_the_example_maps_an_sap_invoice() -> None:

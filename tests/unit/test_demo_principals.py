@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from devkit.demo.run import MODEL, TEXT_MODEL, worker_assignments
 from pipeline.settings import KafkaSettings, Settings
-from workers.demo import MODEL, TEXT_MODEL, worker_assignments
 from workers.processes import Principals, as_principal
 
 

@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import schemas
-from pipeline.cli import main
 from pipeline.deadletters.exceptions import SelectorError
 from pipeline.deadletters.letters import MALFORMED, LetterId, StoredLetter, read_letter
 from pipeline.deadletters.markers import Marker, decode_marker, encode_marker, fold_markers
@@ -20,6 +19,7 @@ from pipeline.deadletters.selection import (
     select,
 )
 from schemas.models import DeadLetter, Header, InferenceRequest, Inputs
+from sluiceway import main
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 DLQ = "inference.scaler.dlq"
@@ -50,7 +50,7 @@ def _stored(
             Header(key="h", value=b"v"),
             Header(key=REPLAYED_FROM_HEADER, value=b"x"),
         ],
-        error_class="RejectedRecord",
+        error_class="UnservableRecord",
         reason_code=reason,
         reason_message="why",
         attempts=1,

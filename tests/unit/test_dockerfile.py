@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import build_parser
+from sluiceway import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
@@ -89,7 +89,9 @@ def test_the_build_copies_every_package_and_what_the_install_reads() -> None:
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
                 copied.add(source)
-    assert packages <= copied
+    # Every runtime package and the command line; the development wing stays out.
+    assert packages - {"devkit"} <= copied
+    assert "devkit" not in copied
     assert {"pyproject.toml", project["project"]["readme"]} <= copied
     ignored = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
     for source in copied:
@@ -120,3 +122,30 @@ def test_the_entrypoint_is_the_cli_and_every_command_the_chart_runs_exists() -> 
     assert 'args: ["worker", "--model"' in templates
     assert '(list "batch" "run" "--follow")' in templates
     assert '$args := list "monitor"' in templates
+
+
+def test_the_command_line_works_without_the_development_wing() -> None:
+    """In the image there is no ``devkit``: the runtime commands are there, the local stack's
+    are not, and a flag that needs the demo's data says so in one line."""
+    script = """
+import sys
+sys.modules["devkit"] = None  # what an install without the development wing has
+import sluiceway
+sluiceway.has_development_wing = lambda: False
+parser = sluiceway.build_parser()
+commands = parser._subparsers._group_actions[0].choices
+print(" ".join(sorted(commands)))
+print(sluiceway.main(["batch", "example", "/nonexistent/out.jsonl"]))
+"""
+    ran = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    assert ran.returncode == 0, ran.stderr
+    commands, code = ran.stdout.split("\n")[:2]
+    assert {"worker", "monitor", "api", "batch", "dlq", "acl", "connect-sap"} <= set(
+        commands.split()
+    )
+    assert not {"stack", "demo", "model"} & set(commands.split())
+    assert code == "2"
+    assert "needs the development wing" in ran.stderr
+    assert "Traceback" not in ran.stderr

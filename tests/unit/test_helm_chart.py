@@ -14,8 +14,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from devkit.settings import LocalSettings, load_demo_settings
+from devkit.stack.installers import HELM_VERSION, install_helm
 from pipeline.settings import Settings, load_settings
-from pipeline.stack.installers import HELM_VERSION, install_helm
 from pipeline.topics import ModelTopics
 from tests.unit.fakes import FakeClock
 from workers.inference.worker import InferenceWorker, worker_group_id
@@ -35,7 +36,7 @@ POD_NAME = "sluiceway-worker-invoice-risk-3"
 
 @pytest.fixture(scope="module")
 def helm() -> Path:
-    return install_helm(Settings().stack.cache_dir, HELM_VERSION, lambda _line: None)
+    return install_helm(LocalSettings().stack.cache_dir, HELM_VERSION, lambda _line: None)
 
 
 def run_helm(helm: Path, command: str, *arguments: str) -> subprocess.CompletedProcess[str]:
@@ -258,7 +259,7 @@ def test_values_that_cannot_work_are_refused_at_render_time(
 
 def test_a_worker_without_an_instance_id_stays_a_dynamic_member() -> None:
     """Outside the chart (no pod name), the worker's group membership is as it always was."""
-    settings = Settings()
+    settings = load_demo_settings()
     worker = InferenceWorker(
         settings,
         ["scaler"],

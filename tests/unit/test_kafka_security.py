@@ -16,11 +16,11 @@ import pytest
 from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
 from pydantic import SecretStr
 
+from devkit.stack.tls import Authority, ensure_authority
 from pipeline.kafka import clients
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
 from pipeline.kafka.oauth import FileTokenProvider, OidcTokenProvider
 from pipeline.settings import KafkaSettings, SettingsError, load_settings
-from pipeline.stack.tls import Authority, ensure_authority
 
 BROKERS = "broker-1:9093"
 

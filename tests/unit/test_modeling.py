@@ -8,20 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.modeling.invoices import FEATURES, generate, ground_truth_logit
-from pipeline.modeling.logistic import LinearModel, train
-from pipeline.modeling.metrics import (
+from devkit.modeling.invoices import FEATURES, generate, ground_truth_logit
+from devkit.modeling.logistic import LinearModel, train
+from devkit.modeling.metrics import (
     calibration_table,
     expected_calibration_error,
     log_loss,
     roc_auc,
 )
-from pipeline.modeling.training import DEMO_MODEL, VERSIONS, is_trained, train_versions
-from pipeline.settings import Settings
+from devkit.modeling.training import DEMO_MODEL, VERSIONS, is_trained, train_versions
+from devkit.settings import load_demo_settings
 
 
 def test_the_served_feature_order_is_the_generators() -> None:
-    assert Settings().models[DEMO_MODEL].feature_order == FEATURES
+    assert load_demo_settings().models[DEMO_MODEL].feature_order == FEATURES
 
 
 def test_the_generator_is_seeded_and_realistic() -> None:

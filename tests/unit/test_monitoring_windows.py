@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.modeling.invoices import FEATURES, generate
+from devkit.modeling.invoices import FEATURES, generate
 from pipeline.monitoring.windows import (
     Reference,
     Thresholds,

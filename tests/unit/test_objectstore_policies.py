@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from devkit.settings import load_demo_settings
 from pipeline.batchjobs.store import JobStore
 from pipeline.settings import ModelSettings, Settings, load_settings
 from pipeline.storage.policies import (
@@ -49,7 +50,7 @@ def with_models(*names: str, **overrides: Any) -> Settings:
 
 
 def test_one_worker_per_model_plus_batch_runner_and_monitor() -> None:
-    grants = grants_by_principal(load_settings())
+    grants = grants_by_principal(load_demo_settings())
     assert sorted(grants) == sorted(
         [
             worker_principal("scaler"),
@@ -126,7 +127,7 @@ def test_monitor_reads_references_writes_reports_and_never_touches_segments() ->
 
 
 def test_no_principal_may_list_or_administer_beyond_its_grant() -> None:
-    for grant in plan_grants(load_settings()):
+    for grant in plan_grants(load_demo_settings()):
         actions = {action for s in grant.policy["Statement"] for action in s["Action"]}
         assert actions <= {
             "s3:HeadBucket",
@@ -166,7 +167,7 @@ def test_a_model_named_like_a_moved_batch_prefix_is_refused_and_the_default_name
 @pytest.mark.parametrize("bucket", ["Results", "r*", "a", "results/x", "bucket?", "-bucket"])
 def test_bucket_names_that_are_not_plain_are_refused(bucket: str) -> None:
     with pytest.raises(GrantRefused, match=r"object_store\.bucket"):
-        plan_grants(load_settings(object_store={"bucket": bucket}))
+        plan_grants(load_demo_settings(object_store={"bucket": bucket}))
 
 
 def test_no_models_still_plans_valid_documents() -> None:

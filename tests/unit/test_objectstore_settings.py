@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
 from pipeline.settings import (
     DEVELOPMENT_SECRET,
     SettingsError,
@@ -23,6 +22,7 @@ from pipeline.storage.grants import (
     ensure_credential,
     read_credential,
 )
+from sluiceway import main
 
 LOOPBACK = ["127.0.0.1:9000", "localhost:9000", "LocalHost:9000", "[::1]:9000", "127.8.9.10:1"]
 REMOTE = [

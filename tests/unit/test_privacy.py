@@ -262,7 +262,7 @@ def _letter(
         message,
         "invalid_feature",
         detail,
-        "RejectedRecord",
+        "UnservableRecord",
         0,
         1_764_000_000_000,
         model="scaler",
@@ -582,7 +582,7 @@ def _sealed_letter(originals: OriginalPolicy, value: bytes = ORIGINAL) -> tuple[
 
 
 def test_the_operator_opens_kept_encrypted_and_offloaded_originals() -> None:
-    from pipeline.cli.dlq_cmd import original_of
+    from sluiceway.dlq_cmd import original_of
 
     def nothing_stored(bucket: str, key: str) -> bytes:
         raise AssertionError("nothing to fetch")
@@ -600,7 +600,7 @@ def test_the_operator_opens_kept_encrypted_and_offloaded_originals() -> None:
 
 
 def test_the_operator_is_told_why_an_original_cannot_be_given_back() -> None:
-    from pipeline.cli.dlq_cmd import LetterError, original_of
+    from sluiceway.dlq_cmd import LetterError, original_of
 
     letter, headers = _sealed_letter(OriginalPolicy("drop"))
     with pytest.raises(LetterError, match="dropped"):

@@ -34,8 +34,9 @@ from connectors.sap.webhook_auth import (
     JwtVerifier,
 )
 from connectors.sap.webhook_limits import RateLimiter, TokenBucket, retry_after
-from pipeline.cli import main
-from pipeline.stack.tls import ensure_authority
+from devkit.settings import DEMO_SETTINGS_FILE
+from devkit.stack.tls import ensure_authority
+from sluiceway import main
 from tests.unit.fakes import FakeClock
 
 SECRET = "a-webhook-secret-of-length"
@@ -294,8 +295,8 @@ def test_the_cli_refuses_an_open_unauthenticated_webhook_in_one_line(
 ) -> None:
     monkeypatch.delenv(SECRET_VAR, raising=False)
     mapping = Path(__file__).resolve().parents[2] / "connectors/sap/mappings/supplier_invoice.yaml"
-    common = ["connect-sap", "--mapping", str(mapping), "--base-url", "http://127.0.0.1:9"]
-    common += ["--auth", "none"]
+    common = ["--config", str(DEMO_SETTINGS_FILE), "connect-sap", "--mapping", str(mapping)]
+    common += ["--base-url", "http://127.0.0.1:9", "--auth", "none"]
     cases = {
         ("--listen", "0.0.0.0:8089", "--webhook-auth", "none"): "without authentication",
         ("--listen", "[::]:8089", "--webhook-auth", "none"): "without authentication",

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.cli import main
 from schemas import default_catalog
 from schemas.catalog import PACKAGE_ROOT
 from schemas.compat import Kind, can_read, check_change, lint
+from sluiceway import main
 
 
 def _record(*fields: dict[str, Any], name: str = "R") -> dict[str, Any]:

@@ -6,16 +6,43 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from devkit.settings import load_local_settings
 from pipeline.settings import SettingsError, load_settings
+from sluiceway import main
 
 
-def test_defaults_describe_the_local_stack() -> None:
+def test_runtime_defaults_point_at_the_local_stack_and_serve_no_model() -> None:
     settings = load_settings()
+    local = load_local_settings()
     assert settings.namespace == "inference"
-    assert settings.kafka.bootstrap_servers == f"127.0.0.1:{settings.stack.kafka_port}"
-    assert settings.object_store.endpoint == f"127.0.0.1:{settings.stack.minio_port}"
-    assert settings.backends.triton.grpc_url == f"127.0.0.1:{settings.stack.triton_grpc_port}"
+    assert settings.models == {}
+    assert "stack" not in settings.as_dict()
+    assert settings.kafka.bootstrap_servers == f"127.0.0.1:{local.stack.kafka_port}"
+    assert settings.object_store.endpoint == f"127.0.0.1:{local.stack.minio_port}"
+    assert settings.backends.triton.grpc_url == f"127.0.0.1:{local.stack.triton_grpc_port}"
+
+
+def test_local_settings_put_the_demo_models_below_the_configuration_file(tmp_path: Path) -> None:
+    config = tmp_path / "s.yaml"
+    config.write_text(
+        "models:\n  invoice_risk:\n    default_version: '2'\n  mine:\n    backend: vllm\n"
+    )
+    local = load_local_settings(config)
+    assert set(local.models) == {"scaler", "invoice_risk", "case_summary", "mine"}
+    assert local.models["invoice_risk"].default_version == "2"
+    assert local.models["invoice_risk"].explains  # the rest of the entry is the demo file's
+    # A runtime child rebuilt from them has the models and no stack section.
+    environment = local.as_environment()
+    assert "SLUICEWAY_STACK" not in environment
+    assert set(json.loads(environment["SLUICEWAY_MODELS"])) == set(local.models)
+    assert set(load_settings(config).models) == {"invoice_risk", "mine"}
+
+
+def test_a_stack_section_is_refused_by_the_runtime_with_its_name(tmp_path: Path) -> None:
+    config = tmp_path / "s.yaml"
+    config.write_text("stack:\n  kafka_port: 1\n")
+    with pytest.raises(SettingsError, match=r"setting stack from .*s\.yaml"):
+        load_settings(config)
 
 
 def test_environment_overrides_yaml_and_explicit_values_override_both(
@@ -59,8 +86,8 @@ def test_secrets_are_masked_unless_revealed(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("stack:\n  kafka_port: nine\n", "setting stack.kafka_port from"),
-        ("stack:\n  kafka_port: 70000\n", "setting stack.kafka_port from"),
+        ("workers:\n  max_batch_size: nine\n", "setting workers.max_batch_size from"),
+        ("workers:\n  metrics_port: 70000\n", "setting workers.metrics_port from"),
         ("kafka:\n  security_protocol: TLS\n", "setting kafka.security_protocol from"),
         ("stak:\n  kafka_port: 1\n", "setting stak from"),
         ("stack: [1,\n  2", "invalid YAML"),
@@ -85,7 +112,9 @@ def test_cli_reports_a_broken_settings_file_in_one_line_without_traceback(
     assert main(["--config", str(config), "stack", "status"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith(f"sluiceway: error: setting stack.minio_port from {config}")
+    # The local stack's settings name the demo's file below the configuration file.
+    assert captured.err.startswith("sluiceway: error: setting stack.minio_port from ")
+    assert str(config) in captured.err
     assert captured.err.count("\n") == 1
     assert "Traceback" not in captured.err
 

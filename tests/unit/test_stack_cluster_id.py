@@ -3,7 +3,7 @@
 import base64
 from collections.abc import Iterator
 
-from pipeline.stack.services import new_cluster_id
+from devkit.stack.services import new_cluster_id
 
 # 0xF8 puts 62 in the first six bits, which URL-safe base64 writes as "-".
 LEADING_DASH = bytes([0xF8]) + bytes(15)

@@ -13,21 +13,22 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from pipeline.cli import main
-from pipeline.settings import Settings, load_settings
-from pipeline.stack.exceptions import StackError
-from pipeline.stack.kafka_security import (
+from devkit.settings import load_local_settings
+from devkit.stack.exceptions import StackError
+from devkit.stack.kafka_security import (
     PRINCIPAL_MAPPING_RULES,
     credential_environment,
     secured_listener_properties,
 )
-from pipeline.stack.oauth import AUDIENCE, ISSUER, ensure_issuer, mint_token
-from pipeline.stack.secrets import KafkaSecrets
-from pipeline.stack.services import KafkaService
+from devkit.stack.oauth import AUDIENCE, ISSUER, ensure_issuer, mint_token
+from devkit.stack.secrets import KafkaSecrets
+from devkit.stack.services import KafkaService
+from pipeline.settings import Settings
+from sluiceway import main
 
 
 def _secured(tmp_path: Path, secured: bool = True) -> Settings:
-    return load_settings(stack={"secured": secured, "state_dir": str(tmp_path)})
+    return load_local_settings(stack={"secured": secured, "state_dir": str(tmp_path)})
 
 
 def _mode(path: Path) -> int:
@@ -186,9 +187,9 @@ def test_stack_credentials_prints_env_lines_and_refuses_odd_principals(
 def test_acl_plan_command_prints_every_grant_and_refuses_a_bad_connector(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert main(["acl", "plan", "--connector", "erp=scaler"]) == 0
+    assert main(["acl", "plan", "--local-stack", "--connector", "erp=scaler"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1].endswith("ACLs for 7 principals")
     assert any("User:connector-erp" in line and "inference.scaler.requests" in line for line in out)
-    assert main(["acl", "plan", "--connector", "erp=ghost"]) == 2
+    assert main(["acl", "plan", "--local-stack", "--connector", "erp=ghost"]) == 2
     assert "'ghost'" in capsys.readouterr().err

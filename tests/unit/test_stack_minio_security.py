@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from pipeline.settings import load_settings
-from pipeline.stack.minio_security import (
+from devkit.settings import load_local_settings
+from devkit.stack.minio_security import (
     CERTS_FOLDER,
     KMS_KEY_FILE,
     ensure_kms_key,
     prepare_certs_dir,
 )
-from pipeline.stack.services import MinioService
+from devkit.stack.services import MinioService
 
 
 def test_certs_dir_holds_a_loopback_server_certificate_signed_by_the_stack_ca(
@@ -68,7 +68,7 @@ def test_a_damaged_kms_key_is_never_replaced(tmp_path: Path, content: str) -> No
 
 
 def _service(tmp_path: Path, *, secured: bool) -> MinioService:
-    settings = load_settings(stack={"state_dir": str(tmp_path / "state"), "secured": secured})
+    settings = load_local_settings(stack={"state_dir": str(tmp_path / "state"), "secured": secured})
     service = MinioService(settings)
     service._binary = Path("/bin/minio-not-started")  # prepare() only builds the command line
     return service

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stack.exceptions import PortInUseError
-from pipeline.stack.manager import _check_ports_free
-from pipeline.stack.process import ManagedProcess, port_open, wait_until
+from devkit.settings import load_local_settings
+from devkit.stack.exceptions import PortInUseError
+from devkit.stack.manager import _check_ports_free
+from devkit.stack.process import ManagedProcess, port_open, wait_until
 from tests.unit.fakes import FakeClock
 
 
@@ -63,15 +64,14 @@ def test_a_reused_pid_of_a_stranger_is_never_ours(tmp_path: Path) -> None:
 
 
 def test_taken_port_is_named_with_its_setting() -> None:
-    from pipeline.settings import load_settings
-    from pipeline.stack.services import KafkaService
+    from devkit.stack.services import KafkaService
 
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
         assert port_open(port)
-        service = KafkaService(load_settings(stack={"kafka_port": port}))
+        service = KafkaService(load_local_settings(stack={"kafka_port": port}))
         with pytest.raises(PortInUseError) as caught:
             _check_ports_free(service)
     assert caught.value.port == port

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stack.tls import ensure_authority
+from devkit.stack.tls import ensure_authority
 
 
 def _handshake(tmp_path: Path, *, client_cert: bool) -> str | None:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import build_parser
-from pipeline.cli.worker_cmd import child_settings, process_count
 from pipeline.settings import Settings, WorkerSettings
+from sluiceway import build_parser
+from sluiceway.worker_cmd import child_settings, process_count
 from tests.integration.waiting import wait_until
 from tests.unit.fakes import FakeClock
 from workers.supervisor import (
@@ -138,7 +138,7 @@ def test_a_childs_command_line_is_a_single_worker_reporting_to_this_supervisor(
     tmp_path: Path,
 ) -> None:
     command = child_arguments(["scaler", "invoice_risk"], "DEBUG", 3, tmp_path / "c.json")
-    assert command[:3] == [sys.executable, "-m", "pipeline.cli"]
+    assert command[:3] == [sys.executable, "-m", "sluiceway"]
     args = build_parser().parse_args(command[3:])
     assert args.model == ["scaler", "invoice_risk"]
     assert (args.processes, args.slot, args.log_level) == (1, 3, "DEBUG")

@@ -11,18 +11,13 @@ import pytest
 from pydantic import SecretStr
 
 from pipeline.backends.base import RowInput, RowOutput, TextPrompt, TokenLogprob
-from pipeline.backends.exceptions import (
-    BackendError,
-    PermanentBackendError,
-    TransientBackendError,
-)
+from pipeline.backends.exceptions import BackendError
 from pipeline.backends.vllm import (
     CHAT_PATH,
     COMPLETIONS_PATH,
     DEFAULT_EXPLAIN_TOP_LOGPROBS,
     ServedModelNames,
     VllmBackend,
-    VllmTransientError,
     build_request,
     classify_status,
     error_message,
@@ -100,14 +95,16 @@ def test_an_explicit_count_wins_over_the_explain_default() -> None:
 
 def test_a_row_without_text_is_a_permanent_error() -> None:
     row = RowInput(tensors={"x": np.zeros((1, 4), dtype=np.float32)})
-    with pytest.raises(PermanentBackendError) as caught:
+    with pytest.raises(BackendError) as caught:
         build_request("m", row)
+    assert not caught.value.transient
     assert caught.value.reason == "backend_bad_request"
 
 
 def test_a_text_with_neither_prompt_nor_messages_is_a_permanent_error() -> None:
-    with pytest.raises(PermanentBackendError, match="neither a prompt nor messages"):
+    with pytest.raises(BackendError, match="neither a prompt nor messages") as caught:
         build_request("m", RowInput(text=TextPrompt()))
+    assert not caught.value.transient
 
 
 def test_served_model_name_uses_the_mapping_for_a_version_else_the_model() -> None:
@@ -226,14 +223,16 @@ def test_parse_response_picks_the_parser_by_path() -> None:
     ids=["not-object", "no-choices", "text-not-string", "choices-not-list"],
 )
 def test_malformed_completion_is_a_bad_response(body: Any) -> None:
-    with pytest.raises(PermanentBackendError) as caught:
+    with pytest.raises(BackendError) as caught:
         parse_completion(body)
+    assert not caught.value.transient
     assert caught.value.reason == "backend_bad_response"
 
 
 def test_chat_without_message_is_a_bad_response() -> None:
-    with pytest.raises(PermanentBackendError) as caught:
+    with pytest.raises(BackendError) as caught:
         parse_chat_completion({"choices": [{"index": 0}]})
+    assert not caught.value.transient
     assert caught.value.reason == "backend_bad_response"
 
 
@@ -287,7 +286,8 @@ def test_classify_status(status: int, transient: bool, reason: str) -> None:
 def test_retry_after_is_kept_for_429_and_503() -> None:
     for status in (429, 503):
         error = classify_status(status, "slow down", retry_after_s=2.5)
-        assert isinstance(error, VllmTransientError)
+        assert isinstance(error, BackendError)
+        assert error.transient
         assert error.retry_after_s == 2.5
 
 
@@ -315,26 +315,33 @@ OK = RowOutput(text="ok")
 
 
 def test_settle_returns_per_row_outcomes_when_some_rows_succeeded() -> None:
-    transient = VllmTransientError("busy", reason="backend_unavailable", retry_after_s=1.0)
-    permanent = PermanentBackendError("bad", reason="backend_bad_request")
+    transient = BackendError(
+        "busy", reason="backend_unavailable", retry_after_s=1.0, transient=True
+    )
+    permanent = BackendError("bad", reason="backend_bad_request")
     outcomes: list[RowOutput | BackendError] = [OK, transient, permanent]
     assert settle(outcomes) == outcomes
 
 
 def test_settle_returns_per_row_errors_when_failures_are_mixed() -> None:
-    transient = TransientBackendError("busy", reason="backend_unavailable")
-    permanent = PermanentBackendError("bad", reason="backend_bad_request")
+    transient = BackendError("busy", reason="backend_unavailable", transient=True)
+    permanent = BackendError("bad", reason="backend_bad_request")
     assert settle([transient, permanent]) == [transient, permanent]
 
 
 def test_settle_raises_once_when_every_row_failed_transiently() -> None:
     rows: list[RowOutput | BackendError] = [
-        VllmTransientError("a", reason="backend_rate_limited", status=429, retry_after_s=1.0),
-        VllmTransientError("b", reason="backend_rate_limited", status=429, retry_after_s=4.0),
-        TransientBackendError("c", reason="backend_timeout"),
+        BackendError(
+            "a", reason="backend_rate_limited", status=429, retry_after_s=1.0, transient=True
+        ),
+        BackendError(
+            "b", reason="backend_rate_limited", status=429, retry_after_s=4.0, transient=True
+        ),
+        BackendError("c", reason="backend_timeout", transient=True),
     ]
-    with pytest.raises(VllmTransientError) as caught:
+    with pytest.raises(BackendError) as caught:
         settle(rows)
+    assert caught.value.transient
     error = caught.value
     assert error.reason == "backend_rate_limited"
     assert error.status == 429

@@ -16,16 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import schemas
+from devkit.settings import load_demo_settings
 from pipeline.backends.signature import ModelSignature, TensorSpec
 from pipeline.batching import Lane
 from pipeline.routing import RoutingTable
-from pipeline.settings import Settings
 from schemas.models import InferenceRequest
 from tests.unit.fakes import FakeClock, FakeMessage
 from workers.inference import contracts
 from workers.inference.intake import Intake, Record, Refusal
 
-SETTINGS = Settings()
+SETTINGS = load_demo_settings()
 NS = SETTINGS.namespace
 SCALER = ModelSignature(
     inputs=(TensorSpec("x", "FP32", (4,)),), versions=frozenset({"1", "2"}), max_rows=256

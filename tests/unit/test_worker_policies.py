@@ -19,7 +19,6 @@ import pytest
 
 import schemas
 from pipeline.backends import BackendError, RowInput, RowOutput
-from pipeline.backends.exceptions import PermanentBackendError, TransientBackendError
 from pipeline.backends.signature import ModelSignature
 from pipeline.resilience import RetryPolicy
 from pipeline.resilience.breaker import BreakerConfig
@@ -72,11 +71,11 @@ class ScalerBackend:
     ) -> list[RowOutput | BackendError]:
         self.calls += 1
         if self.transient:
-            raise TransientBackendError("memory backend down", reason="backend_unavailable")
+            raise BackendError("memory backend down", reason="backend_unavailable", transient=True)
         if any(self.hold(row) for row in rows):
             await self.released.wait()
         if any(float(row.tensors["x"][0, 0]) == POISON for row in rows):
-            raise PermanentBackendError("bad input in batch", reason="backend_bad_request")
+            raise BackendError("bad input in batch", reason="backend_bad_request")
         self.rows_served += len(rows)
         return [RowOutput(tensors={"y": row.tensors["x"] * 2}) for row in rows]
 

@@ -16,13 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.backends import (
-    BackendError,
-    PermanentBackendError,
-    RowInput,
-    RowOutput,
-    TransientBackendError,
-)
+from pipeline.backends import BackendError, RowInput, RowOutput
 from pipeline.backends.base import stack_rows
 from pipeline.backends.signature import ModelSignature
 from pipeline.batching import Batch, Lane, Pending
@@ -117,13 +111,11 @@ class FakeBackend:
         # Rows of different widths: numpy's ValueError in the client, before any call; a lone
         # row of the wrong width reaches the server, which refuses it.
         if self._stack and stack_rows(rows)["x"].shape[1] != 4:
-            raise PermanentBackendError("unexpected shape", reason="backend_bad_request")
+            raise BackendError("unexpected shape", reason="backend_bad_request")
         if self._fail is not None and (error := self._fail(call)) is not None:
             raise error
         if any(row.tensors["x"][0, 0] == POISON for row in rows):
-            raise PermanentBackendError(
-                "inference request is malformed", reason="backend_bad_request"
-            )
+            raise BackendError("inference request is malformed", reason="backend_bad_request")
         if self._outputs_for is not None:
             return [_output(rows[i % len(rows)]) for i in range(self._outputs_for(len(rows)))]
         return [
@@ -206,7 +198,7 @@ def test_two_poisoned_rows_are_found_and_their_neighbours_served() -> None:
     for failure in outcome.failed:
         assert (failure.reason, failure.error_class) == (
             "backend_bad_request",
-            "PermanentBackendError",
+            "BackendError",
         )
         assert failure.attempts == 1
     assert outcome.waiting == []
@@ -238,7 +230,7 @@ def test_rows_that_cannot_be_stacked_are_bisected_to_the_odd_one() -> None:
     assert len(outcome.served) == 15
     (failure,) = outcome.failed
     assert _index(failure.record) == 9
-    assert (failure.reason, failure.error_class) == ("backend_bad_request", "PermanentBackendError")
+    assert (failure.reason, failure.error_class) == ("backend_bad_request", "BackendError")
     assert outcome.splits == 4
     assert len(backend.calls) <= _bisection_bound(16, 1)
 
@@ -252,7 +244,7 @@ def test_a_lone_poisoned_record_is_refused_without_a_split() -> None:
 
 def test_unknown_model_refuses_the_whole_batch_without_splitting() -> None:
     backend = FakeBackend(
-        fail=lambda _: PermanentBackendError("model 'scaler' is not loaded", reason="unknown_model")
+        fail=lambda _: BackendError("model 'scaler' is not loaded", reason="unknown_model")
     )
     outcome = _serve(backend, _batch(16, poisoned=(2,)))
     assert len(outcome.failed) == 16
@@ -263,7 +255,7 @@ def test_unknown_model_refuses_the_whole_batch_without_splitting() -> None:
 def test_transient_errors_are_retried_then_the_batch_waits() -> None:
     sleeps, retries = Sleeps(), []
     backend = FakeBackend(
-        fail=lambda _: TransientBackendError("UNAVAILABLE", reason="backend_unavailable")
+        fail=lambda _: BackendError("UNAVAILABLE", reason="backend_unavailable", transient=True)
     )
     outcome = _serve(backend, _batch(8), sleeps=sleeps, retries=retries)
     assert len(outcome.waiting) == 8
@@ -280,7 +272,7 @@ def test_transient_errors_are_retried_then_the_batch_waits() -> None:
 def test_a_transient_error_that_clears_is_served_on_retry() -> None:
     backend = FakeBackend(
         fail=lambda call: (
-            TransientBackendError("timeout", reason="backend_timeout") if call < 2 else None
+            BackendError("timeout", reason="backend_timeout", transient=True) if call < 2 else None
         )
     )
     outcome = _serve(backend, _batch(8, poisoned=(5,)))
@@ -293,7 +285,7 @@ def test_retry_after_is_a_floor_for_the_wait() -> None:
     sleeps = Sleeps()
     backend = FakeBackend(
         fail=lambda call: (
-            TransientBackendError("429", reason="backend_busy", retry_after_s=0.5)
+            BackendError("429", reason="backend_busy", retry_after_s=0.5, transient=True)
             if call == 0
             else None
         )
@@ -306,7 +298,9 @@ def test_retry_after_is_a_floor_for_the_wait() -> None:
 
 def test_no_retry_is_made_past_a_deadline() -> None:
     sleeps = Sleeps()
-    backend = FakeBackend(fail=lambda _: TransientBackendError("timeout", reason="backend_timeout"))
+    backend = FakeBackend(
+        fail=lambda _: BackendError("timeout", reason="backend_timeout", transient=True)
+    )
     outcome = _serve(backend, _batch(4, deadline=FakeClock().now - 1.0), sleeps=sleeps)
     assert len(outcome.waiting) == 4
     assert (len(backend.calls), sleeps.delays) == (1, [])
@@ -326,7 +320,9 @@ def test_an_open_breaker_makes_the_batch_wait_without_a_call() -> None:
 def test_transient_failures_open_the_breaker_and_the_rest_waits() -> None:
     clock = FakeClock()
     breakers = Breakers(clock, BreakerConfig(window_size=2, minimum_calls=2, open_wait_s=60))
-    backend = FakeBackend(fail=lambda _: TransientBackendError("down", reason="backend_down"))
+    backend = FakeBackend(
+        fail=lambda _: BackendError("down", reason="backend_down", transient=True)
+    )
     retry = RetryPolicy(max_attempts=10, base_delay_s=0.001, max_delay_s=0.001)
     outcome = _serve(backend, _batch(4), breakers=breakers, retry=retry)
     assert len(outcome.waiting) == 4
@@ -362,9 +358,9 @@ def test_a_half_open_breaker_lets_only_its_probes_through() -> None:
 def test_per_row_errors_are_split_into_failed_waiting_and_served() -> None:
     def per_row(index: int) -> RowOutput | BackendError:
         if index % 4 == 1:
-            return PermanentBackendError("prompt too long", reason="context_length")
+            return BackendError("prompt too long", reason="context_length")
         if index % 4 == 2:
-            return TransientBackendError("rate limited", reason="backend_busy")
+            return BackendError("rate limited", reason="backend_busy", transient=True)
         return RowOutput(text=f"answer {index}")
 
     backend = FakeBackend(per_row=per_row)

@@ -261,7 +261,7 @@ class ApiService:
         if submission.validation.ok:
             return job
         line_errors = [
-            LineError(error.line, error.message, error.code)
+            LineError(error.line, error.refusal.message, error.refusal.reason_code)
             for error in submission.validation.first_errors
         ]
         kept = {**job.attributes, fmt.ATTR_ERRORS: fmt.encode_errors(line_errors)}

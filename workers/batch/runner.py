@@ -47,8 +47,8 @@ from pipeline.batchjobs.ledger import Ledger
 from pipeline.batchjobs.lifecycle import advance, final_status, is_final
 from pipeline.batchjobs.records import (
     BatchItem,
-    RecordError,
     RecordParser,
+    UnservableLine,
     custom_id_of,
     generated_custom_id,
 )
@@ -260,14 +260,14 @@ class _JobRun:
             self.total = position + 1
         self.ledger.checkpoint()
 
-    def _answer_invalid(self, position: int, error: RecordError) -> None:
+    def _answer_invalid(self, position: int, error: UnservableLine) -> None:
         # Submission refuses such records; this covers model settings changed since then.
         custom_id = error.custom_id or generated_custom_id(error.line)
         self.ledger.record_by_position(
             position, ok=False, body=self._rejected_line(custom_id, error)
         )
 
-    def _parsed(self, local: Path) -> Iterator[BatchItem | RecordError]:
+    def _parsed(self, local: Path) -> Iterator[BatchItem | UnservableLine]:
         parser = RecordParser(
             self.settings.models[self.job.model],
             values_are_text=values_are_text(self.job.input_format),
@@ -289,7 +289,7 @@ class _JobRun:
         published = checkpoint.published
         for _ in range(published):
             position, parsed = next(records)  # committed by an earlier run
-            if isinstance(parsed, RecordError):
+            if isinstance(parsed, UnservableLine):
                 self._answer_invalid(position, parsed)
         stop = self._stop_reason()
         stopped_at = time.monotonic()
@@ -350,7 +350,7 @@ class _JobRun:
     def _publish_chunk(
         self,
         producer: Producer,
-        records: Iterator[tuple[int, BatchItem | RecordError]],
+        records: Iterator[tuple[int, BatchItem | UnservableLine]],
         published: int,
         checkpoint: Checkpoint,
     ) -> int:
@@ -362,7 +362,7 @@ class _JobRun:
             producer.begin_transaction()
             for _ in range(published, end):
                 position, parsed = next(records)
-                if isinstance(parsed, RecordError):
+                if isinstance(parsed, UnservableLine):
                     self._answer_invalid(position, parsed)
                     continue
                 request = InferenceRequest(
@@ -529,13 +529,13 @@ class _JobRun:
             self.on_progress(self.job)
         return self.job
 
-    def _rejected_line(self, custom_id: str, error: RecordError) -> str:
+    def _rejected_line(self, custom_id: str, error: UnservableLine) -> str:
         return error_line(
             self._request_id(custom_id),
             custom_id,
             ResultStatus.REJECTED.value,
-            error.code,
-            f"line {error.line}: {error.message}",
+            error.refusal.reason_code,
+            f"line {error.line}: {error.refusal.message}",
         )
 
     # ---------------------------------------------------------------- kafka

@@ -25,6 +25,7 @@ from pipeline.privacy import KEEP_ORIGINALS, NO_POLICY, FeaturePolicy, OriginalP
 from pipeline.settings import ModelSettings
 from pipeline.storage.segments import path_segment
 from schemas import AvroCodec, Limits, default_catalog, default_codec, message_headers
+from schemas.errors import UnservableRecord
 from schemas.exceptions import DecodeError
 from schemas.headers import connect_error_headers, dead_letter_headers
 from schemas.models import (
@@ -67,23 +68,11 @@ _NUMPY_TYPES: dict[TensorDatatype, str] = {
 _DATATYPES = {np.dtype(code): datatype for datatype, code in _NUMPY_TYPES.items()}
 
 
-class RejectedRecord(Exception):
-    """A record that can never be served; it goes to the DLQ with ``reason``."""
-
-    dead_letter = True
-
-    def __init__(self, reason: str, message: str, error_class: str = "RejectedRecord") -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.error_class = error_class
-
-
-class RefusedRequest(RejectedRecord):
+class RefusedRequest(UnservableRecord):
     """A well-formed request that asks for what it may not (a reply topic outside the
     allow-list, a version that is not served): answered ``rejected`` on the results topic,
-    not dead-lettered, since there is nothing to repair in the record itself."""
-
-    dead_letter = False
+    not dead-lettered, since there is nothing to repair in the record itself. Every other
+    :class:`UnservableRecord` of intake is dead-lettered."""
 
 
 @functools.cache
@@ -95,12 +84,14 @@ def decode_request(value: bytes, max_message_bytes: int) -> InferenceRequest:
     try:
         return _request_codec(max_message_bytes).decode(value, InferenceRequest)
     except DecodeError as error:
-        raise RejectedRecord(str(error.reason), error.detail, type(error).__name__) from error
+        raise UnservableRecord(
+            str(error.reason), error.detail, error_class=type(error).__name__
+        ) from error
 
 
 def check_model(request: InferenceRequest, model: str) -> None:
     if request.model != model:
-        raise RejectedRecord(
+        raise UnservableRecord(
             "unknown_model", f"request for model {request.model!r} arrived on {model!r}'s topic"
         )
 
@@ -116,20 +107,20 @@ def to_row(
     inputs = request.inputs
     if inputs.tensors is not None:
         if model.backend != "triton":
-            raise RejectedRecord("unsupported_input", "this model takes no tensors")
+            raise UnservableRecord("unsupported_input", "this model takes no tensors")
         names = [t.name for t in inputs.tensors]
         if len(set(names)) != len(names):
-            raise RejectedRecord("invalid_tensor", "a tensor name appears twice")
+            raise UnservableRecord("invalid_tensor", "a tensor name appears twice")
         tensors = {t.name: _tensor_to_array(t) for t in inputs.tensors}
         if signature is not None and signature.inputs:
             try:
                 signature.check(tensors)
             except SignatureMismatch as mismatch:
-                raise RejectedRecord("invalid_tensor", str(mismatch)) from None
+                raise UnservableRecord("invalid_tensor", str(mismatch)) from None
         return RowInput(tensors=tensors, explain=request.explain)
     if inputs.features is not None:
         if model.backend != "triton" or not model.feature_order:
-            raise RejectedRecord("unsupported_input", "this model takes no feature records")
+            raise UnservableRecord("unsupported_input", "this model takes no feature records")
         # Checked as Python floats and converted once: a numpy store per value (and numpy's
         # overflow guard around it) cost more than the rest of the row's intake.
         values: list[float] = []
@@ -137,20 +128,22 @@ def to_row(
         for name in model.feature_order:
             value = inputs.features.get(name)
             if value is None:
-                raise RejectedRecord("missing_feature", f"feature {name!r} is missing")
+                raise UnservableRecord("missing_feature", f"feature {name!r} is missing")
             if isinstance(value, str) or not math.isfinite(value):
-                raise RejectedRecord("invalid_feature", f"feature {name!r} must be a finite number")
+                raise UnservableRecord(
+                    "invalid_feature", f"feature {name!r} must be a finite number"
+                )
             number = float(value)
             out_of_range = out_of_range or not -FLOAT32_OVERFLOW < number < FLOAT32_OVERFLOW
             values.append(number)
         if out_of_range:  # finite as a double, infinite as a float32
-            raise RejectedRecord("invalid_feature", "a feature is out of the model's range")
+            raise UnservableRecord("invalid_feature", "a feature is out of the model's range")
         row = np.array((values,), dtype=np.float32)
         return RowInput(tensors={model.input_name: row}, explain=request.explain)
     text = inputs.text
     assert text is not None  # the contract guarantees exactly one input shape
     if model.backend != "vllm":
-        raise RejectedRecord("unsupported_input", "this model takes no text")
+        raise UnservableRecord("unsupported_input", "this model takes no text")
     params = text.params
     wants_logprobs = request.explain or (params is not None and params.logprobs is not None)
     return RowInput(
@@ -172,15 +165,15 @@ def to_row(
 def _tensor_to_array(tensor: Tensor) -> np.ndarray[Any, Any]:
     code = _NUMPY_TYPES.get(tensor.datatype)
     if code is None:
-        raise RejectedRecord("invalid_tensor", f"tensor datatype {tensor.datatype} is not taken")
+        raise UnservableRecord("invalid_tensor", f"tensor datatype {tensor.datatype} is not taken")
     try:
         array = np.frombuffer(tensor.data, dtype=code).reshape(tensor.shape)
     except ValueError:  # a shape numpy cannot hold (a zero axis beside one of 2**62)
-        raise RejectedRecord(
+        raise UnservableRecord(
             "invalid_tensor", f"tensor shape {tensor.shape} cannot be held in memory"
         ) from None
     if array.ndim == 0 or array.shape[0] == 0:
-        raise RejectedRecord("invalid_tensor", "a tensor needs a batch axis with rows")
+        raise UnservableRecord("invalid_tensor", "a tensor needs a batch axis with rows")
     return array
 
 

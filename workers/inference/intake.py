@@ -19,10 +19,11 @@ from pipeline.batching import Lane
 from pipeline.kafka.ports import ConsumedMessage
 from pipeline.routing import RoutingTable
 from pipeline.settings import Settings
+from schemas.errors import UnservableRecord
 from schemas.models import InferenceRequest
 from workers.inference import contracts
 from workers.inference.boundary import ReplyPolicy, VersionPolicy
-from workers.inference.contracts import RefusedRequest, RejectedRecord
+from workers.inference.contracts import RefusedRequest
 
 log = logging.getLogger("sluiceway.worker.intake")
 
@@ -117,14 +118,14 @@ class Intake:
             )
             reply_to = request.reply_to if self.replies.allows(request.reply_to) else None
             return self._accept(message, request, model, lane, epoch, reply_to)
-        except RejectedRecord as rejected:
+        except UnservableRecord as unservable:
             return Refusal(
                 message,
                 model,
-                rejected.reason,
-                str(rejected),
-                rejected.error_class,
-                dead_letter=rejected.dead_letter,
+                unservable.reason_code,
+                unservable.message,
+                unservable.error_class,
+                dead_letter=not isinstance(unservable, RefusedRequest),
                 request=request,
                 reply_to=reply_to,
             )

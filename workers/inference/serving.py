@@ -113,7 +113,7 @@ class BatchServer:
                     attempts,
                     self._clock() - started,
                     _time_left(items, self._clock()),
-                    not_before_s=getattr(error, "retry_after_s", None),
+                    not_before_s=error.retry_after_s,
                 )
                 if delay is None:
                     outcome.waiting.extend(items)  # out of retries, not out of hope

@@ -27,8 +27,9 @@ from typing import Any, Protocol
 
 from pipeline import tracing
 from pipeline.backends import RowOutput
+from pipeline.kafka.exceptions import DeliveryError
 from pipeline.kafka.ports import ProducerPort
-from pipeline.kafka.producer import DeliveryError, OutgoingMessage
+from pipeline.kafka.producer import OutgoingMessage
 from pipeline.kafka.watermark import OffsetTracker
 from pipeline.metrics import WorkerMetrics
 from pipeline.payload_log import PayloadLogger
@@ -406,7 +407,7 @@ class OutcomeSink:
                 await self._producer.submit_all(messages)
                 return
             except DeliveryError as error:
-                if self._settings.workers.exactly_once or not error.retriable:
+                if self._settings.workers.exactly_once or not error.transient:
                     raise
                 attempts += 1
                 log.error('delivery failed topic="%s" error="%s"; retrying', error.topic, error)

@@ -40,7 +40,7 @@ from pipeline.batching import Lane
 from pipeline.health import HealthState
 from pipeline.kafka import clients
 from pipeline.kafka.admin import end_offsets_with
-from pipeline.kafka.exceptions import TopicAdminError
+from pipeline.kafka.exceptions import DeliveryError, TopicAdminError
 from pipeline.kafka.ports import (
     CommitRefused,
     ConsumedMessage,
@@ -48,7 +48,7 @@ from pipeline.kafka.ports import (
     PartitionKey,
     ProducerPort,
 )
-from pipeline.kafka.producer import AsyncProducer, DeliveryError
+from pipeline.kafka.producer import AsyncProducer
 from pipeline.kafka.watermark import OffsetTracker
 from pipeline.metrics import BREAKER_STATE_VALUES, WorkerMetrics
 from pipeline.resilience import BreakerState, CircuitBreaker, RetryPolicy

@@ -171,7 +171,7 @@ class Monitor:
             }
         )
         self.follower: ControlLog | None = None
-        faust_home = settings.stack.state_dir / "faust"
+        faust_home = settings.monitor.state_dir
         faust_home.mkdir(parents=True, exist_ok=True)  # faust makes only the last folder
         self.app = faust.App(
             f"{settings.namespace}-monitor",

@@ -2,8 +2,9 @@
 
 ``sluiceway model train`` writes ``reference_sample.npz`` (reference invoices and what a healthy
 version predicts for them) into the model repository. The monitor reads it from the object
-store at ``references/<model>/reference_sample.npz``, publishing it there first from the model
-repository when the store has none, so every monitor replica compares against the same sample.
+store at ``references/<model>/reference_sample.npz``, publishing it there first from
+``monitor.reference_dir`` (the model repository, on the local stack) when the store has none,
+so every monitor replica compares against the same sample.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import numpy as np
 from minio import Minio
 from minio.error import S3Error
 
-from pipeline.modeling.training import REFERENCE_SAMPLE
 from pipeline.monitoring.windows import Reference
 from pipeline.settings import Settings
-from pipeline.stack.services import resolve
 from schemas.errors import SluicewayError
+
+REFERENCE_SAMPLE = "reference_sample.npz"
+"""The file a model's reference is kept in: ``feature_names``, ``x`` (reference inputs) and
+``scores`` (what a healthy version predicts for them), as ``numpy.savez`` writes them."""
 
 
 class ReferenceMissingError(SluicewayError):
@@ -42,11 +45,13 @@ def load_reference(settings: Settings, store: Minio, model: str) -> Reference:
     except S3Error as error:
         if error.code != "NoSuchKey":
             raise
-        local = resolve(settings.stack.model_repository) / model / REFERENCE_SAMPLE
-        if not local.is_file():
+        folder = settings.monitor.reference_dir
+        local = None if folder is None else folder / model / REFERENCE_SAMPLE
+        if local is None or not local.is_file():
             raise ReferenceMissingError(
-                f"no reference for {model}: neither s3://{bucket}/{key} nor {local} exists "
-                "(run `sluiceway model train`)"
+                f"no reference for {model}: s3://{bucket}/{key} does not exist"
+                + ("" if local is None else f", nor does {local}")
+                + " (`sluiceway model train` writes one)"
             ) from error
         body = local.read_bytes()
         store.put_object(bucket, key, io.BytesIO(body), len(body))

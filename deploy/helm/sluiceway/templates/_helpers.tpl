@@ -50,7 +50,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- range $model, $spec := .Values.models -}}
 {{- $_ := set $models $model $spec.settings -}}
 {{- end -}}
-{{- $own := dict "workers" (dict "metrics_port" (int .Values.metricsPort) "metrics_address" "0.0.0.0") "monitor" (dict "metrics_port" (int .Values.metricsPort) "metrics_address" "0.0.0.0") "stack" (dict "state_dir" "/var/lib/sluiceway") -}}
+{{- $own := dict "workers" (dict "metrics_port" (int .Values.metricsPort) "metrics_address" "0.0.0.0") "monitor" (dict "metrics_port" (int .Values.metricsPort) "metrics_address" "0.0.0.0" "state_dir" "/var/lib/sluiceway/faust") -}}
 {{- $base := dict "namespace" .Values.topicNamespace "kafka" $kafka "object_store" $store "backends" (dict "triton" $triton "vllm" $vllm) "models" $models -}}
 {{- toYaml (mustMergeOverwrite (deepCopy .Values.settings) $own $base) -}}
 {{- end -}}

@@ -1,0 +1,1 @@
+"""Protocol servers for systems that cannot run here, built from their vendors' documentation."""

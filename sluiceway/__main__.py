@@ -1,0 +1,5 @@
+import sys
+
+from sluiceway import main
+
+sys.exit(main())
