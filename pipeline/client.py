@@ -74,6 +74,8 @@ _UNREACHABLE = {
 class BrokerUnavailableError(ClientError):
     """Kafka could not be reached (or did not acknowledge) within the timeout."""
 
+    transient = True
+
 
 class InferTimeoutError(ClientError, TimeoutError):
     """No result for the request within the timeout (it may still be served later)."""

@@ -47,12 +47,13 @@ from pipeline.privacy import (
 )
 from pipeline.settings import Settings, SettingsError
 from pipeline.topics import ModelTopics
+from schemas.errors import UnservableRecord
 from schemas.headers import connect_error_headers, dead_letter_headers
 from schemas.models import DeadLetter, Header
 
-UNMAPPABLE_ERROR_CLASS = "UnmappableRecord"
-"""The error-class header of a connector's letter: the name letters have always carried (the
-type is now ``UnservableRecord``), kept so that what filters on it goes on finding them."""
+UNSERVABLE_ERROR_CLASS = UnservableRecord.__name__
+"""The error-class header of a connector's letter for a record that can never be served: the
+one type's name, as the worker's letters carry it (filter on the reason code, which is stable)."""
 WITHHELD = "(detail withheld: it may quote the record)"
 """A personal model's letter text when the record's values cannot be found to remove them."""
 _NOT_A_VALUE = re.compile(r"[\s\"'`{}\[\](),;:=&<>|]+")
@@ -175,7 +176,7 @@ def unmappable_letter(
     source_headers: dict[str, str] | None = None,
     request_id: str | None = None,
     connector: str | None = None,
-    error_class: str = UNMAPPABLE_ERROR_CLASS,
+    error_class: str = UNSERVABLE_ERROR_CLASS,
     now: datetime | None = None,
     privacy: LetterPrivacy = AS_RECEIVED,
     source_event: str | None = None,
@@ -198,7 +199,7 @@ def unmappable_letter(
         original_value=value,
         original_headers=headers or None,
         original_timestamp=None,
-        error_class=error_class[:200] or UNMAPPABLE_ERROR_CLASS,
+        error_class=error_class[:200] or UNSERVABLE_ERROR_CLASS,
         reason_code=reason_code[:256] or "unmappable",
         reason_message=message[:4000] or reason_code,
         attempts=1,

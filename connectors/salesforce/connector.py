@@ -81,7 +81,6 @@ from connectors.salesforce.rest import (
     chunks,
     soql_datetime,
 )
-from pipeline.client import BrokerUnavailableError
 from pipeline.kafka.events import decode_records
 from pipeline.resilience.retry import RetryPolicy
 from schemas.errors import SluicewayError, UnservableRecord
@@ -106,12 +105,6 @@ DeadLetterSink = Callable[[str, bytes, UnservableRecord, str | None, str | None]
 the model's DLQ and waits for its ack. The key (:func:`letter_key`; ``None`` for a letter
 about no source event, such as a refused writeback) goes into the letter's headers, where a
 restarted connector finds it."""
-
-
-def retriable(failure: SluicewayError) -> bool:
-    """Whether resubscribing after the checkpoint may get past ``failure``: a transient
-    Pub/Sub or REST failure, or a broker that did not acknowledge the requests."""
-    return failure.transient or isinstance(failure, BrokerUnavailableError)
 
 
 def letter_key(received: ReceivedEvent, record_id: str | None) -> str:
@@ -284,7 +277,7 @@ class IngestLoop:
                 )
                 raise
             except SluicewayError as exc:
-                if not retriable(exc):
+                if not exc.transient:  # a broker that did not answer is transient too
                     raise
                 # The batch in hand was not checkpointed: resubscribing after the checkpoint
                 # reads it again, and its requests keep their ids.

@@ -71,7 +71,7 @@ def test_an_unmappable_record_keeps_its_payload_and_reason() -> None:
     named = dict(headers)
     # The same headers the worker's dead letters carry: readable without decoding.
     assert named["sluiceway-dlq-reason"] == b"missing_field"
-    assert named["sluiceway-dlq-error-class"] == b"UnmappableRecord"
+    assert named["sluiceway-dlq-error-class"] == b"UnservableRecord"
     assert named["sluiceway-dlq-attempts"] == b"1"
 
 

@@ -61,5 +61,5 @@ def test_a_connector_letter_carries_the_same_headers() -> None:
     assert named["__connect.errors.topic"] == b"connector:S4H"
     assert named["__connect.errors.partition"] == b"0"
     assert named["__connect.errors.offset"] == b"0"
-    assert named["__connect.errors.exception.class.name"] == b"UnmappableRecord"
+    assert named["__connect.errors.exception.class.name"] == b"UnservableRecord"
     assert named["__connect.errors.exception.message"] == b"field BUKRS is missing"
