@@ -9,13 +9,12 @@ from datetime import datetime
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
-import schemas
 from connectors.common.dead_letters import letter_source_event
 from connectors.sap.core import cancelled_key
 from pipeline.kafka import clients
 from pipeline.kafka.clients import ConsumerRole
+from pipeline.kafka.events import decode_records
 from pipeline.settings import Settings
-from schemas.exceptions import DecodeError
 from schemas.models import InferenceRequest, Invalidation
 
 
@@ -34,11 +33,9 @@ def published_request_ids(
     """
     systems = {source_systems} if isinstance(source_systems, str) else set(source_systems)
     found: set[str] = set()
-    for value in _read_since(settings, topic, since, timeout_s):
-        try:
-            request = schemas.decode(value, InferenceRequest)
-        except DecodeError:
-            continue
+    for request in decode_records(
+        _messages_since(settings, topic, since, timeout_s), InferenceRequest
+    ):
         if request.source is not None and request.source.system in systems:
             found.add(str(request.request_id))
     return found
@@ -55,16 +52,6 @@ def dead_lettered_events(
         if key is not None:
             found.add(key)
     return found
-
-
-def _read_since(
-    settings: Settings, topic: str, since: datetime, timeout_s: float
-) -> Iterator[bytes]:
-    """The values of ``topic`` written since ``since``, to the topic's end as of now."""
-    for message in _messages_since(settings, topic, since, timeout_s):
-        value = message.value()
-        if value:  # a tombstone carries nothing to learn
-            yield value
 
 
 def _messages_since(
@@ -111,11 +98,9 @@ def invalidated_events(
     neither publishes a redelivered cancellation again nor scores a cancelled entity."""
     events: set[str] = set()
     entities: set[str] = set()
-    for value in _read_since(settings, topic, since, timeout_s):
-        try:
-            invalidation = schemas.decode(value, Invalidation)
-        except DecodeError:
-            continue
+    for invalidation in decode_records(
+        _messages_since(settings, topic, since, timeout_s), Invalidation
+    ):
         if invalidation.connector != connector:
             continue
         events.add(str(invalidation.event_id))
