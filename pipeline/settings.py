@@ -22,7 +22,7 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -759,6 +759,19 @@ def _drop_paths(data: dict[str, Any], paths: set[str], prefix: str = "") -> dict
             continue
         kept[key] = _drop_paths(value, paths, f"{path}.") if isinstance(value, dict) else value
     return kept
+
+
+def check_models_defined(settings: Settings, names: Iterable[str]) -> None:
+    """Refuse model names the settings do not define, in one line naming those they do (a
+    service started for an unknown model would otherwise fail the same way at every restart)."""
+    unknown = sorted(set(names) - set(settings.models))
+    if unknown:
+        defined = ", ".join(sorted(settings.models)) or "none"
+        raise SettingsError(
+            f"model {', '.join(map(repr, unknown))} is not in the settings (models: {defined}); "
+            "name it under `models:` in the configuration file (the demo's models are in "
+            "devkit/demo/settings.yaml)"
+        )
 
 
 def describe_validation_error(exc: ValidationError, source: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.settings import Settings
+from pipeline.settings import Settings, check_models_defined
 
 
 def register(subparsers: Any) -> None:
@@ -20,5 +20,6 @@ def register(subparsers: Any) -> None:
 def run_monitor_command(args: argparse.Namespace, settings: Settings) -> int:
     from workers.monitor.app import run_monitor
 
+    check_models_defined(settings, args.model)
     run_monitor(settings, args.model, loglevel=args.log_level)
     return 0

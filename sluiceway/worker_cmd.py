@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from pipeline.settings import Settings
+from pipeline.settings import Settings, check_models_defined
 
 
 def register(subparsers: Any) -> None:
@@ -45,6 +45,7 @@ def run_worker_command(args: argparse.Namespace, settings: Settings) -> int:
     from workers.inference.runner import configure_logging
 
     configure_logging(args.log_level)
+    check_models_defined(settings, args.model)
     count = process_count(args.processes, settings)
     if count > 1:
         return _supervise(args, settings, count)

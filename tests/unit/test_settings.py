@@ -146,3 +146,15 @@ def test_as_environment_rebuilds_the_same_settings_in_a_child(
     assert rebuilt == settings
     assert rebuilt.backends.vllm.api_key is not None
     assert rebuilt.backends.vllm.api_key.get_secret_value() == "s3cret"
+
+
+@pytest.mark.parametrize("command", ["worker", "monitor"])
+def test_a_service_for_a_model_the_settings_lack_ends_in_one_line(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Runtime settings name no models by default: the demo's are not served by accident.
+    assert main([command, "--model", "invoice_risk", "--model", "../etc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sluiceway: error: model '../etc', 'invoice_risk' is not in the settings")
+    assert "(models: none)" in err
+    assert err.count("\n") == 1

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pipeline.backends import Backend
 from pipeline.backends.triton import TritonBackend
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, model_topic_specs
-from pipeline.settings import Settings
+from pipeline.settings import Settings, check_models_defined
 from pipeline.storage.client import ensure_bucket, make_client
 from pipeline.storage.store import SegmentStore
 from pipeline.topics import ModelTopics
@@ -51,6 +51,7 @@ async def run_worker(
 
     ``serve_metrics=False``: a supervisor serves the metrics of all its children instead.
     """
+    check_models_defined(settings, models)
     prepare_topics_and_bucket(settings, models)
     backends = build_backends(settings, models)
     store = SegmentStore(make_client(settings.object_store), settings.object_store.bucket)
