@@ -11,6 +11,7 @@ from devkit.demo.run import (
     render_report,
     run_demo,
 )
+from devkit.settings import LocalSettings
 from pipeline.settings import Settings
 from pipeline.storage.client import make_client
 
@@ -21,8 +22,10 @@ CASES = 24
 def test_round_trip_scores_explains_and_summarises_through_the_worker(
     settings: Settings,
 ) -> None:
+    # The demo is the development wing's: the test's settings plus the local stack's section.
+    local = LocalSettings(**settings.as_dict(reveal_secrets=True))
     report = run_demo(
-        settings, count=INVOICES, progress=lambda _line: None, cases=CASES, rollback_window_s=2.0
+        local, count=INVOICES, progress=lambda _line: None, cases=CASES, rollback_window_s=2.0
     )
 
     assert report.published == report.results_read == report.results_correct == INVOICES

@@ -14,6 +14,7 @@ import pytest
 from devkit.modeling.invoices import generate
 from devkit.modeling.logistic import LinearModel
 from devkit.modeling.training import DEMO_MODEL
+from devkit.settings import load_local_settings
 from devkit.stack.services import resolve
 from pipeline.backends import BackendError, RowInput, RowOutput
 from pipeline.backends.triton import TritonBackend
@@ -47,8 +48,8 @@ def _served(
     return [output for output in outputs if isinstance(output, RowOutput)]
 
 
-def _weights(settings: Settings, version: str) -> LinearModel:
-    folder = resolve(settings.stack.model_repository) / DEMO_MODEL / version
+def _weights(version: str) -> LinearModel:
+    folder = resolve(load_local_settings().stack.model_repository) / DEMO_MODEL / version
     return LinearModel.load(folder / "weights.npz")
 
 
@@ -71,7 +72,7 @@ def test_attributions_are_complete_and_scores_match_the_trained_weights(
     outputs = _served(settings, "1", rows, protocol)
     score = np.concatenate([o.tensors["score"] for o in outputs]).reshape(-1)
     attributions = np.concatenate([o.tensors["attributions"] for o in outputs])
-    model = _weights(settings, "1")
+    model = _weights("1")
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(score, model.predict_proba(x64), atol=1e-5)
     # Completeness: the attributions add up to the logit's distance from the baseline's.
@@ -121,7 +122,5 @@ def test_version_two_scores_reference_traffic_differently(settings: Settings) ->
     x, rows = _sample(explain=False)
     v1 = np.concatenate([o.tensors["score"] for o in _served(settings, "1", rows)]).reshape(-1)
     v2 = np.concatenate([o.tensors["score"] for o in _served(settings, "2", rows)]).reshape(-1)
-    np.testing.assert_allclose(
-        v2, _weights(settings, "2").predict_proba(x.astype(np.float64)), atol=1e-5
-    )
+    np.testing.assert_allclose(v2, _weights("2").predict_proba(x.astype(np.float64)), atol=1e-5)
     assert np.mean(np.abs(v1 - v2)) > 0.02

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -157,6 +158,8 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         SLUICEWAY_BACKENDS__TRITON__GRPC_URL=settings.backends.triton.grpc_url,
         SLUICEWAY_BACKENDS__TRITON__HTTP_URL=settings.backends.triton.http_url,
         SLUICEWAY_WORKERS__PROCESSES=str(settings.workers.processes or 1),
+        # A runtime process serves only the models it is told of.
+        SLUICEWAY_MODELS=json.dumps(settings.as_dict()["models"]),
     )
     env.update(extra)
     return env
