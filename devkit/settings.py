@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field
 
-from pipeline.settings import Settings, _Section, load_settings_as, read_settings_file
+from pipeline.settings import Settings, SettingsSection, load_settings_as, read_settings_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEMO_SETTINGS_FILE = PROJECT_ROOT / "devkit" / "demo" / "settings.yaml"
@@ -39,7 +39,7 @@ _DEMO_CONNECTORS: dict[str, tuple[str, ...]] = {
 }
 
 
-class StackSettings(_Section):
+class StackSettings(SettingsSection):
     """Where and how ``sluiceway stack`` runs the native Kafka, MinIO and Triton."""
 
     state_dir: Path = Path(".sluiceway")

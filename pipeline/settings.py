@@ -53,7 +53,10 @@ class SettingsError(SluicewayError):
     """The settings could not be read; the message names the file or the setting."""
 
 
-class _Section(BaseModel):
+class SettingsSection(BaseModel):
+    """One section of the tree: unknown names refused (a typo is an error, not a default),
+    values frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -68,7 +71,7 @@ _CLIENT_ID = re.compile(r"^[\x20-\x7e]+$")
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class KafkaSettings(_Section):
+class KafkaSettings(SettingsSection):
     """How every Kafka client of the product connects and authenticates.
 
     One process, one principal: SASL PLAIN/SCRAM (``sasl_username``/``sasl_password``), a
@@ -329,7 +332,7 @@ def development_secret_refusal(endpoint: str, secret: str) -> str | None:
     )
 
 
-class ObjectStoreSettings(_Section):
+class ObjectStoreSettings(SettingsSection):
     endpoint: str = "127.0.0.1:9000"
     """``host:port`` of the S3 API, without a scheme (``secure`` decides http or https)."""
     access_key: str = "sluiceway"
@@ -352,7 +355,7 @@ class ObjectStoreSettings(_Section):
         return self
 
 
-class TritonSettings(_Section):
+class TritonSettings(SettingsSection):
     grpc_url: str = "127.0.0.1:8001"
     http_url: str = "127.0.0.1:8000"
     protocol: Literal["grpc", "http"] = "grpc"
@@ -362,7 +365,7 @@ class TritonSettings(_Section):
     """The shortest a call is given, however little of its deadline is left."""
 
 
-class VllmSettings(_Section):
+class VllmSettings(SettingsSection):
     base_url: str = "http://127.0.0.1:8080/v1"
     api_key: SecretStr | None = None
     max_concurrency: int = Field(default=32, ge=1)
@@ -372,12 +375,12 @@ class VllmSettings(_Section):
     """The shortest a request is given, however little of its deadline is left."""
 
 
-class BackendSettings(_Section):
+class BackendSettings(SettingsSection):
     triton: TritonSettings = TritonSettings()
     vllm: VllmSettings = VllmSettings()
 
 
-class ModelSettings(_Section):
+class ModelSettings(SettingsSection):
     """How one model is served: which backend, and how a request becomes backend inputs."""
 
     backend: Literal["triton", "vllm"] = "triton"
@@ -425,7 +428,7 @@ class ModelSettings(_Section):
         return self
 
 
-class WorkerSettings(_Section):
+class WorkerSettings(SettingsSection):
     max_batch_size: int = Field(default=64, ge=1)
     max_wait_ms: float = Field(default=5.0, ge=0)
     max_in_flight_batches: int = Field(default=4, ge=1)
@@ -520,7 +523,7 @@ class WorkerSettings(_Section):
         return self
 
 
-class MonitorSettings(_Section):
+class MonitorSettings(SettingsSection):
     """The drift and quality monitor: windows, thresholds, and when to roll back."""
 
     window_s: float = Field(default=30.0, gt=0)
@@ -558,7 +561,7 @@ class MonitorSettings(_Section):
     """Where the monitor's faust app keeps its local table state."""
 
 
-class BatchSettings(_Section):
+class BatchSettings(SettingsSection):
     """Bulk batch jobs: how the runner publishes a file and gathers its results."""
 
     completion_window_s: float = Field(default=86_400.0, gt=0)
@@ -584,7 +587,7 @@ class BatchSettings(_Section):
     """Object-store folder holding one sub-folder per job (input, manifest, outputs)."""
 
 
-class TenantSettings(_Section):
+class TenantSettings(SettingsSection):
     """One tenant of ``sluiceway api``: its bearer keys and its limits."""
 
     api_keys: tuple[SecretStr, ...] = ()
@@ -595,7 +598,7 @@ class TenantSettings(_Section):
     """Largest file the tenant may upload; a larger one gets 429."""
 
 
-class ApiSettings(_Section):
+class ApiSettings(SettingsSection):
     """``sluiceway api``: the OpenAI-compatible Batch and Files API (docs/api.md)."""
 
     host: str = "127.0.0.1"
@@ -627,7 +630,7 @@ class ApiSettings(_Section):
         return tenants
 
 
-class TracingSettings(_Section):
+class TracingSettings(SettingsSection):
     """OpenTelemetry spans of requests (``docs/tracing.md``); off unless an endpoint is set."""
 
     otlp_endpoint: str | None = None
