@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -13,13 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
 import schemas
+from devkit.demo.examples import invoice_records
 from pipeline.kafka import admin as kafka_admin
 from pipeline.kafka import clients
 from pipeline.kafka.clients import ConsumerRole, ProducerRole
+from pipeline.kafka.events import decode_records
 from pipeline.settings import Settings
+from pipeline.topics import ModelTopics
 from schemas.models import DeadLetter, Event, InferenceRequest, InferenceResult, Inputs
 
 E = TypeVar("E", bound=Event)
@@ -180,3 +185,62 @@ def start_worker(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+def realtime_latencies(
+    settings: Settings, model: str, count: int, rate_per_s: float
+) -> list[float]:
+    """Publish ``count`` real-time invoice requests for ``model`` at a steady rate and return
+    the seconds from each send to its result; raise when results stop coming."""
+    topics = ModelTopics(settings.namespace, model)
+    # Linger 0: each request leaves at once, so the latency measured is the pipeline's.
+    producer = clients.producer(settings.kafka, role=ProducerRole.FEED, overrides={"linger.ms": 0})
+    consumer = clients.consumer(
+        settings.kafka, group_id=f"latency-{uuid.uuid4().hex[:6]}", role=ConsumerRole.READER
+    )
+    ends = kafka_admin.end_offsets(settings.kafka, topics.results)
+    consumer.assign([TopicPartition(topics.results, p, o) for p, o in ends.items()])
+    records = [
+        {k: v for k, v in record.items() if k not in ("custom_id", "explain")}
+        for record in invoice_records(count, seed=5)
+    ]
+    sent_at: dict[str, float] = {}
+    sent = 0
+    latencies: list[float] = []
+    started = time.monotonic()
+    # The measuring client's own garbage collections would show up as the worker's latency.
+    gc.disable()
+    try:
+        while len(latencies) < count:
+            due = min(count, int((time.monotonic() - started) * rate_per_s) + 1)
+            while sent < due:
+                request = InferenceRequest(
+                    request_id=uuid.uuid4(), model=model, inputs=Inputs(features=records[sent])
+                )
+                sent_at[str(request.request_id)] = time.monotonic()
+                producer.produce(topics.requests, schemas.encode(request), str(request.request_id))
+                sent += 1
+            producer.poll(0)
+            for result in decode_records(consumer.consume(100, 0.002), InferenceResult):
+                at = sent_at.pop(str(result.request_id), None)
+                if at is not None:
+                    latencies.append(time.monotonic() - at)
+            if time.monotonic() - started > count / rate_per_s + 60:
+                raise AssertionError(f"only {len(latencies)} of {count} real-time results")
+    finally:
+        gc.enable()
+        producer.flush(10)
+        consumer.close()
+    return latencies
+
+
+def p99(latencies: Sequence[float]) -> float:
+    return float(np.percentile(latencies, 99))
+
+
+def latency_summary(latencies: Sequence[float]) -> str:
+    p50, p90, p99_ms = np.percentile(latencies, [50, 90, 99]) * 1e3
+    return (
+        f"p50 {p50:.1f} ms, p90 {p90:.1f} ms, p99 {p99_ms:.1f} ms, "
+        f"max {max(latencies) * 1e3:.1f} ms"
+    )
