@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from confluent_kafka import Consumer
 
 import schemas
@@ -18,7 +17,7 @@ from devkit.servers.openai_server import OpenAIProtocolServer
 from pipeline.kafka import clients
 from pipeline.kafka.admin import control_topic_spec, ensure_topics, model_topic_specs
 from pipeline.kafka.clients import ConsumerRole
-from pipeline.settings import Settings
+from pipeline.settings import ModelSettings, Settings
 from pipeline.storage.client import ensure_bucket, make_client
 from pipeline.topics import ModelTopics
 from schemas.models import InferenceRequest, InferenceResult, Inputs, TextInput
@@ -91,8 +90,9 @@ def slow_llm_scene(
         [control_topic_spec(settings.namespace), *model_topic_specs(topics, partitions)],
     )
     ensure_bucket(make_client(settings.object_store), settings.object_store.bucket)
-    config = tmp_path / "slow-llm.yaml"
-    config.write_text(yaml.safe_dump({"models": {MODEL: {"backend": "vllm"}}}))
+    served = settings.model_copy(
+        update={"models": {**settings.models, MODEL: ModelSettings(backend="vllm")}}
+    )
     results = clients.consumer(
         settings.kafka, group_id=clients.throwaway_group("outcomes"), role=ConsumerRole.COMMITTED
     )
@@ -101,10 +101,9 @@ def slow_llm_scene(
     metrics_port = free_port()
     with OpenAIProtocolServer((MODEL,), port=free_port()) as server:
         worker = traffic.start_worker(
-            settings,
+            served,
             log,
             (MODEL,),
-            SLUICEWAY_CONFIG=str(config),
             SLUICEWAY_WORKERS__METRICS_PORT=str(metrics_port),
             SLUICEWAY_BACKENDS__VLLM__BASE_URL=server.base_url,
             **worker_env,
