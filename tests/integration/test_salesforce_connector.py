@@ -227,7 +227,12 @@ def test_a_cdc_stream_is_scored_and_every_record_written_back_exactly_once(
     expire_at = count // 4
     salesforce.expire_tokens_after_writes(expire_at)
     worker = ServiceProcess(settings, ["worker", "--model", MODEL], tmp_path / "worker.log")
-    connector = _connector_process(settings, "e2e", tmp_path / "connector.log")
+    # The org breaker's hold is seconds here, not the default minute (doubling with each refusal
+    # in a row): the test is about nothing being lost or doubled, and the breaker's timing is
+    # unit-tested with a fake clock (test_salesforce_connector_logic.py).
+    connector = _connector_process(
+        settings, "e2e", tmp_path / "connector.log", "--rate-limit-floor-s", "1"
+    )
     with worker, connector:
         for index in range(count // 2, count):  # the rest while the connector runs
             _create(salesforce, index, invoices[index])

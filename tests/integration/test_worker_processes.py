@@ -94,6 +94,16 @@ def test_two_processes_serve_once_survive_a_killed_child_and_drain_on_sigterm(
     assert len({r.request_id for r in got.results}) == BATCH, log.read_text()
 
     # 1. SIGKILL one child: the supervisor starts another in its slot, which joins the group.
+    # Only once the first half's offsets are committed: at least once lets a child killed
+    # before its commit have its last requests served again, and this test counts each once.
+    wait_until(
+        lambda: (
+            traffic.committed_offsets(settings, group, topics.requests, 3)
+            == traffic.end_offsets(settings, topics.requests)
+        ),
+        30,
+        "the first half's offsets committed",
+    )
     killed = _children(log)[0]
     subprocess.run(["kill", "-9", str(killed)], check=True)
     wait_until(lambda: _children(log)[0] != killed, 30, "the killed child's replacement")
