@@ -1,8 +1,9 @@
 """The ``sluiceway`` command: one entry point, one module per subcommand.
 
-Each module in :data:`SUBCOMMAND_MODULES` exposes ``register(subparsers)``, which adds its
-parser and sets ``handler`` (a callable taking the parsed namespace and the settings, and
-returning an exit code). Errors of ours end as one line on stderr, never a traceback.
+Each module in :data:`RUNTIME_MODULES` and :data:`DEVELOPMENT_MODULES` exposes
+``register(subparsers)``, which adds its parser and sets ``handler`` (a callable taking the
+parsed namespace and the settings, and returning an exit code). Errors of ours end as one
+line on stderr, never a traceback.
 """
 
 from __future__ import annotations
