@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import BaseSettings
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.resilience.retry import RetryPolicy
 
@@ -54,7 +54,10 @@ class RetryBudget(BaseModel):
 
 class RetrySettings(BaseSettings):
     """Base of a connector's budgets: a budget given in part (one variable, say
-    ``..._ODATA__MAX_ATTEMPTS``) keeps its other fields' defaults instead of losing them."""
+    ``..._ODATA__MAX_ATTEMPTS``) keeps its other fields' defaults instead of losing them.
+    A subclass names only its ``env_prefix``."""
+
+    model_config = SettingsConfigDict(env_nested_delimiter="__", extra="forbid", frozen=True)
 
     @model_validator(mode="before")
     @classmethod

@@ -82,12 +82,7 @@ class SalesforceRetries(RetrySettings):
     """The connector's retry budgets; each one from the environment, e.g.
     ``SLUICEWAY_SALESFORCE_RETRIES_REST__MAX_ATTEMPTS=4`` (docs/connectors.md)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="SLUICEWAY_SALESFORCE_RETRIES_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-    )
+    model_config = SettingsConfigDict(env_prefix="SLUICEWAY_SALESFORCE_RETRIES_")
 
     resubscribe: RetryBudget = RetryBudget(
         max_attempts=10, base_delay_s=0.5, max_delay_s=30.0, max_elapsed_s=600.0

@@ -50,12 +50,7 @@ class SapRetries(RetrySettings):
     """The connector's retry budgets; each one from the environment, e.g.
     ``SLUICEWAY_SAP_RETRIES_ODATA__MAX_ATTEMPTS=3`` (docs/connectors.md)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="SLUICEWAY_SAP_RETRIES_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-    )
+    model_config = SettingsConfigDict(env_prefix="SLUICEWAY_SAP_RETRIES_")
 
     odata: RetryBudget = RetryBudget(
         max_attempts=6, base_delay_s=0.2, max_delay_s=5.0, max_elapsed_s=60.0
