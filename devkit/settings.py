@@ -18,6 +18,7 @@ from pydantic import Field
 from pipeline.settings import Settings, SettingsSection, load_settings_as, read_settings_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+"""The source checkout the development wing runs from; relative stack paths resolve against it."""
 DEMO_SETTINGS_FILE = PROJECT_ROOT / "devkit" / "demo" / "settings.yaml"
 """The demo's models (``invoice_risk``, ``scaler``, ``case_summary``) and where its monitor
 finds references: the base layer of :func:`load_local_settings`."""

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from devkit.settings import PROJECT_ROOT
 from devkit.stack.exceptions import InstallError, ToolMissingError
 
 Progress = Callable[[str], None]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 KAFKA_POM = PROJECT_ROOT / "deploy" / "local" / "kafka" / "pom.xml"
 MINIO_MODULE = "github.com/minio/minio"
 HELM_MODULE = "helm.sh/helm/v3/cmd/helm"

@@ -20,10 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from devkit.settings import LocalSettings
+from devkit.settings import PROJECT_ROOT, LocalSettings
 from devkit.stack.exceptions import StackError
 from devkit.stack.installers import (
-    PROJECT_ROOT,
     Progress,
     install_kafka,
     install_minio,
